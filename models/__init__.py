@@ -1,0 +1,53 @@
+"""Pollinate models: pure PyTorch, no Flower.
+
+- :mod:`.registry`: ``create_model`` and the model registry; every model is a
+  :class:`FedModel` with a ``body`` (shared representation) and a ``head`` (classifier).
+- :mod:`.train`: ``train`` / ``evaluate`` / ``predict_proba`` on in-memory tensors, with the
+  FedProx proximal term and parameter subsets for personalization.
+- :mod:`.artifact`: save and load verified model files (weights + spec + metadata).
+
+This package imports nothing else of Pollinate; everything else may import it.
+"""
+
+from .artifact import (
+    FORMAT,
+    ArtifactError,
+    ModelArtifact,
+    load_artifact,
+    save_artifact,
+    weights_hash,
+)
+from .registry import (
+    FedModel,
+    ModelSpec,
+    UnknownModelError,
+    available_models,
+    body_keys,
+    create_model,
+    head_keys,
+    register_model,
+)
+from .train import EvalStats, TrainConfig, TrainStats, evaluate, predict_proba, train
+
+__all__ = [
+    "FORMAT",
+    "ArtifactError",
+    "EvalStats",
+    "FedModel",
+    "ModelArtifact",
+    "ModelSpec",
+    "TrainConfig",
+    "TrainStats",
+    "UnknownModelError",
+    "available_models",
+    "body_keys",
+    "create_model",
+    "evaluate",
+    "head_keys",
+    "load_artifact",
+    "predict_proba",
+    "register_model",
+    "save_artifact",
+    "train",
+    "weights_hash",
+]

@@ -1,0 +1,198 @@
+"""``pollinate``: the command line. A thin shell over functions the tests call directly.
+
+Exit codes: 0 success, 1 the run itself failed, 2 bad input (config, data, files).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+
+
+class InputError(Exception):
+    """Bad user input; printed as one line, exit code 2."""
+
+
+def _bad_input_types() -> tuple[type[BaseException], ...]:
+    from pollinate.config import ConfigError
+    from pollinate.data import DataError
+    from pollinate.models import ArtifactError, UnknownModelError
+    from pollinate.server.metrics import MetricsError
+
+    return (InputError, ConfigError, DataError, ArtifactError, UnknownModelError, MetricsError)
+
+
+# ------------------------------------------------------------------------------- run
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pollinate import config
+    from pollinate.server.metrics import read_rounds
+    from pollinate.simulation.engine import count_users, run_simulation
+
+    overrides = list(args.set or [])
+    if args.run_dir:
+        overrides.append(f"run.dir={json.dumps(args.run_dir)}")
+    cfg = config.load(args.config, overrides)
+    num_users = count_users(cfg)  # data errors surface here, before any process starts
+    print(f"pollinate run: {cfg.run.name} | {cfg.data.dataset}, {num_users} users | "
+          f"{cfg.strategy.name} + {cfg.personalization.method} | {cfg.run.num_rounds} rounds "
+          f"-> {cfg.run_dir}", flush=True)
+    _live_lines()
+    run_dir = run_simulation(cfg, verbose=args.verbose)
+    print()
+    print(summary_table(read_rounds(run_dir)))
+    print(f"\nmetrics: pollinate metrics {run_dir}")
+    return 0
+
+
+def _live_lines() -> None:
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log = logging.getLogger("pollinate")
+    log.handlers = [handler]
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+def summary_table(rounds: pd.DataFrame) -> str:
+    """Final round: global vs personal accuracy, mean and worst 10% of users."""
+    last = rounds.iloc[-1]
+
+    def f(v: float) -> str:
+        return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
+
+    lines = [
+        f"final round {int(last['round'])}",
+        f"{'model':<10} {'mean acc':>10} {'worst 10%':>10} {'loss':>10}",
+        f"{'global':<10} {f(last['global_accuracy']):>10} "
+        f"{f(last['global_accuracy_worst10']):>10} {f(last['global_loss']):>10}",
+        f"{'personal':<10} {f(last['personal_accuracy']):>10} "
+        f"{f(last['personal_accuracy_worst10']):>10} {f(last['personal_loss']):>10}",
+    ]
+    if not math.isnan(last["server_accuracy"]):
+        lines.append(f"{'central':<10} {f(last['server_accuracy']):>10} {'':>10} "
+                     f"{f(last['server_loss']):>10}   (global model, held-out central test set)")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    from pollinate.server.metrics import read_clients, read_rounds
+
+    df = read_clients(args.run_dir) if args.clients else read_rounds(args.run_dir)
+    if args.plot:
+        plot_rounds(read_rounds(args.run_dir), Path(args.plot))
+        print(f"wrote {args.plot}")
+        return 0
+    print(render(df, args.format), end="")
+    return 0
+
+
+def render(df: pd.DataFrame, fmt: str) -> str:
+    if fmt == "csv":
+        return str(df.to_csv(index=False))
+    if fmt == "json":
+        records = json.loads(df.to_json(orient="records"))
+        return json.dumps(records, indent=1) + "\n"
+    if df.empty:
+        return "(no rows yet)\n"
+    return str(df.to_string(index=False, float_format=lambda v: f"{v:.4f}")) + "\n"
+
+
+def plot_rounds(rounds: pd.DataFrame, path: Path) -> None:
+    """Accuracy and loss over rounds, global vs personal (and central, if measured)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if path.suffix.lower() not in (".png", ".svg", ".pdf"):
+        raise InputError(f"--plot '{path}' must end in .png, .svg or .pdf")
+    fig, (acc, loss) = plt.subplots(1, 2, figsize=(11, 4))
+    series = [("global", "tab:blue"), ("personal", "tab:orange")]
+    for name, color in series:
+        acc.plot(rounds["round"], rounds[f"{name}_accuracy"], marker="o", color=color,
+                 label=f"{name} (mean over users)")
+        acc.plot(rounds["round"], rounds[f"{name}_accuracy_worst10"], ls="--", color=color,
+                 label=f"{name} (worst 10% of users)")
+        loss.plot(rounds["round"], rounds[f"{name}_loss"], marker="o", color=color, label=name)
+    if rounds["server_accuracy"].notna().any():
+        acc.plot(rounds["round"], rounds["server_accuracy"], color="black", ls=":",
+                 label="global (central test)")
+        loss.plot(rounds["round"], rounds["server_loss"], color="black", ls=":", label="central")
+    acc.set(xlabel="round", ylabel="accuracy", title="Accuracy")
+    loss.set(xlabel="round", ylabel="loss", title="Loss")
+    for ax in (acc, loss):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+# ------------------------------------------------------------------------------ main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pollinate",
+        description="Federated learning with per-user personalized and global models.",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a federated simulation from a config file")
+    run.add_argument("config", help="experiment TOML file, e.g. configs/quickstart.toml")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE",
+                     help="override a config key, e.g. --set train.lr=0.1 (repeatable)")
+    run.add_argument("--run-dir", help="where results go (default runs/<run.name>)")
+    run.add_argument("--verbose", action="store_true", help="show Flower's own logs")
+    run.set_defaults(func=cmd_run)
+
+    met = sub.add_parser("metrics", help="show a run's per-round or per-client metrics")
+    met.add_argument("run_dir", help="a run folder, e.g. runs/quickstart")
+    met.add_argument("--clients", action="store_true", help="per-client rows")
+    met.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    met.add_argument("--plot", metavar="FILE.png", help="write accuracy/loss curves to a file")
+    met.set_defaults(func=cmd_metrics)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # one line, never a traceback, for what the user can fix
+        if isinstance(err, _bad_input_types()):
+            print(f"error: {err}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        root = err.__cause__ or err
+        if isinstance(root, _bad_input_types()):
+            print(f"error: {root}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        if getattr(args, "verbose", False):
+            raise
+        print(f"error: the run failed: {type(root).__name__}: {root}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

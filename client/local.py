@@ -1,0 +1,83 @@
+"""What one Flower node holds: the users it hosts and their data.
+
+A node hosts a *cohort* of users. In simulation, node ``p`` of ``N`` hosts every user whose
+index ``k`` has ``k % N == p`` (``N`` = number of users gives Flower's one-node-per-user
+layout). On a device, the node hosts the users in its own data file (usually one).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pollinate.config import RunConfig, data_spec
+from pollinate.data import (
+    DataError,
+    FederatedDataset,
+    UserData,
+    load_federated_dataset,
+    load_user_file,
+    split_user,
+)
+
+
+@dataclass(frozen=True)
+class Cohort:
+    """The users one node trains, in a stable order."""
+
+    users: dict[str, UserData]
+
+    @property
+    def user_ids(self) -> list[str]:
+        return list(self.users)
+
+
+def user_seed(*parts: object) -> int:
+    """A stable 31-bit seed from any parts (Python's hash() is salted per process)."""
+    return zlib.crc32("/".join(map(str, parts)).encode()) & 0x7FFFFFFF
+
+
+@functools.lru_cache(maxsize=2)
+def _federated(spec: Any) -> FederatedDataset:
+    return load_federated_dataset(spec)
+
+
+@functools.lru_cache(maxsize=4)
+def _device_file(
+    path: str, mtime: float, user_column: str, label_column: str, user_id: str | None,
+    test_fraction: float, seed: int,
+) -> dict[str, UserData]:
+    del mtime  # part of the cache key only: a rewritten file is read again
+    table = load_user_file(
+        path, user_column=user_column, label_column=label_column, user_id=user_id
+    )
+    # The same split the simulation gives this user, so results compare across the two.
+    return {uid: split_user(uid, x, y, test_fraction, seed) for uid, (x, y) in table.items()}
+
+
+def hosted_cohort(cfg: RunConfig, node_config: Mapping[str, Any]) -> Cohort:
+    """The users this node hosts, from its node config (device file or simulation slot)."""
+    data_file = str(node_config.get("data-file", "") or "")
+    if data_file:
+        if not os.path.isfile(data_file):
+            raise DataError(f"node data file '{data_file}' does not exist")
+        user_id = node_config.get("user-id") or None
+        users = _device_file(
+            data_file,
+            os.path.getmtime(data_file),
+            str(node_config.get("user-column", cfg.data.user_column)),
+            str(node_config.get("label-column", cfg.data.label_column)),
+            str(user_id) if user_id is not None else None,
+            cfg.data.test_fraction,
+            cfg.run.seed,
+        )
+        return Cohort(users)
+    dataset = _federated(data_spec(cfg))
+    slot = int(node_config.get("partition-id", 0))
+    num_slots = int(node_config.get("num-partitions", 1))
+    ids = dataset.user_ids[slot::num_slots]
+    return Cohort({uid: dataset.user(uid) for uid in ids})

@@ -1,0 +1,190 @@
+"""One user's share of a round: local training and the global-vs-personal evaluation.
+
+Personalization methods (``personalization.method``):
+
+- ``none``     — the personal model *is* the global model.
+- ``finetune`` — personal = global weights + ``finetune-epochs`` local epochs, rebuilt at
+  every evaluation from the newest global model.
+- ``fedper``   — FedPer (Arivazhagan et al., 2019): the body is shared and averaged, the
+  head stays on the device; personal = current global body + the user's own head.
+- ``ditto``    — Ditto (Li et al., ICML 2021): a separate personal model v_k trained on
+  f_k(v) + lambda/2 ||v - w_global||^2, kept across rounds in the model store.
+
+Nothing here knows about Flower messages: the ClientApp converts records to tensors and
+calls these functions.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+
+from pollinate.client.local import user_seed
+from pollinate.client.store import ModelStore
+from pollinate.config import RunConfig
+from pollinate.data import UserData
+from pollinate.models import (
+    FedModel,
+    ModelSpec,
+    TrainConfig,
+    create_model,
+    evaluate,
+    head_keys,
+    train,
+)
+
+StateDict = dict[str, torch.Tensor]
+
+
+class Workbench:
+    """Reusable model instances per (spec, role): building a model per user is waste."""
+
+    def __init__(self) -> None:
+        self._models: dict[tuple[str, str], FedModel] = {}
+
+    def model(self, spec: ModelSpec, role: str = "work") -> FedModel:
+        key = (json.dumps(spec.to_dict(), sort_keys=True), role)
+        if key not in self._models:
+            self._models[key] = create_model(spec.name, **spec.kwargs)
+        return self._models[key]
+
+
+@dataclass(frozen=True)
+class RoundContext:
+    """What every user step in one message shares."""
+
+    cfg: RunConfig
+    spec: ModelSpec
+    global_weights: StateDict
+    server_round: int
+    store: ModelStore
+    proximal_mu: float = 0.0
+
+
+def _tensors(x, y) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[no-untyped-def]
+    return torch.from_numpy(x), torch.from_numpy(y)
+
+
+def _snapshot(model: torch.nn.Module) -> StateDict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _train_config(
+    cfg: RunConfig, *, epochs: int, proximal_mu: float = 0.0, lr: float = 0.0
+) -> TrainConfig:
+    t = cfg.train
+    return TrainConfig(
+        epochs=epochs,
+        batch_size=t.batch_size,
+        lr=lr or t.lr,
+        momentum=t.momentum,
+        weight_decay=t.weight_decay,
+        proximal_mu=proximal_mu,
+    )
+
+
+def _generator(ctx: RoundContext, user: str, purpose: str) -> torch.Generator:
+    return torch.Generator().manual_seed(user_seed(ctx.cfg.run.seed, ctx.server_round, user, purpose))
+
+
+def _with_own_head(model: FedModel, ctx: RoundContext, user: str) -> None:
+    """FedPer: keep the global body, swap in this user's stored head if it has one."""
+    stored = ctx.store.load(user, "personal")
+    if stored is None:
+        return
+    head = {k: stored.state_dict[k] for k in head_keys(model)}
+    model.load_state_dict(head, strict=False)
+
+
+def train_user(bench: Workbench, ctx: RoundContext, user: UserData) -> tuple[StateDict, dict[str, float]]:
+    """Local training from the global weights; returns the update and its train metrics."""
+    method = ctx.cfg.personalization.method
+    model = bench.model(ctx.spec)
+    model.load_state_dict(ctx.global_weights)
+    if method == "fedper":
+        _with_own_head(model, ctx, user.user_id)
+    x, y = _tensors(user.x_train, user.y_train)
+    mu = ctx.proximal_mu
+    stats = train(
+        model,
+        x,
+        y,
+        _train_config(ctx.cfg, epochs=ctx.cfg.train.epochs, proximal_mu=mu),
+        anchor=ctx.global_weights if mu > 0 else None,
+        generator=_generator(ctx, user.user_id, "train"),
+    )
+    update = _snapshot(model)
+    if method == "fedper":
+        # The trained head is this user's; the body part of `update` goes to the server.
+        ctx.store.save(user.user_id, "personal", spec=ctx.spec, state_dict=update,
+                       round=ctx.server_round)
+    elif method == "ditto":
+        _train_ditto_personal(bench, ctx, user, x, y)
+    return update, {"num-examples": stats.num_examples, "train-loss": stats.loss}
+
+
+def _train_ditto_personal(
+    bench: Workbench, ctx: RoundContext, user: UserData, x: torch.Tensor, y: torch.Tensor
+) -> None:
+    personal = bench.model(ctx.spec, "personal")
+    stored = ctx.store.load(user.user_id, "personal")
+    personal.load_state_dict(stored.state_dict if stored is not None else ctx.global_weights)
+    lam = ctx.cfg.personalization.ditto_lambda
+    train(
+        personal,
+        x,
+        y,
+        _train_config(ctx.cfg, epochs=ctx.cfg.personalization.ditto_epochs, proximal_mu=lam),
+        anchor=ctx.global_weights if lam > 0 else None,
+        generator=_generator(ctx, user.user_id, "ditto"),
+    )
+    ctx.store.save(user.user_id, "personal", spec=ctx.spec, state_dict=_snapshot(personal),
+                   round=ctx.server_round)
+
+
+def evaluate_user(bench: Workbench, ctx: RoundContext, user: UserData) -> dict[str, float]:
+    """Loss/accuracy of the global and the personal model on the user's own test split.
+
+    Also writes both models to the user's store, so they outlive the run.
+    """
+    method = ctx.cfg.personalization.method
+    model = bench.model(ctx.spec)
+    model.load_state_dict(ctx.global_weights)
+    x_test, y_test = _tensors(user.x_test, user.y_test)
+    g = evaluate(model, x_test, y_test)
+    ctx.store.save(user.user_id, "global", spec=ctx.spec, state_dict=ctx.global_weights,
+                   round=ctx.server_round,
+                   metrics={"loss": g.loss, "accuracy": g.accuracy, "num-examples": g.num_examples})
+
+    personal_round = ctx.server_round
+    if method == "none":
+        p = g
+    elif method == "finetune":
+        x, y = _tensors(user.x_train, user.y_train)
+        pers = ctx.cfg.personalization
+        train(model, x, y,
+              _train_config(ctx.cfg, epochs=pers.finetune_epochs, lr=pers.finetune_lr),
+              generator=_generator(ctx, user.user_id, "finetune"),
+              parameters=head_keys(model) if pers.finetune_head_only else None)
+        p = evaluate(model, x_test, y_test)
+    elif method == "fedper":
+        _with_own_head(model, ctx, user.user_id)
+        p = evaluate(model, x_test, y_test)
+    else:  # ditto: the stored personal model, trained only when this user was sampled
+        stored = ctx.store.load(user.user_id, "personal")
+        if stored is not None:
+            model.load_state_dict(stored.state_dict)
+            personal_round = stored.round
+        p = evaluate(model, x_test, y_test)
+    ctx.store.save(user.user_id, "personal", spec=ctx.spec, state_dict=_snapshot(model),
+                   round=personal_round,
+                   metrics={"loss": p.loss, "accuracy": p.accuracy, "num-examples": p.num_examples})
+    return {
+        "num-examples": g.num_examples,
+        "global-loss": g.loss,
+        "global-accuracy": g.accuracy,
+        "personal-loss": p.loss,
+        "personal-accuracy": p.accuracy,
+    }

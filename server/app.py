@@ -1,0 +1,115 @@
+"""The Pollinate ServerApp: federated rounds over users, metrics and global artifacts.
+
+The same app runs under ``pollinate run`` (in-process simulation), ``flwr run .`` and a
+deployed SuperLink; the run config comes from ``context.run_config`` and is validated here
+once. Per round it records metrics (:mod:`pollinate.server.metrics`) and saves the global
+model artifact to ``<run dir>/models/``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from pollinate.config import RunConfig, data_spec, model_kwargs, resolve, to_toml
+from pollinate.data import load_federated_dataset
+from pollinate.models import ModelSpec, create_model, evaluate, save_artifact
+from pollinate.server.metrics import MetricsRecorder
+from pollinate.server.strategy import build_strategy
+
+app = ServerApp()
+
+# Live per-round lines go to this logger; the CLI prints it, Flower's own logs stay quiet.
+logger = logging.getLogger("pollinate")
+
+
+def model_spec(cfg: RunConfig, central: tuple | None = None) -> tuple[ModelSpec, tuple | None]:  # type: ignore[type-arg]
+    """Architecture from the config, with input/output sizes from the dataset if unset."""
+    in_features, num_classes = cfg.model.in_features, cfg.model.num_classes
+    if not (in_features and num_classes):
+        dataset = load_federated_dataset(data_spec(cfg))
+        in_features = in_features or dataset.num_features
+        num_classes = num_classes or dataset.num_classes
+        central = dataset.central_test
+    kwargs = {"in_features": in_features, "num_classes": num_classes, **model_kwargs(cfg)}
+    return ModelSpec(cfg.model.name, kwargs), central
+
+
+def absolute_paths(cfg: RunConfig) -> RunConfig:
+    """Pin run and store folders to absolute paths: clients may run in another cwd."""
+    return cfg.replace(**{
+        "run.dir": str(cfg.run_dir.resolve()),
+        "store.dir": str(cfg.store_dir.resolve()),
+    })
+
+
+def run_federation(grid: Grid, cfg: RunConfig) -> Path:
+    """Run every round of ``cfg`` on ``grid``; returns the run folder."""
+    cfg = absolute_paths(cfg)
+    random.seed(cfg.run.seed)  # Flower samples with the `random` module
+    spec, central = model_spec(cfg)
+    model = create_model(spec.name, seed=cfg.run.seed, **spec.kwargs)
+    run_dir = cfg.run_dir
+    (run_dir / "models").mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.toml").write_text(to_toml(cfg))
+    recorder = MetricsRecorder(run_dir)
+    recorder.start(config_toml=to_toml(cfg), num_rounds=cfg.run.num_rounds)
+    strategy = build_strategy(cfg, recorder)
+    x_c, y_c = (torch.from_numpy(central[0]), torch.from_numpy(central[1])) if central else (None, None)
+    started = time.perf_counter()
+
+    def end_of_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Central evaluation, global artifact and the round's metrics row."""
+        model.load_state_dict(arrays.to_torch_state_dict())
+        server: dict[str, float] = {}
+        if x_c is not None:
+            stats = evaluate(model, x_c, y_c)
+            server = {"loss": stats.loss, "accuracy": stats.accuracy}
+        artifact_metrics = dict(server)
+        save_artifact(run_dir / "models" / f"global-round-{server_round:04d}.pt", model,
+                      round=server_round, metrics=artifact_metrics)
+        save_artifact(run_dir / "models" / "global.pt", model, round=server_round,
+                      metrics=artifact_metrics)
+        row = recorder.end_round(server_round, server)
+        logger.info(
+            "round %3d | server acc %s | global acc %s | personal acc %s | %6.2f s",
+            server_round, _fmt(row["server_accuracy"]), _fmt(row["global_accuracy"]),
+            _fmt(row["personal_accuracy"]), time.perf_counter() - started,
+        )
+        return MetricRecord(server) if server else None
+
+    config = ConfigRecord({**cfg.to_flat(), "model-spec": json.dumps(spec.to_dict())})
+    try:
+        strategy.start(  # type: ignore[attr-defined]
+            grid=grid,
+            initial_arrays=ArrayRecord(model.state_dict()),
+            num_rounds=cfg.run.num_rounds,
+            timeout=cfg.server.round_timeout,
+            train_config=config,
+            evaluate_config=ConfigRecord(dict(config)),  # type: ignore[arg-type]
+            evaluate_fn=end_of_round,
+        )
+    except BaseException as err:
+        recorder.finish("failed", error=f"{type(err).__name__}: {err}")
+        raise
+    else:
+        recorder.finish("finished")
+    finally:
+        recorder.close()
+    return run_dir
+
+
+def _fmt(value: float) -> str:
+    return "  -  " if value != value else f"{value:.3f}"  # NaN check without math import
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    run_federation(grid, resolve(dict(context.run_config)))

@@ -1,0 +1,281 @@
+"""Per-round and per-client metrics of a run, in one SQLite file: ``<run dir>/metrics.db``.
+
+SQLite because it is one file, queryable (``sqlite3 runs/x/metrics.db "select ..."``),
+readable with pandas (:func:`read_rounds`, :func:`read_clients`) and safe to read while
+the run writes it (WAL journal; each round is one transaction, so a reader sees whole
+rounds only).
+
+Tables (documented in README.md, "Metrics"):
+
+``rounds``  — one row per round (round 0 = the initial model, server-side metrics only)::
+
+    round, server_loss, server_accuracy,            -- global model on central test data
+    train_loss,                                     -- example-weighted mean over trained users
+    global_loss, global_accuracy,                   -- example-weighted means over evaluated users
+    personal_loss, personal_accuracy,
+    global_accuracy_worst10, personal_accuracy_worst10,  -- mean of the worst 10% of users
+    train_users, eval_users, failures,
+    round_seconds, bytes_sent, bytes_received, finished_at
+
+``clients`` — one row per (round, user) that trained or evaluated in that round::
+
+    round, user, train_examples, train_loss,
+    test_examples, global_loss, global_accuracy, personal_loss, personal_accuracy
+
+``run``     — key/value: status (running|finished|failed), error, started_at, finished_at,
+config (resolved, TOML), num_rounds.
+"""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+DB_NAME = "metrics.db"
+
+ROUND_COLUMNS = (
+    "round",
+    "server_loss",
+    "server_accuracy",
+    "train_loss",
+    "global_loss",
+    "global_accuracy",
+    "personal_loss",
+    "personal_accuracy",
+    "global_accuracy_worst10",
+    "personal_accuracy_worst10",
+    "train_users",
+    "eval_users",
+    "failures",
+    "round_seconds",
+    "bytes_sent",
+    "bytes_received",
+    "finished_at",
+)
+CLIENT_COLUMNS = (
+    "round",
+    "user",
+    "train_examples",
+    "train_loss",
+    "test_examples",
+    "global_loss",
+    "global_accuracy",
+    "personal_loss",
+    "personal_accuracy",
+)
+
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS run (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS rounds (round INTEGER PRIMARY KEY, {", ".join(c + " REAL" for c in ROUND_COLUMNS[1:])});
+CREATE TABLE IF NOT EXISTS clients (round INTEGER NOT NULL, user TEXT NOT NULL,
+    {", ".join(c + " REAL" for c in CLIENT_COLUMNS[2:])}, PRIMARY KEY (round, user));
+"""
+
+
+class MetricsError(ValueError):
+    """A run folder without readable metrics."""
+
+
+def worst_fraction_mean(values: Iterable[float], fraction: float = 0.1) -> float:
+    """Mean of the lowest ``ceil(fraction * n)`` values (at least one); NaN when empty."""
+    ordered = sorted(v for v in values if not math.isnan(v))
+    if not ordered:
+        return math.nan
+    k = max(1, math.ceil(fraction * len(ordered)))
+    return sum(ordered[:k]) / k
+
+
+def weighted_mean(values: Iterable[tuple[float, float]]) -> float:
+    """Sum(w * v) / Sum(w) over (value, weight) pairs; NaN when the weights sum to 0."""
+    pairs = [(v, w) for v, w in values if not math.isnan(v)]
+    total = sum(w for _, w in pairs)
+    return sum(v * w for v, w in pairs) / total if total > 0 else math.nan
+
+
+@dataclass
+class _RoundBuffer:
+    started: float = field(default_factory=time.perf_counter)
+    train: dict[str, dict[str, float]] = field(default_factory=dict)
+    evals: dict[str, dict[str, float]] = field(default_factory=dict)
+    failures: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+
+class MetricsRecorder:
+    """Collects one round's per-user metrics and writes the round atomically."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.run_dir / DB_NAME
+        self._db = sqlite3.connect(self.path, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(_SCHEMA)
+        self._rounds: dict[int, _RoundBuffer] = {}
+
+    # -- run level ------------------------------------------------------------
+    def start(self, *, config_toml: str, num_rounds: int) -> None:
+        with self._db:
+            self._db.execute("DELETE FROM rounds")
+            self._db.execute("DELETE FROM clients")
+            self._db.execute("DELETE FROM run")
+            self._set(status="running", started_at=time.time(), config=config_toml,
+                      num_rounds=num_rounds, error="")
+
+    def finish(self, status: str = "finished", error: str = "") -> None:
+        with self._db:
+            self._set(status=status, finished_at=time.time(), error=error)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _set(self, **items: object) -> None:
+        self._db.executemany(
+            "INSERT OR REPLACE INTO run (key, value) VALUES (?, ?)",
+            [(k, str(v)) for k, v in items.items()],
+        )
+
+    # -- per round ------------------------------------------------------------
+    def _buffer(self, server_round: int) -> _RoundBuffer:
+        return self._rounds.setdefault(server_round, _RoundBuffer())
+
+    def begin_round(self, server_round: int) -> None:
+        self._buffer(server_round)
+
+    def add_bytes(self, server_round: int, *, sent: int = 0, received: int = 0) -> None:
+        buf = self._buffer(server_round)
+        buf.bytes_sent += sent
+        buf.bytes_received += received
+
+    def add_failures(self, server_round: int, count: int) -> None:
+        self._buffer(server_round).failures += count
+
+    def user_trained(self, server_round: int, user: str, metrics: dict[str, float]) -> None:
+        self._buffer(server_round).train[user] = metrics
+
+    def user_evaluated(self, server_round: int, user: str, metrics: dict[str, float]) -> None:
+        self._buffer(server_round).evals[user] = metrics
+
+    def end_round(
+        self, server_round: int, server_metrics: dict[str, float] | None = None
+    ) -> dict[str, float]:
+        """Write the round's rows in one transaction; returns the round row."""
+        buf = self._rounds.pop(server_round, None) or _RoundBuffer()
+        row = self._round_row(server_round, buf, server_metrics or {})
+        clients = self._client_rows(server_round, buf)
+        with self._db:
+            self._db.execute(
+                f"INSERT OR REPLACE INTO rounds ({', '.join(ROUND_COLUMNS)}) "
+                f"VALUES ({', '.join('?' * len(ROUND_COLUMNS))})",
+                [row[c] for c in ROUND_COLUMNS],
+            )
+            self._db.executemany(
+                f"INSERT OR REPLACE INTO clients ({', '.join(CLIENT_COLUMNS)}) "
+                f"VALUES ({', '.join('?' * len(CLIENT_COLUMNS))})",
+                [[r[c] for c in CLIENT_COLUMNS] for r in clients],
+            )
+        return row
+
+    @staticmethod
+    def _round_row(r: int, buf: _RoundBuffer, server: dict[str, float]) -> dict[str, float]:
+        def mean(source: dict[str, dict[str, float]], key: str) -> float:
+            return weighted_mean((m[key], m["num-examples"]) for m in source.values())
+
+        nan = math.nan
+        evals = buf.evals
+        return {
+            "round": r,
+            "server_loss": server.get("loss", nan),
+            "server_accuracy": server.get("accuracy", nan),
+            "train_loss": mean(buf.train, "train-loss"),
+            "global_loss": mean(evals, "global-loss"),
+            "global_accuracy": mean(evals, "global-accuracy"),
+            "personal_loss": mean(evals, "personal-loss"),
+            "personal_accuracy": mean(evals, "personal-accuracy"),
+            "global_accuracy_worst10": worst_fraction_mean(
+                m["global-accuracy"] for m in evals.values()
+            ),
+            "personal_accuracy_worst10": worst_fraction_mean(
+                m["personal-accuracy"] for m in evals.values()
+            ),
+            "train_users": len(buf.train),
+            "eval_users": len(evals),
+            "failures": buf.failures,
+            "round_seconds": time.perf_counter() - buf.started,
+            "bytes_sent": buf.bytes_sent,
+            "bytes_received": buf.bytes_received,
+            "finished_at": time.time(),
+        }
+
+    @staticmethod
+    def _client_rows(r: int, buf: _RoundBuffer) -> list[dict[str, object]]:
+        nan = math.nan
+        rows = []
+        for user in sorted(set(buf.train) | set(buf.evals)):
+            t = buf.train.get(user, {})
+            e = buf.evals.get(user, {})
+            rows.append(
+                {
+                    "round": r,
+                    "user": user,
+                    "train_examples": t.get("num-examples", nan),
+                    "train_loss": t.get("train-loss", nan),
+                    "test_examples": e.get("num-examples", nan),
+                    "global_loss": e.get("global-loss", nan),
+                    "global_accuracy": e.get("global-accuracy", nan),
+                    "personal_loss": e.get("personal-loss", nan),
+                    "personal_accuracy": e.get("personal-accuracy", nan),
+                }
+            )
+        return rows
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _connect_ro(run_dir: str | Path) -> sqlite3.Connection:
+    path = Path(run_dir) / DB_NAME
+    if not Path(run_dir).is_dir():
+        raise MetricsError(f"run folder '{run_dir}' does not exist")
+    if not path.is_file():
+        raise MetricsError(f"'{run_dir}' has no {DB_NAME}: is it a Pollinate run folder?")
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        db.execute("SELECT 1 FROM rounds LIMIT 1")
+    except sqlite3.DatabaseError as err:
+        raise MetricsError(f"'{path}' is not a readable metrics database: {err}") from None
+    return db
+
+
+def read_rounds(run_dir: str | Path) -> pd.DataFrame:
+    """Per-round rows (round 0 first), as stored; safe while the run is writing."""
+    with _connect_ro(run_dir) as db:
+        df = pd.read_sql_query("SELECT * FROM rounds ORDER BY round", db)
+    return _ints(df, ("round", "train_users", "eval_users", "failures", "bytes_sent",
+                      "bytes_received"))
+
+
+def read_clients(run_dir: str | Path) -> pd.DataFrame:
+    """Per-(round, user) rows."""
+    with _connect_ro(run_dir) as db:
+        df = pd.read_sql_query("SELECT * FROM clients ORDER BY round, user", db)
+    return _ints(df, ("round",))
+
+
+def read_run_info(run_dir: str | Path) -> dict[str, str]:
+    with _connect_ro(run_dir) as db:
+        return dict(db.execute("SELECT key, value FROM run").fetchall())
+
+
+def _ints(df: pd.DataFrame, columns: tuple[str, ...]) -> pd.DataFrame:
+    for c in columns:
+        if c in df and not df[c].isna().any():
+            df[c] = df[c].astype("int64")
+    return df

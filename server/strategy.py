@@ -1,0 +1,299 @@
+"""Flower strategies over *users*, where one Flower node may host many users.
+
+Flower's strategies sample, configure and aggregate *nodes*. Pollinate's unit is the user:
+in simulation a node hosts a cohort of users (one node per user is the special case), on
+a deployment a device is a node with one user. :class:`UserCohorts` is a mixin placed
+in front of any ``flwr.serverapp.strategy`` class. It
+
+1. asks each new node which users it hosts (a ``query`` message), and waits — with a
+   timeout — for ``min_nodes`` nodes;
+2. lets the Flower strategy's own ``configure_train`` / ``configure_evaluate`` sample
+   from a view in which every *user* is a node, so Flower's sampling, FedProx's
+   ``proximal-mu`` and FedOpt's bookkeeping all run unchanged;
+3. routes the per-user messages to the nodes hosting those users (one message per node);
+4. expands each node's reply back into one message per user before calling the Flower
+   strategy's ``aggregate_*``: FedAvg weights every user by its examples, and robust
+   aggregators (median, trimmed mean, Krum) see every user's individual update.
+
+It also feeds the run's :class:`~pollinate.server.metrics.MetricsRecorder`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from logging import INFO, WARNING
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import (
+    FedAdam,
+    FedAvg,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+)
+from flwr.supercore import log
+
+from pollinate.config import RunConfig
+from pollinate.server.metrics import MetricsRecorder
+
+
+class NodeWaitTimeout(RuntimeError):
+    """Too few nodes connected within the configured time."""
+
+
+def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
+    """Node ids once at least ``minimum`` are connected; NodeWaitTimeout after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    next_log = 0.0
+    while len(ids := list(grid.get_node_ids())) < minimum:
+        now = time.monotonic()
+        if now >= deadline:
+            raise NodeWaitTimeout(
+                f"only {len(ids)} of the {minimum} nodes required (strategy.min-nodes) "
+                f"connected within {timeout:g} s (server.node-wait-timeout); "
+                "start more nodes or lower strategy.min-nodes"
+            )
+        if now >= next_log:
+            log(INFO, "Waiting for nodes: %d connected, %d required", len(ids), minimum)
+            next_log = now + 10
+        time.sleep(0.2)
+    return ids
+
+
+class _UsersAsNodes:
+    """Stands in for the Grid inside Flower's sampling: each user index is a 'node'."""
+
+    def __init__(self, num_users: int) -> None:
+        self._ids = list(range(num_users))
+
+    def get_node_ids(self) -> list[int]:
+        return self._ids
+
+
+class UserCohorts:
+    """Mixin: put it before a Flower strategy class (``class S(UserCohorts, FedAvg)``)."""
+
+    recorder: MetricsRecorder | None = None
+    min_nodes: int = 1
+    node_wait_timeout: float = 120.0
+    query_timeout: float = 600.0
+    min_train_users: int = 1
+    min_evaluate_users: int = 1
+
+    def bind(
+        self,
+        *,
+        recorder: MetricsRecorder | None,
+        min_nodes: int,
+        node_wait_timeout: float,
+        min_train_users: int,
+        min_evaluate_users: int,
+    ) -> None:
+        self.recorder = recorder
+        self.min_nodes = min_nodes
+        self.node_wait_timeout = node_wait_timeout
+        self.min_train_users = min_train_users
+        self.min_evaluate_users = min_evaluate_users
+        self._users_of_node: dict[int, list[str]] = {}
+        self._node_of_user: dict[str, int] = {}
+        self._user_list: list[str] = []
+
+    # ------------------------------------------------------------ user directory
+    @property
+    def users(self) -> list[str]:
+        """All known user ids, sorted."""
+        return list(self._user_list)
+
+    def refresh_users(self, grid: Grid, config: ConfigRecord) -> None:
+        """Learn which users new nodes host; forget nodes that left."""
+        live = set(wait_for_nodes(grid, self.min_nodes, self.node_wait_timeout))
+        for node in [n for n in self._users_of_node if n not in live]:
+            log(WARNING, "Node %d left; its users are no longer sampled", node)
+            del self._users_of_node[node]
+        new = sorted(n for n in live if n not in self._users_of_node)
+        if new:
+            queries = [
+                Message(RecordDict({"config": config}), dst_node_id=n,
+                        message_type=MessageType.QUERY)
+                for n in new
+            ]
+            for reply in grid.send_and_receive(queries, timeout=self.query_timeout):
+                node = reply.metadata.src_node_id
+                if reply.has_error():
+                    log(WARNING, "Node %d could not list its users: %s", node,
+                        reply.error.reason)
+                    continue
+                ids = [str(u) for u in reply.content["users"]["ids"]]  # type: ignore[union-attr]
+                self._users_of_node[node] = ids
+                log(INFO, "Node %d hosts %d user(s)", node, len(ids))
+        # A user id claimed by a newer node (a restarted device) moves to it.
+        self._node_of_user = {
+            u: n for n in sorted(self._users_of_node) for u in self._users_of_node[n]
+        }
+        self._user_list = sorted(self._node_of_user)
+        if not self._user_list:
+            raise NodeWaitTimeout("the connected nodes host no users: check their data files")
+
+    # ------------------------------------------------------------------ routing
+    def _route(self, messages: Iterable[Message], message_type: str, server_round: int) -> list[Message]:
+        by_node: dict[int, list[str]] = {}
+        template: RecordDict | None = None
+        for msg in messages:
+            user = self._user_list[msg.metadata.dst_node_id]
+            by_node.setdefault(self._node_of_user[user], []).append(user)
+            template = msg.content
+        if template is None:
+            return []
+        arrays = template["arrays"]
+        routed = []
+        for node, users in sorted(by_node.items()):
+            config = ConfigRecord(dict(template["config"]))  # type: ignore[arg-type]
+            config["users"] = users
+            routed.append(
+                Message(RecordDict({"arrays": arrays, "config": config}),
+                        dst_node_id=node, message_type=message_type)
+            )
+        if self.recorder is not None:
+            sent = arrays.count_bytes() * len(routed)  # type: ignore[union-attr]
+            self.recorder.add_bytes(server_round, sent=sent)
+        return routed
+
+    def _sample_view(self, fraction: float, minimum: int) -> tuple[_UsersAsNodes, int]:
+        n = len(self._user_list)
+        return _UsersAsNodes(n), min(max(minimum, 1), n) if fraction > 0 else 0
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        if self.recorder is not None:
+            self.recorder.begin_round(server_round)
+        self.refresh_users(grid, config)
+        view, self.min_train_nodes = self._sample_view(self.fraction_train, self.min_train_users)  # type: ignore[attr-defined]
+        self.min_available_nodes = 1
+        messages = super().configure_train(server_round, arrays, config, view)  # type: ignore[misc, arg-type]
+        return self._route(messages, MessageType.TRAIN, server_round)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.refresh_users(grid, config)
+        view, self.min_evaluate_nodes = self._sample_view(  # type: ignore[attr-defined]
+            self.fraction_evaluate, self.min_evaluate_users  # type: ignore[attr-defined]
+        )
+        messages = super().configure_evaluate(server_round, arrays, config, view)  # type: ignore[misc, arg-type]
+        return self._route(messages, MessageType.EVALUATE, server_round)
+
+    # -------------------------------------------------------------- aggregation
+    def _expand(self, replies: Iterable[Message], server_round: int, train: bool) -> list[Message]:
+        """One message per user, as if every user were its own node."""
+        per_user: list[tuple[str, Message]] = []
+        received = failures = 0
+        message_type = MessageType.TRAIN if train else MessageType.EVALUATE
+        for reply in replies:
+            if reply.has_error():
+                failures += 1
+                per_user.append(("", reply))  # Flower's strategy logs and skips it
+                continue
+            content = reply.content
+            for user in content["users"]["ids"]:  # type: ignore[union-attr]
+                metrics: MetricRecord = content[f"metrics/{user}"]  # type: ignore[assignment]
+                records: dict[str, Any] = {"metrics": metrics}
+                if train:
+                    records["arrays"] = content[f"arrays/{user}"]
+                    received += records["arrays"].count_bytes()
+                per_user.append((
+                    str(user),
+                    Message(RecordDict(records), dst_node_id=reply.metadata.src_node_id,
+                            message_type=message_type),
+                ))
+                if self.recorder is not None:
+                    values = {k: float(v) for k, v in metrics.items()}  # type: ignore[arg-type]
+                    if train:
+                        self.recorder.user_trained(server_round, str(user), values)
+                    else:
+                        self.recorder.user_evaluated(server_round, str(user), values)
+        if self.recorder is not None:
+            self.recorder.add_bytes(server_round, received=received)
+            self.recorder.add_failures(server_round, failures)
+        # Replies arrive in whatever order the nodes finish; a fixed order makes the
+        # floating-point sums, and so the whole run, reproducible.
+        per_user.sort(key=lambda pair: pair[0])
+        return [msg for _, msg in per_user]
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        per_user = self._expand(replies, server_round, train=True)
+        return super().aggregate_train(server_round, per_user)  # type: ignore[misc, no-any-return]
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        per_user = self._expand(replies, server_round, train=False)
+        return super().aggregate_evaluate(server_round, per_user)  # type: ignore[misc, no-any-return]
+
+
+class CohortFedAvg(UserCohorts, FedAvg):
+    """FedAvg (McMahan et al., 2017) over users."""
+
+
+class CohortFedProx(UserCohorts, FedProx):
+    """FedProx (Li et al., 2020): clients add (mu/2)||w - w_global||^2."""
+
+
+class CohortFedAdam(UserCohorts, FedAdam):
+    """FedAdam (Reddi et al., 2021): Adam on the server over the averaged update."""
+
+
+class CohortFedYogi(UserCohorts, FedYogi):
+    """FedYogi (Reddi et al., 2021)."""
+
+
+class CohortFedMedian(UserCohorts, FedMedian):
+    """Coordinate-wise median (Yin et al., 2018)."""
+
+
+class CohortFedTrimmedAvg(UserCohorts, FedTrimmedAvg):
+    """Coordinate-wise trimmed mean (Yin et al., 2018)."""
+
+
+class CohortKrum(UserCohorts, Krum):
+    """Krum (Blanchard et al., 2017)."""
+
+
+def build_strategy(cfg: RunConfig, recorder: MetricsRecorder | None = None) -> UserCohorts:
+    """The configured Flower strategy, over users."""
+    s = cfg.strategy
+    common: dict[str, Any] = {
+        "fraction_train": s.fraction_train,
+        "fraction_evaluate": s.fraction_evaluate,
+        "min_train_nodes": s.min_train_users,
+        "min_evaluate_nodes": s.min_evaluate_users,
+        "min_available_nodes": 1,
+    }
+    strategy: UserCohorts
+    if s.name == "fedavg":
+        strategy = CohortFedAvg(**common)
+    elif s.name == "fedprox":
+        strategy = CohortFedProx(**common, proximal_mu=s.proximal_mu)
+    elif s.name in ("fedadam", "fedyogi"):
+        cls = CohortFedAdam if s.name == "fedadam" else CohortFedYogi
+        strategy = cls(**common, eta=s.server_lr, eta_l=cfg.train.lr, beta_1=s.beta_1,
+                       beta_2=s.beta_2, tau=s.tau)
+    elif s.name == "fedmedian":
+        strategy = CohortFedMedian(**common)
+    elif s.name == "fedtrimmedavg":
+        strategy = CohortFedTrimmedAvg(**common, beta=s.trim_beta)
+    else:
+        strategy = CohortKrum(**common, num_malicious_nodes=s.krum_byzantine)
+    strategy.bind(
+        recorder=recorder,
+        min_nodes=s.min_nodes,
+        node_wait_timeout=cfg.server.node_wait_timeout,
+        min_train_users=s.min_train_users,
+        min_evaluate_users=s.min_evaluate_users,
+    )
+    return strategy

@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+import pytest
+from pollinate.data import DataSpec, load_federated_dataset
+
+
+def test_defaults_are_valid() -> None:
+    assert DataSpec().validate() == DataSpec()
+
+
+@pytest.mark.parametrize(
+    ("changes", "needles"),
+    [
+        ({"dataset": "mnist"}, ("unknown data.dataset 'mnist'", "digits, synthetic")),
+        ({"partitioner": "pathological"}, ("unknown data.partitioner", "iid, dirichlet, shards")),
+        ({"num_users": 0}, ("data.num-users", ">= 1")),
+        ({"num_users": True}, ("data.num-users",)),
+        ({"num_users": "20"}, ("data.num-users", "'20'")),
+        ({"alpha": 0.0}, ("data.alpha", "> 0")),
+        ({"alpha": float("nan")}, ("data.alpha",)),
+        ({"shards_per_user": 0}, ("data.shards-per-user",)),
+        ({"synthetic_alpha": -1.0}, ("data.synthetic-alpha", ">= 0")),
+        ({"test_fraction": 1.0}, ("data.test-fraction", "between 0 and 1")),
+        ({"central_test_fraction": 0.0}, ("data.central-test-fraction",)),
+        ({"min_samples": 1}, ("data.min-samples", ">= 2")),
+        ({"seed": -1}, ("data.seed",)),
+        ({"dataset": "file"}, ("data.path is empty",)),
+        ({"label_column": "user"}, ("different columns",)),
+    ],
+)
+def test_bad_spec(changes: dict[str, object], needles: tuple[str, ...], data_error) -> None:
+    spec = DataSpec(**changes)
+    with data_error(*needles):
+        spec.validate()
+    with data_error(*needles):
+        load_federated_dataset(spec)  # validates first
+
+
+def test_synthetic_alpha_beta_zero_is_valid() -> None:
+    DataSpec(dataset="synthetic", synthetic_alpha=0.0, synthetic_beta=0.0).validate()
