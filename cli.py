@@ -45,9 +45,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides.append(f"run.dir={json.dumps(args.run_dir)}")
     cfg = config.load(args.config, overrides)
     num_users = count_users(cfg)  # data errors surface here, before any process starts
-    print(f"pollinate run: {cfg.run.name} | {cfg.data.dataset}, {num_users} users | "
-          f"{cfg.strategy.name} + {cfg.personalization.method} | {cfg.run.num_rounds} rounds "
-          f"-> {cfg.run_dir}", flush=True)
+    print(
+        f"pollinate run: {cfg.run.name} | {cfg.data.dataset}, {num_users} users | "
+        f"{cfg.strategy.name} + {cfg.personalization.method} | {cfg.run.num_rounds} rounds "
+        f"-> {cfg.run_dir}",
+        flush=True,
+    )
     _live_lines()
     run_dir = run_simulation(cfg, verbose=args.verbose)
     print()
@@ -81,8 +84,10 @@ def summary_table(rounds: pd.DataFrame) -> str:
         f"{f(last['personal_accuracy_worst10']):>10} {f(last['personal_loss']):>10}",
     ]
     if not math.isnan(last["server_accuracy"]):
-        lines.append(f"{'central':<10} {f(last['server_accuracy']):>10} {'':>10} "
-                     f"{f(last['server_loss']):>10}   (global model, held-out central test set)")
+        lines.append(
+            f"{'central':<10} {f(last['server_accuracy']):>10} {'':>10} "
+            f"{f(last['server_loss']):>10}   (global model, held-out central test set)"
+        )
     return "\n".join(lines)
 
 
@@ -124,14 +129,29 @@ def plot_rounds(rounds: pd.DataFrame, path: Path) -> None:
     fig, (acc, loss) = plt.subplots(1, 2, figsize=(11, 4))
     series = [("global", "tab:blue"), ("personal", "tab:orange")]
     for name, color in series:
-        acc.plot(rounds["round"], rounds[f"{name}_accuracy"], marker="o", color=color,
-                 label=f"{name} (mean over users)")
-        acc.plot(rounds["round"], rounds[f"{name}_accuracy_worst10"], ls="--", color=color,
-                 label=f"{name} (worst 10% of users)")
+        acc.plot(
+            rounds["round"],
+            rounds[f"{name}_accuracy"],
+            marker="o",
+            color=color,
+            label=f"{name} (mean over users)",
+        )
+        acc.plot(
+            rounds["round"],
+            rounds[f"{name}_accuracy_worst10"],
+            ls="--",
+            color=color,
+            label=f"{name} (worst 10% of users)",
+        )
         loss.plot(rounds["round"], rounds[f"{name}_loss"], marker="o", color=color, label=name)
     if rounds["server_accuracy"].notna().any():
-        acc.plot(rounds["round"], rounds["server_accuracy"], color="black", ls=":",
-                 label="global (central test)")
+        acc.plot(
+            rounds["round"],
+            rounds["server_accuracy"],
+            color="black",
+            ls=":",
+            label="global (central test)",
+        )
         loss.plot(rounds["round"], rounds["server_loss"], color="black", ls=":", label="central")
     acc.set(xlabel="round", ylabel="accuracy", title="Accuracy")
     loss.set(xlabel="round", ylabel="loss", title="Loss")
@@ -158,8 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run a federated simulation from a config file")
     run.add_argument("config", help="experiment TOML file, e.g. configs/quickstart.toml")
-    run.add_argument("--set", action="append", metavar="KEY=VALUE",
-                     help="override a config key, e.g. --set train.lr=0.1 (repeatable)")
+    run.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.lr=0.1 (repeatable)",
+    )
     run.add_argument("--run-dir", help="where results go (default runs/<run.name>)")
     run.add_argument("--verbose", action="store_true", help="show Flower's own logs")
     run.set_defaults(func=cmd_run)

@@ -14,11 +14,12 @@ section, e.g. ``personalization.finetune-epochs``.
 from __future__ import annotations
 
 import difflib
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from pollinate.data import DataSpec
 
@@ -219,7 +220,7 @@ def resolve(flat: Mapping[str, Any], *, ignore_unknown: bool = False) -> RunConf
         values[key] = _coerce(key, value, defaults[key])
     sections: dict[str, Any] = {}
     for section in fields(RunConfig):
-        cls = section.default_factory  # type: ignore[misc]
+        cls = section.default_factory
         kwargs = {
             f.name: values[_key(section.name, f.name)]
             for f in fields(cls)  # type: ignore[arg-type]
@@ -292,7 +293,9 @@ def _check(cfg: RunConfig) -> None:
     if cfg.strategy.trim_beta >= 0.5:
         raise ConfigError("strategy.trim-beta must be < 0.5 (it trims that fraction at each end)")
     _positive("strategy.krum-byzantine", cfg.strategy.krum_byzantine, allow_zero=True)
-    _positive("personalization.finetune-epochs", cfg.personalization.finetune_epochs, allow_zero=True)
+    _positive(
+        "personalization.finetune-epochs", cfg.personalization.finetune_epochs, allow_zero=True
+    )
     _positive("personalization.finetune-lr", cfg.personalization.finetune_lr, allow_zero=True)
     _positive("personalization.ditto-lambda", cfg.personalization.ditto_lambda, allow_zero=True)
     _positive("personalization.ditto-epochs", cfg.personalization.ditto_epochs)

@@ -51,14 +51,14 @@ def _round_context(msg: Message, context: Context) -> RoundContext:
     return RoundContext(
         cfg=cfg,
         spec=ModelSpec.from_dict(json.loads(str(config["model-spec"]))),
-        global_weights=dict(msg.content["arrays"].to_torch_state_dict()),
+        global_weights=dict(msg.content.array_records["arrays"].to_torch_state_dict()),
         server_round=int(config["server-round"]),  # type: ignore[arg-type]
         store=_store(cfg, context),
         proximal_mu=float(config.get("proximal-mu", 0.0)),  # type: ignore[arg-type]
     )
 
 
-def _sampled_users(msg: Message, context: Context, cfg: RunConfig):  # type: ignore[no-untyped-def]
+def _sampled_users(msg: Message, context: Context, cfg: RunConfig):
     cohort = hosted_cohort(cfg, context.node_config)
     wanted = msg.content["config"].get("users")
     ids = cohort.user_ids if wanted is None else [str(u) for u in wanted]  # type: ignore[union-attr]

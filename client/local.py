@@ -48,8 +48,13 @@ def _federated(spec: Any) -> FederatedDataset:
 
 @functools.lru_cache(maxsize=4)
 def _device_file(
-    path: str, mtime: float, user_column: str, label_column: str, user_id: str | None,
-    test_fraction: float, seed: int,
+    path: str,
+    mtime: float,
+    user_column: str,
+    label_column: str,
+    user_id: str | None,
+    test_fraction: float,
+    seed: int,
 ) -> dict[str, UserData]:
     del mtime  # part of the cache key only: a rewritten file is read again
     table = load_user_file(

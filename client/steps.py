@@ -63,7 +63,7 @@ class RoundContext:
     proximal_mu: float = 0.0
 
 
-def _tensors(x, y) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[no-untyped-def]
+def _tensors(x, y) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(x), torch.from_numpy(y)
 
 
@@ -86,7 +86,9 @@ def _train_config(
 
 
 def _generator(ctx: RoundContext, user: str, purpose: str) -> torch.Generator:
-    return torch.Generator().manual_seed(user_seed(ctx.cfg.run.seed, ctx.server_round, user, purpose))
+    return torch.Generator().manual_seed(
+        user_seed(ctx.cfg.run.seed, ctx.server_round, user, purpose)
+    )
 
 
 def _with_own_head(model: FedModel, ctx: RoundContext, user: str) -> None:
@@ -98,7 +100,9 @@ def _with_own_head(model: FedModel, ctx: RoundContext, user: str) -> None:
     model.load_state_dict(head, strict=False)
 
 
-def train_user(bench: Workbench, ctx: RoundContext, user: UserData) -> tuple[StateDict, dict[str, float]]:
+def train_user(
+    bench: Workbench, ctx: RoundContext, user: UserData
+) -> tuple[StateDict, dict[str, float]]:
     """Local training from the global weights; returns the update and its train metrics."""
     method = ctx.cfg.personalization.method
     model = bench.model(ctx.spec)
@@ -118,8 +122,9 @@ def train_user(bench: Workbench, ctx: RoundContext, user: UserData) -> tuple[Sta
     update = _snapshot(model)
     if method == "fedper":
         # The trained head is this user's; the body part of `update` goes to the server.
-        ctx.store.save(user.user_id, "personal", spec=ctx.spec, state_dict=update,
-                       round=ctx.server_round)
+        ctx.store.save(
+            user.user_id, "personal", spec=ctx.spec, state_dict=update, round=ctx.server_round
+        )
     elif method == "ditto":
         _train_ditto_personal(bench, ctx, user, x, y)
     return update, {"num-examples": stats.num_examples, "train-loss": stats.loss}
@@ -140,8 +145,13 @@ def _train_ditto_personal(
         anchor=ctx.global_weights if lam > 0 else None,
         generator=_generator(ctx, user.user_id, "ditto"),
     )
-    ctx.store.save(user.user_id, "personal", spec=ctx.spec, state_dict=_snapshot(personal),
-                   round=ctx.server_round)
+    ctx.store.save(
+        user.user_id,
+        "personal",
+        spec=ctx.spec,
+        state_dict=_snapshot(personal),
+        round=ctx.server_round,
+    )
 
 
 def evaluate_user(bench: Workbench, ctx: RoundContext, user: UserData) -> dict[str, float]:
@@ -154,9 +164,14 @@ def evaluate_user(bench: Workbench, ctx: RoundContext, user: UserData) -> dict[s
     model.load_state_dict(ctx.global_weights)
     x_test, y_test = _tensors(user.x_test, user.y_test)
     g = evaluate(model, x_test, y_test)
-    ctx.store.save(user.user_id, "global", spec=ctx.spec, state_dict=ctx.global_weights,
-                   round=ctx.server_round,
-                   metrics={"loss": g.loss, "accuracy": g.accuracy, "num-examples": g.num_examples})
+    ctx.store.save(
+        user.user_id,
+        "global",
+        spec=ctx.spec,
+        state_dict=ctx.global_weights,
+        round=ctx.server_round,
+        metrics={"loss": g.loss, "accuracy": g.accuracy, "num-examples": g.num_examples},
+    )
 
     personal_round = ctx.server_round
     if method == "none":
@@ -164,10 +179,14 @@ def evaluate_user(bench: Workbench, ctx: RoundContext, user: UserData) -> dict[s
     elif method == "finetune":
         x, y = _tensors(user.x_train, user.y_train)
         pers = ctx.cfg.personalization
-        train(model, x, y,
-              _train_config(ctx.cfg, epochs=pers.finetune_epochs, lr=pers.finetune_lr),
-              generator=_generator(ctx, user.user_id, "finetune"),
-              parameters=head_keys(model) if pers.finetune_head_only else None)
+        train(
+            model,
+            x,
+            y,
+            _train_config(ctx.cfg, epochs=pers.finetune_epochs, lr=pers.finetune_lr),
+            generator=_generator(ctx, user.user_id, "finetune"),
+            parameters=head_keys(model) if pers.finetune_head_only else None,
+        )
         p = evaluate(model, x_test, y_test)
     elif method == "fedper":
         _with_own_head(model, ctx, user.user_id)
@@ -178,9 +197,14 @@ def evaluate_user(bench: Workbench, ctx: RoundContext, user: UserData) -> dict[s
             model.load_state_dict(stored.state_dict)
             personal_round = stored.round
         p = evaluate(model, x_test, y_test)
-    ctx.store.save(user.user_id, "personal", spec=ctx.spec, state_dict=_snapshot(model),
-                   round=personal_round,
-                   metrics={"loss": p.loss, "accuracy": p.accuracy, "num-examples": p.num_examples})
+    ctx.store.save(
+        user.user_id,
+        "personal",
+        spec=ctx.spec,
+        state_dict=_snapshot(model),
+        round=personal_round,
+        metrics={"loss": p.loss, "accuracy": p.accuracy, "num-examples": p.num_examples},
+    )
     return {
         "num-examples": g.num_examples,
         "global-loss": g.loss,

@@ -30,7 +30,7 @@ app = ServerApp()
 logger = logging.getLogger("pollinate")
 
 
-def model_spec(cfg: RunConfig, central: tuple | None = None) -> tuple[ModelSpec, tuple | None]:  # type: ignore[type-arg]
+def model_spec(cfg: RunConfig, central: tuple | None = None) -> tuple[ModelSpec, tuple | None]:
     """Architecture from the config, with input/output sizes from the dataset if unset."""
     in_features, num_classes = cfg.model.in_features, cfg.model.num_classes
     if not (in_features and num_classes):
@@ -44,10 +44,12 @@ def model_spec(cfg: RunConfig, central: tuple | None = None) -> tuple[ModelSpec,
 
 def absolute_paths(cfg: RunConfig) -> RunConfig:
     """Pin run and store folders to absolute paths: clients may run in another cwd."""
-    return cfg.replace(**{
-        "run.dir": str(cfg.run_dir.resolve()),
-        "store.dir": str(cfg.store_dir.resolve()),
-    })
+    return cfg.replace(
+        **{
+            "run.dir": str(cfg.run_dir.resolve()),
+            "store.dir": str(cfg.store_dir.resolve()),
+        }
+    )
 
 
 def run_federation(grid: Grid, cfg: RunConfig) -> Path:
@@ -62,7 +64,9 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
     recorder = MetricsRecorder(run_dir)
     recorder.start(config_toml=to_toml(cfg), num_rounds=cfg.run.num_rounds)
     strategy = build_strategy(cfg, recorder)
-    x_c, y_c = (torch.from_numpy(central[0]), torch.from_numpy(central[1])) if central else (None, None)
+    x_c, y_c = (
+        (torch.from_numpy(central[0]), torch.from_numpy(central[1])) if central else (None, None)
+    )
     started = time.perf_counter()
 
     def end_of_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -73,27 +77,35 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
             stats = evaluate(model, x_c, y_c)
             server = {"loss": stats.loss, "accuracy": stats.accuracy}
         artifact_metrics = dict(server)
-        save_artifact(run_dir / "models" / f"global-round-{server_round:04d}.pt", model,
-                      round=server_round, metrics=artifact_metrics)
-        save_artifact(run_dir / "models" / "global.pt", model, round=server_round,
-                      metrics=artifact_metrics)
+        save_artifact(
+            run_dir / "models" / f"global-round-{server_round:04d}.pt",
+            model,
+            round=server_round,
+            metrics=artifact_metrics,
+        )
+        save_artifact(
+            run_dir / "models" / "global.pt", model, round=server_round, metrics=artifact_metrics
+        )
         row = recorder.end_round(server_round, server)
         logger.info(
             "round %3d | server acc %s | global acc %s | personal acc %s | %6.2f s",
-            server_round, _fmt(row["server_accuracy"]), _fmt(row["global_accuracy"]),
-            _fmt(row["personal_accuracy"]), time.perf_counter() - started,
+            server_round,
+            _fmt(row["server_accuracy"]),
+            _fmt(row["global_accuracy"]),
+            _fmt(row["personal_accuracy"]),
+            time.perf_counter() - started,
         )
-        return MetricRecord(server) if server else None
+        return MetricRecord(dict(server)) if server else None
 
     config = ConfigRecord({**cfg.to_flat(), "model-spec": json.dumps(spec.to_dict())})
     try:
-        strategy.start(  # type: ignore[attr-defined]
+        strategy.start(
             grid=grid,
             initial_arrays=ArrayRecord(model.state_dict()),
             num_rounds=cfg.run.num_rounds,
             timeout=cfg.server.round_timeout,
             train_config=config,
-            evaluate_config=ConfigRecord(dict(config)),  # type: ignore[arg-type]
+            evaluate_config=ConfigRecord(dict(config)),
             evaluate_fn=end_of_round,
         )
     except BaseException as err:

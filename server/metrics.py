@@ -72,7 +72,8 @@ CLIENT_COLUMNS = (
 
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS run (key TEXT PRIMARY KEY, value TEXT);
-CREATE TABLE IF NOT EXISTS rounds (round INTEGER PRIMARY KEY, {", ".join(c + " REAL" for c in ROUND_COLUMNS[1:])});
+CREATE TABLE IF NOT EXISTS rounds (round INTEGER PRIMARY KEY,
+    {", ".join(c + " REAL" for c in ROUND_COLUMNS[1:])});
 CREATE TABLE IF NOT EXISTS clients (round INTEGER NOT NULL, user TEXT NOT NULL,
     {", ".join(c + " REAL" for c in CLIENT_COLUMNS[2:])}, PRIMARY KEY (round, user));
 """
@@ -126,8 +127,13 @@ class MetricsRecorder:
             self._db.execute("DELETE FROM rounds")
             self._db.execute("DELETE FROM clients")
             self._db.execute("DELETE FROM run")
-            self._set(status="running", started_at=time.time(), config=config_toml,
-                      num_rounds=num_rounds, error="")
+            self._set(
+                status="running",
+                started_at=time.time(),
+                config=config_toml,
+                num_rounds=num_rounds,
+                error="",
+            )
 
     def finish(self, status: str = "finished", error: str = "") -> None:
         with self._db:
@@ -258,8 +264,9 @@ def read_rounds(run_dir: str | Path) -> pd.DataFrame:
     """Per-round rows (round 0 first), as stored; safe while the run is writing."""
     with _connect_ro(run_dir) as db:
         df = pd.read_sql_query("SELECT * FROM rounds ORDER BY round", db)
-    return _ints(df, ("round", "train_users", "eval_users", "failures", "bytes_sent",
-                      "bytes_received"))
+    return _ints(
+        df, ("round", "train_users", "eval_users", "failures", "bytes_sent", "bytes_received")
+    )
 
 
 def read_clients(run_dir: str | Path) -> pd.DataFrame:

@@ -78,6 +78,13 @@ class _UsersAsNodes:
 class UserCohorts:
     """Mixin: put it before a Flower strategy class (``class S(UserCohorts, FedAvg)``)."""
 
+    # Provided by the Flower strategy this mixin is combined with.
+    fraction_train: float
+    fraction_evaluate: float
+    min_train_nodes: int
+    min_evaluate_nodes: int
+    min_available_nodes: int
+
     recorder: MetricsRecorder | None = None
     min_nodes: int = 1
     node_wait_timeout: float = 120.0
@@ -118,15 +125,15 @@ class UserCohorts:
         new = sorted(n for n in live if n not in self._users_of_node)
         if new:
             queries = [
-                Message(RecordDict({"config": config}), dst_node_id=n,
-                        message_type=MessageType.QUERY)
+                Message(
+                    RecordDict({"config": config}), dst_node_id=n, message_type=MessageType.QUERY
+                )
                 for n in new
             ]
             for reply in grid.send_and_receive(queries, timeout=self.query_timeout):
                 node = reply.metadata.src_node_id
                 if reply.has_error():
-                    log(WARNING, "Node %d could not list its users: %s", node,
-                        reply.error.reason)
+                    log(WARNING, "Node %d could not list its users: %s", node, reply.error.reason)
                     continue
                 ids = [str(u) for u in reply.content["users"]["ids"]]  # type: ignore[union-attr]
                 self._users_of_node[node] = ids
@@ -140,7 +147,9 @@ class UserCohorts:
             raise NodeWaitTimeout("the connected nodes host no users: check their data files")
 
     # ------------------------------------------------------------------ routing
-    def _route(self, messages: Iterable[Message], message_type: str, server_round: int) -> list[Message]:
+    def _route(
+        self, messages: Iterable[Message], message_type: str, server_round: int
+    ) -> list[Message]:
         by_node: dict[int, list[str]] = {}
         template: RecordDict | None = None
         for msg in messages:
@@ -153,13 +162,16 @@ class UserCohorts:
         routed = []
         for node, users in sorted(by_node.items()):
             config = ConfigRecord(dict(template["config"]))  # type: ignore[arg-type]
-            config["users"] = users
+            config["users"] = sorted(users)
             routed.append(
-                Message(RecordDict({"arrays": arrays, "config": config}),
-                        dst_node_id=node, message_type=message_type)
+                Message(
+                    RecordDict({"arrays": arrays, "config": config}),
+                    dst_node_id=node,
+                    message_type=message_type,
+                )
             )
         if self.recorder is not None:
-            sent = arrays.count_bytes() * len(routed)  # type: ignore[union-attr]
+            sent = arrays.count_bytes() * len(routed)
             self.recorder.add_bytes(server_round, sent=sent)
         return routed
 
@@ -173,19 +185,19 @@ class UserCohorts:
         if self.recorder is not None:
             self.recorder.begin_round(server_round)
         self.refresh_users(grid, config)
-        view, self.min_train_nodes = self._sample_view(self.fraction_train, self.min_train_users)  # type: ignore[attr-defined]
+        view, self.min_train_nodes = self._sample_view(self.fraction_train, self.min_train_users)
         self.min_available_nodes = 1
-        messages = super().configure_train(server_round, arrays, config, view)  # type: ignore[misc, arg-type]
+        messages = super().configure_train(server_round, arrays, config, view)  # type: ignore[misc]
         return self._route(messages, MessageType.TRAIN, server_round)
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self.refresh_users(grid, config)
-        view, self.min_evaluate_nodes = self._sample_view(  # type: ignore[attr-defined]
-            self.fraction_evaluate, self.min_evaluate_users  # type: ignore[attr-defined]
+        view, self.min_evaluate_nodes = self._sample_view(
+            self.fraction_evaluate, self.min_evaluate_users
         )
-        messages = super().configure_evaluate(server_round, arrays, config, view)  # type: ignore[misc, arg-type]
+        messages = super().configure_evaluate(server_round, arrays, config, view)  # type: ignore[misc]
         return self._route(messages, MessageType.EVALUATE, server_round)
 
     # -------------------------------------------------------------- aggregation
@@ -200,17 +212,22 @@ class UserCohorts:
                 per_user.append(("", reply))  # Flower's strategy logs and skips it
                 continue
             content = reply.content
-            for user in content["users"]["ids"]:  # type: ignore[union-attr]
+            for user in map(str, content["users"]["ids"]):  # type: ignore[arg-type]
                 metrics: MetricRecord = content[f"metrics/{user}"]  # type: ignore[assignment]
                 records: dict[str, Any] = {"metrics": metrics}
                 if train:
                     records["arrays"] = content[f"arrays/{user}"]
                     received += records["arrays"].count_bytes()
-                per_user.append((
-                    str(user),
-                    Message(RecordDict(records), dst_node_id=reply.metadata.src_node_id,
-                            message_type=message_type),
-                ))
+                per_user.append(
+                    (
+                        str(user),
+                        Message(
+                            RecordDict(records),
+                            dst_node_id=reply.metadata.src_node_id,
+                            message_type=message_type,
+                        ),
+                    )
+                )
                 if self.recorder is not None:
                     values = {k: float(v) for k, v in metrics.items()}  # type: ignore[arg-type]
                     if train:
@@ -229,11 +246,13 @@ class UserCohorts:
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         per_user = self._expand(replies, server_round, train=True)
-        return super().aggregate_train(server_round, per_user)  # type: ignore[misc, no-any-return]
+        return super().aggregate_train(server_round, per_user)  # type: ignore[misc]
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
         per_user = self._expand(replies, server_round, train=False)
-        return super().aggregate_evaluate(server_round, per_user)  # type: ignore[misc, no-any-return]
+        return super().aggregate_evaluate(server_round, per_user)  # type: ignore[misc]
 
 
 class CohortFedAvg(UserCohorts, FedAvg):
@@ -281,8 +300,14 @@ def build_strategy(cfg: RunConfig, recorder: MetricsRecorder | None = None) -> U
         strategy = CohortFedProx(**common, proximal_mu=s.proximal_mu)
     elif s.name in ("fedadam", "fedyogi"):
         cls = CohortFedAdam if s.name == "fedadam" else CohortFedYogi
-        strategy = cls(**common, eta=s.server_lr, eta_l=cfg.train.lr, beta_1=s.beta_1,
-                       beta_2=s.beta_2, tau=s.tau)
+        strategy = cls(
+            **common,
+            eta=s.server_lr,
+            eta_l=cfg.train.lr,
+            beta_1=s.beta_1,
+            beta_2=s.beta_2,
+            tau=s.tau,
+        )
     elif s.name == "fedmedian":
         strategy = CohortFedMedian(**common)
     elif s.name == "fedtrimmedavg":

@@ -55,8 +55,8 @@ def backend_config(cfg: RunConfig) -> dict[str, object]:
 def run_simulation(cfg: RunConfig, *, verbose: bool = False) -> Path:
     """Run every round of ``cfg``; returns the run folder. Raises what the ServerApp raised."""
     from flwr.app import Context, RecordDict
-    from flwr.supercore.telemetry import EventType
     from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.telemetry import EventType
 
     from pollinate.client.app import app as client_app
     from pollinate.server.app import absolute_paths

@@ -1,0 +1,104 @@
+"""One user's round: local training and the personalization methods."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pollinate import config
+from pollinate.client.steps import RoundContext, Workbench, evaluate_user, train_user
+from pollinate.client.store import ModelStore
+from pollinate.data import UserData
+from pollinate.models import body_keys, create_model, head_keys
+
+
+def make_user(seed: int = 0, n: int = 80) -> UserData:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 6)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int64) + 2 * (x[:, 1] > 0).astype(np.int64)  # 4 classes
+    return UserData("u-1", x[: n // 2], y[: n // 2], x[n // 2 :], y[n // 2 :])
+
+
+def context(tmp_path: Path, method: str, round_: int = 1, mu: float = 0.0, **extra: object):  # type: ignore[no-untyped-def]
+    cfg = config.resolve({"personalization.method": method, "model.name": "mlp",
+                          "train.epochs": 3, "train.lr": 0.1, **extra})
+    model = create_model("mlp", in_features=6, num_classes=4, seed=0)
+    return RoundContext(cfg=cfg, spec=model.spec, global_weights=dict(model.state_dict()),
+                        server_round=round_, store=ModelStore(tmp_path), proximal_mu=mu)
+
+
+def distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return float(sum(((a[k] - b[k]) ** 2).sum() for k in a))
+
+
+def test_training_is_deterministic_and_moves_the_weights(tmp_path: Path) -> None:
+    ctx = context(tmp_path, "none")
+    w1, m1 = train_user(Workbench(), ctx, make_user())
+    w2, _ = train_user(Workbench(), ctx, make_user())
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+    assert distance(w1, ctx.global_weights) > 0
+    assert m1["num-examples"] == 40 and m1["train-loss"] > 0
+
+
+def test_proximal_term_keeps_the_update_near_the_global_model(tmp_path: Path) -> None:
+    free, _ = train_user(Workbench(), context(tmp_path, "none"), make_user())
+    prox_ctx = context(tmp_path, "none", mu=5.0)
+    prox, _ = train_user(Workbench(), prox_ctx, make_user())
+    assert distance(prox, prox_ctx.global_weights) < 0.5 * distance(free, prox_ctx.global_weights)
+
+
+def test_none_personal_is_the_global_model(tmp_path: Path) -> None:
+    m = evaluate_user(Workbench(), context(tmp_path, "none"), make_user())
+    assert m["personal-accuracy"] == m["global-accuracy"]
+    assert m["personal-loss"] == m["global-loss"]
+
+
+def test_finetune_personal_fits_the_user_better(tmp_path: Path) -> None:
+    m = evaluate_user(Workbench(), context(tmp_path, "finetune", **{
+        "personalization.finetune-epochs": 20}), make_user())
+    assert m["personal-loss"] < m["global-loss"]
+    store = ModelStore(tmp_path)
+    glob, pers = store.load("u-1", "global"), store.load("u-1", "personal")
+    assert glob is not None and pers is not None and glob.round == pers.round == 1
+    assert glob.content_hash != pers.content_hash
+
+
+def test_finetune_head_only_keeps_the_global_body(tmp_path: Path) -> None:
+    ctx = context(tmp_path, "finetune", **{"personalization.finetune-head-only": True})
+    evaluate_user(Workbench(), ctx, make_user())
+    pers = ModelStore(tmp_path).load("u-1", "personal")
+    assert pers is not None
+    model = create_model("mlp", in_features=6, num_classes=4)
+    for k in body_keys(model):
+        assert torch.equal(pers.state_dict[k], ctx.global_weights[k])
+    assert any(not torch.equal(pers.state_dict[k], ctx.global_weights[k]) for k in head_keys(model))
+
+
+def test_fedper_keeps_the_users_head_and_takes_the_global_body(tmp_path: Path) -> None:
+    bench = Workbench()
+    update, _ = train_user(bench, context(tmp_path, "fedper"), make_user())
+    # Next round: a new global model arrives (different body and head).
+    new_global = create_model("mlp", in_features=6, num_classes=4, seed=7)
+    ctx2 = context(tmp_path, "fedper", round_=2)
+    ctx2 = RoundContext(**{**ctx2.__dict__, "global_weights": dict(new_global.state_dict())})
+    evaluate_user(bench, ctx2, make_user())
+    pers = ModelStore(tmp_path).load("u-1", "personal")
+    assert pers is not None
+    for k in head_keys(new_global):
+        assert torch.equal(pers.state_dict[k], update[k])  # own head
+    for k in body_keys(new_global):
+        assert torch.equal(pers.state_dict[k], new_global.state_dict()[k])  # shared body
+
+
+def test_ditto_personal_model_is_pulled_toward_global_by_lambda(tmp_path: Path) -> None:
+    distances = {}
+    for lam in (0.0, 5.0):
+        ctx = context(tmp_path / str(lam), "ditto", **{"personalization.ditto-lambda": lam,
+                                                       "personalization.ditto-epochs": 5})
+        train_user(Workbench(), ctx, make_user())
+        pers = ModelStore(tmp_path / str(lam)).load("u-1", "personal")
+        assert pers is not None and pers.round == 1
+        distances[lam] = distance(pers.state_dict, ctx.global_weights)
+    assert 0 < distances[5.0] < 0.5 * distances[0.0]
