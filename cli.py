@@ -24,12 +24,23 @@ class InputError(Exception):
 
 
 def _bad_input_types() -> tuple[type[BaseException], ...]:
+    from pollinate.client.predictor import PredictError
+    from pollinate.client.serving import ServingError
     from pollinate.config import ConfigError
     from pollinate.data import DataError
     from pollinate.models import ArtifactError, UnknownModelError
     from pollinate.server.metrics import MetricsError
 
-    return (InputError, ConfigError, DataError, ArtifactError, UnknownModelError, MetricsError)
+    return (
+        InputError,
+        ConfigError,
+        DataError,
+        ArtifactError,
+        UnknownModelError,
+        MetricsError,
+        PredictError,
+        ServingError,
+    )
 
 
 # ------------------------------------------------------------------------------- run
@@ -166,6 +177,25 @@ def plot_rounds(rounds: pd.DataFrame, path: Path) -> None:
     tmp.replace(path)
 
 
+# --------------------------------------------------------------------------- predict
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from pollinate.client.predictor import predict_file
+
+    n = predict_file(
+        args.model_dir,
+        args.model,
+        args.input,
+        args.output,
+        args.user,
+        label_column=args.label_column,
+        user_column=args.user_column,
+    )
+    print(f"scored {n} rows with the {args.model} model -> {args.output}")
+    return 0
+
+
 # ------------------------------------------------------------------------------ main
 
 
@@ -194,6 +224,22 @@ def build_parser() -> argparse.ArgumentParser:
     met.add_argument("--format", choices=("table", "csv", "json"), default="table")
     met.add_argument("--plot", metavar="FILE.png", help="write accuracy/loss curves to a file")
     met.set_defaults(func=cmd_metrics)
+
+    pred = sub.add_parser("predict", help="score a CSV/Parquet file with a stored model (batch)")
+    pred.add_argument("input", metavar="IN", help="features file, .csv or .parquet")
+    pred.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="OUT",
+        help="where to write input + predictions (.csv or .parquet)",
+    )
+    pred.add_argument("--model-dir", required=True, help="a model store, e.g. a device's")
+    pred.add_argument("--model", choices=("personal", "global"), default="personal")
+    pred.add_argument("--user", help="whose model (default: the store's only user)")
+    pred.add_argument("--label-column", help="a column to copy through, not a feature")
+    pred.add_argument("--user-column", help="a user-id column to copy through, not a feature")
+    pred.set_defaults(func=cmd_predict)
     return p
 
 

@@ -123,29 +123,37 @@ class LoadedModel:
         try:
             arr = np.asarray(x)
         except (ValueError, TypeError, OverflowError) as e:
-            raise PredictError(f"features must be a (rows, {self.num_features}) array of "
-                               "numbers; rows have different lengths or hold non-numbers "
-                               f"({type(e).__name__})") from None
+            raise PredictError(
+                f"features must be a (rows, {self.num_features}) array of "
+                "numbers; rows have different lengths or hold non-numbers "
+                f"({type(e).__name__})"
+            ) from None
         if arr.dtype.kind not in "iuf":
-            raise PredictError(f"features must be numbers, got dtype {arr.dtype} "
-                               "(text, booleans or mixed values)")
+            raise PredictError(
+                f"features must be numbers, got dtype {arr.dtype} (text, booleans or mixed values)"
+            )
         if arr.ndim in (1, 2) and arr.shape[0] == 0:
             raise PredictError("no rows to predict")
         if arr.ndim == 1:
             arr = arr.reshape(1, -1)  # one row
         if arr.ndim != 2:
-            raise PredictError(f"features must have shape (rows, {self.num_features}), "
-                               f"got {arr.shape}")
+            raise PredictError(
+                f"features must have shape (rows, {self.num_features}), got {arr.shape}"
+            )
         if arr.shape[1] != self.num_features:
-            raise PredictError(f"rows have {arr.shape[1]} features; the {self.kind} model "
-                               f"expects {self.num_features}")
+            raise PredictError(
+                f"rows have {arr.shape[1]} features; the {self.kind} model "
+                f"expects {self.num_features}"
+            )
         with np.errstate(over="ignore"):  # too large for float32 becomes inf, caught below
             batch = np.ascontiguousarray(arr, dtype=np.float32)
         finite = np.isfinite(batch)
         if not finite.all():
             i, j = (int(v) for v in np.argwhere(~finite)[0])
-            raise PredictError(f"row {i} feature {j} is {_describe(arr[i, j])}; "
-                               "features must be finite float32 numbers")
+            raise PredictError(
+                f"row {i} feature {j} is {_describe(arr[i, j])}; "
+                "features must be finite float32 numbers"
+            )
         return batch
 
     def info(self) -> dict[str, Any]:
@@ -163,9 +171,11 @@ class LoadedModel:
         }
 
     def __repr__(self) -> str:
-        return (f"LoadedModel(kind={self.kind!r}, user={self.user!r}, round={self.round}, "
-                f"hash={self.content_hash[:12]!r}, features={self.num_features}, "
-                f"classes={self.num_classes})")
+        return (
+            f"LoadedModel(kind={self.kind!r}, user={self.user!r}, round={self.round}, "
+            f"hash={self.content_hash[:12]!r}, features={self.num_features}, "
+            f"classes={self.num_classes})"
+        )
 
 
 def resolve_user(store: ModelStore, user: str | None) -> str:
@@ -184,11 +194,15 @@ def resolve_user(store: ModelStore, user: str | None) -> str:
         return user
     users = store.users()
     if not users:
-        raise NoModelError(f"no models stored yet in {store.root}; a device writes them after "
-                           "its first federated round")
+        raise NoModelError(
+            f"no models stored yet in {store.root}; a device writes them after "
+            "its first federated round"
+        )
     if len(users) > 1:
-        raise PredictError(f"model store {store.root} holds {len(users)} users "
-                           f"({_listing(users)}); choose one with user= (--user ID)")
+        raise PredictError(
+            f"model store {store.root} holds {len(users)} users "
+            f"({_listing(users)}); choose one with user= (--user ID)"
+        )
     return users[0]
 
 
@@ -218,8 +232,9 @@ def load_model(
     check_kind(which)
     root = Path(model_dir).expanduser()
     if not root.is_dir():
-        raise NoModelError(f"model store {root} does not exist; pass the --model-dir a device "
-                           "trained into")
+        raise NoModelError(
+            f"model store {root} does not exist; pass the --model-dir a device trained into"
+        )
     store = ModelStore(root)
     who = resolve_user(store, user)
     try:
@@ -229,10 +244,13 @@ def load_model(
     if not path.exists():
         users = store.users()
         if who not in users:
-            raise NoModelError(f"user {who!r} has no models in {root}; it holds: "
-                               f"{_listing(users) or '(none)'}")
-        raise NoModelError(f"no {which} model stored yet for user {who!r} in {root}; "
-                           "it appears after the user's first federated round")
+            raise NoModelError(
+                f"user {who!r} has no models in {root}; it holds: {_listing(users) or '(none)'}"
+            )
+        raise NoModelError(
+            f"no {which} model stored yet for user {who!r} in {root}; "
+            "it appears after the user's first federated round"
+        )
     return LoadedModel.from_file(path)
 
 
@@ -280,16 +298,19 @@ def predict_file(
     df = _read_table(in_path, user_column)
     x = _feature_matrix(df, in_path.name, model, label_column, user_column)  # (N, F)
 
-    proba = np.concatenate([model.predict_proba(x[i : i + _CHUNK])
-                            for i in range(0, len(x), _CHUNK)])  # (N, C)
+    proba = np.concatenate(
+        [model.predict_proba(x[i : i + _CHUNK]) for i in range(0, len(x), _CHUNK)]
+    )  # (N, C)
     added: dict[str, Any] = {"prediction": proba.argmax(axis=1)}
     added.update({f"prob_{c}": proba[:, c] for c in range(model.num_classes)})
     added["model_round"] = np.full(len(df), model.round, dtype=np.int64)
     added["model_hash"] = model.content_hash
     clash = [c for c in added if c in df.columns]
     if clash:
-        raise PredictError(f"{in_path.name} already has a column {clash[0]!r}, which the output "
-                           "adds; rename or drop it (is this an already scored file?)")
+        raise PredictError(
+            f"{in_path.name} already has a column {clash[0]!r}, which the output "
+            "adds; rename or drop it (is this an already scored file?)"
+        )
     out = pd.concat([df, pd.DataFrame(added, index=df.index)], axis=1)
     _atomic_write(out, out_path, out_kind)
     return len(out)
@@ -298,8 +319,10 @@ def predict_file(
 def _table_kind(path: Path, role: str) -> str:
     kind = _SUFFIXES.get(path.suffix.lower())
     if kind is None:
-        raise PredictError(f"{role} file {str(path)!r} has unsupported type "
-                           f"{path.suffix or '(no suffix)'!r}; use one of: {', '.join(_SUFFIXES)}")
+        raise PredictError(
+            f"{role} file {str(path)!r} has unsupported type "
+            f"{path.suffix or '(no suffix)'!r}; use one of: {', '.join(_SUFFIXES)}"
+        )
     return kind
 
 
@@ -315,12 +338,14 @@ def _read_table(path: Path, user_column: str | None) -> pd.DataFrame:
         else:
             df = pd.read_parquet(path)
     except pd.errors.EmptyDataError:
-        raise PredictError(f"input file {str(path)!r} is empty; it needs a header row and "
-                           "data") from None
+        raise PredictError(
+            f"input file {str(path)!r} is empty; it needs a header row and data"
+        ) from None
     except Exception as e:  # parser, arrow, decoding and I/O errors all mean "unreadable"
-        raise PredictError(f"could not read {str(path)!r} as {kind.upper()} "
-                           f"({_one_line(e)}); check that it is a valid {kind.upper()} file"
-                           ) from None
+        raise PredictError(
+            f"could not read {str(path)!r} as {kind.upper()} "
+            f"({_one_line(e)}); check that it is a valid {kind.upper()} file"
+        ) from None
     if len(df) == 0:
         raise PredictError(f"input file {str(path)!r} has no rows to score")
     named = any(level is not None for level in df.index.names)
@@ -339,12 +364,15 @@ def _feature_matrix(
     columns = list(df.columns)
     for role, column in (("label", label_column), ("user", user_column)):
         if column is not None and column not in columns:
-            raise PredictError(f"{name} has no {role} column {column!r}; it has: "
-                               f"{_listing(columns)}")
+            raise PredictError(
+                f"{name} has no {role} column {column!r}; it has: {_listing(columns)}"
+            )
     unnamed = [c for c in columns if c.startswith("Unnamed: ")]
     if unnamed:
-        raise PredictError(f"{name} has a column without a header name ({unnamed[0]!r}); name "
-                           "or drop it (pandas writes one for the index unless index=False)")
+        raise PredictError(
+            f"{name} has a column without a header name ({unnamed[0]!r}); name "
+            "or drop it (pandas writes one for the index unless index=False)"
+        )
     skip = {label_column, user_column}
     candidates = [c for c in columns if c not in skip]
     features = [c for c in candidates if pd.api.types.is_numeric_dtype(df[c])]
@@ -357,9 +385,11 @@ def _feature_matrix(
             col = df[column].to_numpy(dtype=np.float64, na_value=np.nan).astype(np.float32)
         bad = ~np.isfinite(col)
         if bad.any():
-            raise PredictError(f"feature column {column!r} in {name} has {int(bad.sum())} "
-                               f"missing or infinite values (first at data row "
-                               f"{int(np.argmax(bad)) + 1}); fill or drop those rows")
+            raise PredictError(
+                f"feature column {column!r} in {name} has {int(bad.sum())} "
+                f"missing or infinite values (first at data row "
+                f"{int(np.argmax(bad)) + 1}); fill or drop those rows"
+            )
         x[:, j] = col
     return x
 
@@ -367,17 +397,31 @@ def _feature_matrix(
 def _count_message(
     df: pd.DataFrame, name: str, model: LoadedModel, features: list[str], candidates: list[str]
 ) -> str:
-    msg = (f"{name} has {len(features)} numeric feature columns but the {model.kind} model "
-           f"expects {model.num_features}")
+    msg = (
+        f"{name} has {len(features)} numeric feature columns but the {model.kind} model "
+        f"expects {model.num_features}"
+    )
     text = [c for c in candidates if c not in features]
     if text and len(features) < model.num_features:
-        column = text[0]
-        values = df[column]
-        numeric = pd.to_numeric(values, errors="coerce")
-        bad = (numeric.isna() & values.notna()).to_numpy()
-        example = f" (e.g. {values.to_numpy()[int(np.argmax(bad))]!r} at data row " \
-                  f"{int(np.argmax(bad)) + 1})" if bad.any() else ""
-        return f"{msg}; column {column!r} is not numeric{example}: encode it as numbers"
+        # A column of numbers with a few stray words is the likely culprit.
+        parsed = {c: pd.to_numeric(df[c], errors="coerce") for c in text}
+        mixed = sorted(
+            (c for c in text if parsed[c].notna().any()), key=lambda c: -parsed[c].notna().mean()
+        )
+        if not mixed:
+            return (
+                f"{msg}; text columns are not features ({_listing(text)}): encode them as "
+                "numbers if they should be"
+            )
+        column = mixed[0]
+        bad = (parsed[column].isna() & df[column].notna()).to_numpy()
+        if not bad.any():
+            return f"{msg}; column {column!r} holds numbers stored as text: convert it"
+        row = int(np.argmax(bad))
+        return (
+            f"{msg}; column {column!r} is not numeric (e.g. "
+            f"{df[column].to_numpy()[row]!r} at data row {row + 1}): encode it as numbers"
+        )
     hints = [c for c in ("label", "user") if c in features]
     if hints and len(features) > model.num_features:
         opts = " ".join(f"--{h}-column {h}" for h in hints)

@@ -34,6 +34,7 @@ during a swap; a file that fails to load is logged and the previous model keeps 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -63,8 +64,8 @@ from prometheus_client import (
     generate_latest,
 )
 from starlette.concurrency import run_in_threadpool
-from uvicorn.config import LOGGING_CONFIG
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.config import LOGGING_CONFIG
 
 from pollinate.client.predictor import LoadedModel, PredictError, resolve_user
 from pollinate.client.store import KINDS, ModelStore
@@ -77,8 +78,14 @@ log = logging.getLogger("pollinate.serving")
 _INLINE_BYTES = 64 * 1024
 
 _ENDPOINTS = ("/predict", "/models", "/health", "/metrics")
-_REASONS = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "too_large",
-            503: "no_model", 500: "internal"}
+_REASONS = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "too_large",
+    503: "no_model",
+    500: "internal",
+}
 _EXAMPLE = '{"rows": [[0.1, 0.2, ...]], "model": "personal"}'
 
 
@@ -104,27 +111,45 @@ class _Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
         ProcessCollector(registry=r)
-        self.requests = Counter("pollinate_serving_requests", "HTTP requests answered",
-                                ["endpoint", "model", "status"], registry=r)
+        self.requests = Counter(
+            "pollinate_serving_requests",
+            "HTTP requests answered",
+            ["endpoint", "model", "status"],
+            registry=r,
+        )
         self.latency = Histogram(
-            "pollinate_serving_request_duration_seconds", "Time to answer a request",
-            ["endpoint", "model"], registry=r,
+            "pollinate_serving_request_duration_seconds",
+            "Time to answer a request",
+            ["endpoint", "model"],
+            registry=r,
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
         )
-        self.errors = Counter("pollinate_serving_errors", "Requests answered with an error",
-                              ["endpoint", "reason"], registry=r)
-        self.predictions = Counter("pollinate_serving_predictions",
-                                   "Rows predicted, by model and predicted class",
-                                   ["model", "class"], registry=r)
-        self.model_round = Gauge("pollinate_serving_model_round",
-                                 "Round of the model being served (-1: none loaded)",
-                                 ["model"], registry=r)
-        self.swaps = Counter("pollinate_serving_model_swaps", "Newer models swapped in",
-                             ["model"], registry=r)
+        self.errors = Counter(
+            "pollinate_serving_errors",
+            "Requests answered with an error",
+            ["endpoint", "reason"],
+            registry=r,
+        )
+        self.predictions = Counter(
+            "pollinate_serving_predictions",
+            "Rows predicted, by model and predicted class",
+            ["model", "class"],
+            registry=r,
+        )
+        self.model_round = Gauge(
+            "pollinate_serving_model_round",
+            "Round of the model being served (-1: none loaded)",
+            ["model"],
+            registry=r,
+        )
+        self.swaps = Counter(
+            "pollinate_serving_model_swaps", "Newer models swapped in", ["model"], registry=r
+        )
         self.reload_failures = Counter(
             "pollinate_serving_model_reload_failures",
             "Model files that failed to load or verify (the previous model kept serving)",
-            ["model"], registry=r,
+            ["model"],
+            registry=r,
         )
         for kind in KINDS:
             self.model_round.labels(kind).set(-1)
@@ -170,8 +195,10 @@ class _Models:
         where = f"{self.store.root}" + (f" for user {self.user!r}" if self.user else "")
         other = [k for k in KINDS if k != kind and k in self._models]
         alt = f', or ask for "model": "{other[0]}"' if other else ""
-        return (f"no {kind} model stored yet in {where}; the device writes it after its first "
-                f"federated round (GET /models lists what is stored{alt})")
+        return (
+            f"no {kind} model stored yet in {where}; the device writes it after its first "
+            f"federated round (GET /models lists what is stored{alt})"
+        )
 
     def poll(self) -> None:
         """Load every changed model file; swap in those that verify. Never raises for bad files."""
@@ -204,8 +231,12 @@ class _Models:
         self._stamps[kind] = stamp
         if stamp is None:
             if kind in self._models:
-                log.warning("%s disappeared; still serving %s round %d", path, kind,
-                            self._models[kind].round)
+                log.warning(
+                    "%s disappeared; still serving %s round %d",
+                    path,
+                    kind,
+                    self._models[kind].round,
+                )
             return
         try:
             model = LoadedModel.from_file(path)
@@ -221,14 +252,19 @@ class _Models:
             return
         self.reload_errors.pop(kind, None)
         old = self._models.get(kind)
-        if old is not None and old.content_hash == model.content_hash:
-            return  # rewritten with identical weights
+        if old is not None and old.version == model.version:
+            return  # rewritten with identical weights and round
         self._models = {**self._models, kind: model}  # the swap: one reference assignment
         self._metrics.model_round.labels(kind).set(model.round)
         if old is not None:
             self._metrics.swaps.labels(kind).inc()
-        log.info("serving %s model round %d (hash %s) of user %r", kind, model.round,
-                 model.content_hash[:12], model.user)
+        log.info(
+            "serving %s model round %d (hash %s) of user %r",
+            kind,
+            model.round,
+            model.content_hash[:12],
+            model.user,
+        )
 
 
 @dataclass
@@ -242,8 +278,9 @@ class _Watcher:
 
     def start(self) -> None:
         self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="pollinate-model-watcher",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, name="pollinate-model-watcher", daemon=True
+        )
         self._thread.start()
 
     def stop(self) -> None:
@@ -292,8 +329,11 @@ def create_app(
     """
     if not reload_interval > 0:
         raise ServingError(f"reload_interval must be > 0 seconds, got {reload_interval}")
-    if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) \
-            or max_body_bytes <= 0:
+    if (
+        isinstance(max_body_bytes, bool)
+        or not isinstance(max_body_bytes, int)
+        or max_body_bytes <= 0
+    ):
         raise ServingError(f"max_body_bytes must be a positive int, got {max_body_bytes!r}")
     root = Path(model_dir).expanduser()
     if user is not None and (not isinstance(user, str) or not user):
@@ -313,8 +353,13 @@ def create_app(
         finally:
             watcher.stop()
 
-    app = FastAPI(title="Pollinate inference service", lifespan=lifespan, docs_url=None,
-                  redoc_url=None, openapi_url=None)
+    app = FastAPI(
+        title="Pollinate inference service",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
     app.state.models = models  # for tests and embedding: app.state.models.poll() reloads now
     app.state.metrics_registry = metrics.registry
 
@@ -334,13 +379,17 @@ def create_app(
             return 400, {"error": str(e)}, kind
         predictions = proba.argmax(axis=1)  # (B,)
         metrics.count_classes(kind, predictions, model.num_classes)
-        return 200, {
-            "model": kind,
-            "user": model.user,
-            "version": model.version,
-            "predictions": predictions.tolist(),
-            "probabilities": proba.tolist(),
-        }, kind
+        return (
+            200,
+            {
+                "model": kind,
+                "user": model.user,
+                "version": model.version,
+                "predictions": predictions.tolist(),
+                "probabilities": proba.tolist(),
+            },
+            kind,
+        )
 
     @app.post("/predict")
     async def predict(request: Request) -> Response:
@@ -356,7 +405,8 @@ def create_app(
             status, payload = e.status, {"error": e.message}
         except Exception as e:  # a bug, not bad input: say so, keep serving
             log.exception("/predict failed")
-            status, payload = 500, {"error": f"internal error: {type(e).__name__}: {e}"}
+            reason = " ".join(f"{type(e).__name__}: {e}".split())
+            status, payload = 500, {"error": f"internal error: {reason}"}
         metrics.observe("/predict", kind, status, time.perf_counter() - t0)
         return _json(status, payload)
 
@@ -372,7 +422,12 @@ def create_app(
             if kind in models.reload_errors:
                 entry["reload_error"] = models.reload_errors[kind]
             entries.append(entry)
-        payload = {"model_dir": str(models.store.root), "user": models.user, "models": entries}
+        payload = {
+            "model_dir": str(models.store.root),
+            "user": models.user,
+            "models": entries,
+            "users_in_store": models.store.users(),
+        }
         if models.problem:
             payload["problem"] = models.problem
         metrics.observe("/models", "-", 200, time.perf_counter() - t0)
@@ -396,8 +451,9 @@ def create_app(
     @app.get("/metrics")
     async def prometheus_metrics() -> Response:
         t0 = time.perf_counter()
+        text = generate_latest(metrics.registry)  # counts up to the previous request
         metrics.observe("/metrics", "-", 200, time.perf_counter() - t0)
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
@@ -430,8 +486,7 @@ def create_app(
     return app
 
 
-def _json(status: int, payload: dict[str, Any], headers: dict[str, str] | None = None
-          ) -> Response:
+def _json(status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
     body = json.dumps(payload, separators=(",", ":"))
     return Response(body, status_code=status, media_type="application/json", headers=headers)
 
@@ -440,15 +495,20 @@ async def _read_body(request: Request, limit: int) -> bytes:
     """The request body, refused with 413 once it exceeds ``limit`` bytes."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise _Reply(413, f"request body is {int(declared)} bytes; the limit is {limit} "
-                          "(send fewer rows per request)")
+        raise _Reply(
+            413,
+            f"request body is {int(declared)} bytes; the limit is {limit} "
+            "(send fewer rows per request)",
+        )
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise _Reply(413, f"request body exceeds the limit of {limit} bytes "
-                              "(send fewer rows per request)")
+            raise _Reply(
+                413,
+                f"request body exceeds the limit of {limit} bytes (send fewer rows per request)",
+            )
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -460,8 +520,7 @@ def _parse_predict(body: bytes) -> tuple[str, list[Any]]:
     try:
         request = json.loads(body)
     except json.JSONDecodeError as e:
-        raise _Reply(400, f"malformed JSON: {e.msg} at line {e.lineno} column {e.colno}"
-                     ) from None
+        raise _Reply(400, f"malformed JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
     except UnicodeDecodeError:
         raise _Reply(400, "malformed JSON: the body is not UTF-8 text") from None
     except RecursionError:
@@ -469,8 +528,9 @@ def _parse_predict(body: bytes) -> tuple[str, list[Any]]:
     except ValueError:  # e.g. an integer longer than Python's 4300-digit conversion limit
         raise _Reply(400, "malformed JSON: a number has too many digits") from None
     if not isinstance(request, dict):
-        raise _Reply(400, f"the body must be a JSON object like {_EXAMPLE}, "
-                          f"got a JSON {_json_type(request)}")
+        raise _Reply(
+            400, f"the body must be a JSON object like {_EXAMPLE}, got a JSON {_json_type(request)}"
+        )
     unknown = [k for k in request if k not in ("rows", "row", "model")]
     if unknown:
         raise _Reply(400, f"unknown field {unknown[0]!r}; expected rows (or row) and model")
@@ -499,17 +559,20 @@ def _as_matrix(rows: list[Any], model: LoadedModel) -> np.ndarray:
     n = model.num_features
     for i, row in enumerate(rows):
         if not isinstance(row, list):
-            raise _Reply(400, f"row {i} must be a list of {n} numbers, "
-                              f"got a JSON {_json_type(row)}")
+            raise _Reply(
+                400, f"row {i} must be a list of {n} numbers, got a JSON {_json_type(row)}"
+            )
         if len(row) != n:
-            raise _Reply(400, f"row {i} has {len(row)} features; the {model.kind} model "
-                              f"expects {n}")
+            raise _Reply(
+                400, f"row {i} has {len(row)} features; the {model.kind} model expects {n}"
+            )
         # JSON true/false would pass numpy as 1/0; only int and float are numbers here.
         if not all(type(v) is float or type(v) is int for v in row):
             j, v = next((j, v) for j, v in enumerate(row) if type(v) not in (float, int))
             raise _Reply(400, f"row {i} feature {j} is {_json_value(v)}, not a number")
     try:
-        x = np.array(rows, dtype=np.float64)  # (B, F); check() casts, naming values float32 can't hold
+        # float64 first, so check() can name a value that float32 cannot hold.
+        x = np.array(rows, dtype=np.float64)  # (B, F)
     except OverflowError:
         raise _Reply(400, "a feature is an integer beyond float32 range") from None
     return model.check(x)  # NaN / inf / out of float32 range -> PredictError -> 400
@@ -518,8 +581,14 @@ def _as_matrix(rows: list[Any], model: LoadedModel) -> np.ndarray:
 def _json_type(value: object) -> str:
     if value is None:
         return "null"
-    return {bool: "boolean", str: "string", dict: "object", list: "array", int: "number",
-            float: "number"}.get(type(value), type(value).__name__)
+    return {
+        bool: "boolean",
+        str: "string",
+        dict: "object",
+        list: "array",
+        int: "number",
+        float: "number",
+    }.get(type(value), type(value).__name__)
 
 
 def _json_value(value: object) -> str:
@@ -587,8 +656,9 @@ def serve(
         The address cannot be bound, or the user is ambiguous.
     """
     set_torch_threads(threads)
-    app = create_app(model_dir, user=user, reload_interval=reload_interval,
-                     max_body_bytes=max_body_bytes)
+    app = create_app(
+        model_dir, user=user, reload_interval=reload_interval, max_body_bytes=max_body_bytes
+    )
     sock = _bind(host, port)
     url = _url(host, sock.getsockname()[1])
     server = uvicorn.Server(_config(app, log_level, log_config=LOGGING_CONFIG))
@@ -625,8 +695,9 @@ def start_in_thread(
     """
     if threads is not None:
         set_torch_threads(threads)
-    app = create_app(model_dir, user=user, reload_interval=reload_interval,
-                     max_body_bytes=max_body_bytes)
+    app = create_app(
+        model_dir, user=user, reload_interval=reload_interval, max_body_bytes=max_body_bytes
+    )
     sock = _bind(host, port)
     bound = sock.getsockname()[1]
     server = uvicorn.Server(_config(app, log_level, log_config=None))
@@ -644,11 +715,14 @@ def start_in_thread(
         if not thread.is_alive() or time.monotonic() > deadline:
             server.should_exit = True
             thread.join(5)
-            raise ServingError(f"the inference service on {host}:{bound} did not start "
-                               f"within {startup_timeout:g} s (see the log above)")
+            raise ServingError(
+                f"the inference service on {host}:{bound} did not start "
+                f"within {startup_timeout:g} s (see the log above)"
+            )
         time.sleep(0.01)
-    return ServingHandle(url=_url(host, bound), host=host, port=bound, app=app, _server=server,
-                         _thread=thread)
+    return ServingHandle(
+        url=_url(host, bound), host=host, port=bound, app=app, _server=server, _thread=thread
+    )
 
 
 def set_torch_threads(threads: int) -> None:
@@ -656,10 +730,9 @@ def set_torch_threads(threads: int) -> None:
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ServingError(f"threads must be an int >= 1, got {threads!r}")
     torch.set_num_threads(threads)
-    try:
+    # Only settable before the first parallel work; harmless to skip after that.
+    with contextlib.suppress(RuntimeError):
         torch.set_num_interop_threads(threads)
-    except RuntimeError:  # only settable before the first parallel work; harmless to skip
-        pass
 
 
 def _config(app: FastAPI, log_level: str, log_config: dict[str, Any] | None) -> uvicorn.Config:
@@ -669,6 +742,7 @@ def _config(app: FastAPI, log_level: str, log_config: dict[str, Any] | None) -> 
         log_config=log_config,
         access_log=False,
         lifespan="on",
+        ws="none",
         timeout_graceful_shutdown=5,
         server_header=False,
     )
@@ -690,8 +764,10 @@ def _bind(host: str, port: int) -> socket.socket:
         sock.bind(address)
     except OSError as e:
         sock.close()
-        raise ServingError(f"cannot listen on {host}:{port} ({e.strerror or e}); is another "
-                           "service using it? choose another port") from None
+        raise ServingError(
+            f"cannot listen on {host}:{port} ({e.strerror or e}); is another "
+            "service using it? choose another port"
+        ) from None
     return sock
 
 

@@ -21,6 +21,7 @@ from flwr.serverapp import Grid, ServerApp
 from pollinate.config import RunConfig, data_spec, model_kwargs, resolve, to_toml
 from pollinate.data import load_federated_dataset
 from pollinate.models import ModelSpec, create_model, evaluate, save_artifact
+from pollinate.server.grid import responsive
 from pollinate.server.metrics import MetricsRecorder
 from pollinate.server.strategy import build_strategy
 
@@ -124,4 +125,4 @@ def _fmt(value: float) -> str:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    run_federation(grid, resolve(dict(context.run_config)))
+    run_federation(responsive(grid), resolve(dict(context.run_config)))

@@ -282,6 +282,10 @@ def read_run_info(run_dir: str | Path) -> dict[str, str]:
 
 
 def _ints(df: pd.DataFrame, columns: tuple[str, ...]) -> pd.DataFrame:
+    # SQLite hands back NULL (never measured) as None; make those columns float NaN.
+    for c in df.columns:
+        if c not in columns and c != "user":
+            df[c] = pd.to_numeric(df[c], errors="coerce").astype("float64")
     for c in columns:
         if c in df and not df[c].isna().any():
             df[c] = df[c].astype("int64")

@@ -42,8 +42,10 @@ def plan_nodes(cfg: RunConfig, num_users: int, cpus: int | None = None) -> int:
     return min(slots, num_users)
 
 
-def backend_config(cfg: RunConfig) -> dict[str, object]:
-    init_args: dict[str, object] = {"logging_level": logging.ERROR, "log_to_driver": True}
+def backend_config(cfg: RunConfig, *, verbose: bool = False) -> dict[str, object]:
+    # Actor logs stay out of the live lines; a failing ClientApp still reaches the server
+    # as an error reply with its reason.
+    init_args: dict[str, object] = {"logging_level": logging.ERROR, "log_to_driver": verbose}
     if cfg.simulation.ray_address:
         init_args["address"] = cfg.simulation.ray_address
     return {
@@ -77,7 +79,7 @@ def run_simulation(cfg: RunConfig, *, verbose: bool = False) -> Path:
         client_app=client_app,
         server_app=server_app,
         backend_name="ray",
-        backend_config=backend_config(cfg),  # type: ignore[arg-type]
+        backend_config=backend_config(cfg, verbose=verbose),  # type: ignore[arg-type]
         server_app_context=context,
         verbose_logging=verbose,
     )

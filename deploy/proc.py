@@ -1,0 +1,329 @@
+"""Child processes: start, watch, stop, and leave nothing behind.
+
+``pollinate server start`` and ``pollinate node start`` stay in the foreground and supervise
+their children (the SuperLink; or the SuperNode, the ClientApp worker and the inference
+service). Whatever happens — Ctrl-C, SIGTERM, a child dying — :class:`Supervisor` stops
+every child and every process those children started:
+
+- each child runs in its own session (process group), so a terminal's Ctrl-C reaches only
+  the supervisor, which then stops the children in order;
+- on Linux the supervisor is a *child subreaper*: processes that Flower detaches
+  (``flower-superexec``, ``flwr-serverapp``) stay its descendants even when their parent
+  exits first, so none can be orphaned and missed;
+- stopping is SIGTERM to each child's group, a grace period, then SIGKILL to every
+  descendant still alive;
+- children started by Pollinate's own launchers call :func:`watch_parent`, so they exit
+  when the supervisor is killed with SIGKILL and cannot clean up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import IO
+
+STOP_GRACE = 10.0
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (the OS picks it)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def port_in_use(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def wait_for_port(host: str, port: int, timeout: float, alive: Callable[[], bool]) -> bool:
+    """True once ``host:port`` accepts connections; False on timeout or if ``alive()`` fails."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not alive():
+            return False
+        with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=0.5):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def parse_address(text: str, *, default_host: str = "127.0.0.1") -> tuple[str, int]:
+    """``HOST:PORT``, ``[v6]:PORT`` or ``:PORT`` -> (host, port); ValueError if malformed."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"address '{text}' must look like HOST:PORT, e.g. 127.0.0.1:9092")
+    host = host.strip("[]") or default_host
+    return host, int(port)
+
+
+def format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def become_subreaper() -> bool:
+    """Linux: orphaned descendants are re-parented to this process instead of init."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(36, 1, 0, 0, 0) == 0)  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        return False
+
+
+def _parent_map() -> dict[int, int]:
+    """pid -> ppid for every process (``/proc`` on Linux, ``ps`` elsewhere)."""
+    parents: dict[int, int] = {}
+    proc = Path("/proc")
+    if proc.is_dir():
+        for entry in proc.iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            # "pid (comm) state ppid ...": comm may contain spaces and parentheses.
+            fields = stat[stat.rfind(")") + 2 :].split()
+            parents[int(entry.name)] = int(fields[1])
+        return parents
+    out = subprocess.run(["ps", "-A", "-o", "pid=,ppid="], capture_output=True, text=True)
+    for line in out.stdout.splitlines():
+        pid, ppid = line.split()
+        parents[int(pid)] = int(ppid)
+    return parents
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (children first)."""
+    children: dict[int, list[int]] = {}
+    for child, parent in _parent_map().items():
+        children.setdefault(parent, []).append(child)
+    found: list[int] = []
+    queue = deque(children.get(pid, []))
+    while queue:
+        p = queue.popleft()
+        found.append(p)
+        queue.extend(children.get(p, []))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie is dead for our purposes.
+    with contextlib.suppress(OSError):
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rfind(")") + 2] != "Z"
+    return True
+
+
+def watch_parent(interval: float = 0.5) -> None:
+    """Exit (SIGTERM to self) when this process's parent goes away."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval)
+            if os.getppid() != parent:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+
+    threading.Thread(target=watch, name="watch-parent", daemon=True).start()
+
+
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for children: this interpreter's scripts first on PATH, quiet."""
+    env = dict(os.environ)
+    bindir = str(Path(sys.executable).parent)
+    env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+    env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env.update(extra or {})
+    return env
+
+
+# ------------------------------------------------------------------------- supervisor
+
+
+@dataclass
+class Child:
+    name: str
+    popen: subprocess.Popen[bytes]
+    log_path: Path
+    tail: deque[str] = field(default_factory=lambda: deque(maxlen=200))
+    on_line: Callable[[str], None] | None = None
+    _reader: threading.Thread | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def running(self) -> bool:
+        return self.popen.poll() is None
+
+
+class Supervisor:
+    """Starts children, tees their output to log files, and stops all of them on exit."""
+
+    def __init__(self, log_dir: Path, *, echo: Callable[[str, str], None] | None = None) -> None:
+        self.log_dir = log_dir
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.children: list[Child] = []
+        self.echo = echo
+        self.stop_requested = threading.Event()
+        self.stop_signal: int | None = None
+        self._old_handlers: dict[int, object] = {}
+        self.subreaper = become_subreaper()
+
+    # -- lifecycle --------------------------------------------------------------
+    def __enter__(self) -> Supervisor:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            self._old_handlers[sig] = signal.signal(sig, self._on_signal)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self.stop_all()
+        finally:
+            for sig, handler in self._old_handlers.items():
+                signal.signal(sig, handler)  # type: ignore[arg-type]
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        self.stop_signal = signum
+        self.stop_requested.set()
+
+    # -- children ---------------------------------------------------------------
+    def start(
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+        on_line: Callable[[str], None] | None = None,
+    ) -> Child:
+        log_path = self.log_dir / f"{name}.log"
+        popen = subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env if env is not None else child_env(),
+            cwd=cwd,
+            start_new_session=True,
+        )
+        child = Child(name, popen, log_path, on_line=on_line)
+        child._reader = threading.Thread(
+            target=self._pump, args=(child,), name=f"log-{name}", daemon=True
+        )
+        child._reader.start()
+        self.children.append(child)
+        return child
+
+    def _pump(self, child: Child) -> None:
+        stream: IO[bytes] | None = child.popen.stdout
+        assert stream is not None
+        with child.log_path.open("a", encoding="utf-8") as log:
+            for raw in iter(stream.readline, b""):
+                line = raw.decode("utf-8", "replace").rstrip("\n")
+                log.write(line + "\n")
+                log.flush()
+                child.tail.append(line)
+                if child.on_line is not None:
+                    with contextlib.suppress(Exception):
+                        child.on_line(line)
+                if self.echo is not None:
+                    self.echo(child.name, line)
+
+    def exited(self) -> Child | None:
+        """The first child that has exited, if any."""
+        for child in self.children:
+            if not child.running():
+                return child
+        return None
+
+    def wait(self, timeout: float) -> None:
+        """Sleep up to ``timeout`` s, waking early on a stop request."""
+        self.stop_requested.wait(timeout)
+
+    def stop_child(self, child: Child, grace: float = STOP_GRACE) -> int | None:
+        """SIGTERM the child's process group, then SIGKILL whatever of it is left."""
+        tree = [child.pid, *descendants(child.pid)]
+        if child.running():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(child.pid, signal.SIGTERM)
+        try:
+            child.popen.wait(grace)
+        except subprocess.TimeoutExpired:
+            pass
+        self._kill_all(tree + descendants(child.pid))
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.popen.wait(5)
+        if child._reader is not None:
+            child._reader.join(2)
+        return child.popen.returncode
+
+    def stop_all(self, grace: float = STOP_GRACE) -> None:
+        """Stop children in reverse start order, then anything re-parented to us."""
+        for child in reversed(self.children):
+            self.stop_child(child, grace)
+        # Detached grandchildren (flower-superexec and its apps) watch their parent and
+        # leave on their own within a second; give them that, then make sure.
+        leftovers = descendants(os.getpid())
+        deadline = time.monotonic() + 3
+        while leftovers and time.monotonic() < deadline:
+            for pid in leftovers:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGTERM)
+            time.sleep(0.2)
+            self._reap()
+            leftovers = [p for p in descendants(os.getpid()) if alive(p)]
+        self._kill_all(leftovers)
+        self._reap()
+
+    @staticmethod
+    def _kill_all(pids: list[int]) -> None:
+        for pid in pids:
+            if pid != os.getpid() and alive(pid):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+
+    def _reap(self) -> None:
+        """Collect exit statuses of re-parented orphans (we are their subreaper)."""
+        if not self.subreaper:
+            return
+        known = {c.pid for c in self.children}
+        for pid in descendants(os.getpid()):
+            if pid in known:
+                continue
+            with contextlib.suppress(ChildProcessError, OSError):
+                os.waitpid(pid, os.WNOHANG)

@@ -1,0 +1,99 @@
+"""``python -m pollinate.deploy.supernode ARGS``: ``flower-supernode ARGS`` with tighter timings.
+
+Flower 1.42's SuperNode polls the SuperLink every 3 s when it has no message, waits for a
+reply in 0.5 s steps, and sends a heartbeat every ~20 s (interval 30 s, so a dead node is
+noticed after ~60 s). For federated rounds that take a second, those sleeps dominate. This
+launcher runs Flower's own ``flower_supernode()`` with three changes and nothing else:
+
+- polling backs off from ``POLL_MIN`` to Flower's 3 s while idle and resets when a message
+  arrives, so the next message of a round (evaluate after train) is picked up in tens of ms
+  while an idle device still polls only every 3 s;
+- the wait for the ClientApp's reply polls every 20 ms (local state, no network), and a
+  message whose arrays are still being uploaded is retried after 20 ms rather than 1 s;
+- the heartbeat interval is ``HEARTBEAT`` (10 s, the SuperLink's minimum), so the server
+  notices a dead device within ~20 s and a restarted device may re-activate sooner;
+
+and it exits when its parent (``pollinate node start``) dies.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import time as _time
+from types import ModuleType
+from typing import Any
+
+POLL_MIN = 0.05
+POLL_MAX = 3.0  # Flower's own idle poll
+REPLY_POLL = 0.02
+OBJECT_RETRY = 0.02
+HEARTBEAT = 10  # seconds; the SuperLink rejects anything below 10
+
+# Environment overrides, for benchmarks and tests.
+POLL_MIN = float(os.environ.get("POLLINATE_POLL_MIN", POLL_MIN))
+POLL_MAX = float(os.environ.get("POLLINATE_POLL_MAX", POLL_MAX))
+
+
+class _Clock(ModuleType):
+    """Stands in for ``time`` inside Flower's SuperNode loop: only ``sleep`` differs."""
+
+    def __init__(self) -> None:
+        super().__init__("time")
+        self.poll = POLL_MIN
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(_time, name)
+
+    def sleep(self, seconds: float) -> None:
+        if seconds >= 1:  # "no message, wait for a while"
+            _time.sleep(self.poll)
+            self.poll = min(self.poll * 1.5, POLL_MAX)
+        else:  # waiting for the local ClientApp's reply
+            _time.sleep(min(seconds, REPLY_POLL))
+
+    def reset(self) -> None:
+        self.poll = POLL_MIN
+
+
+def patch_flower() -> None:
+    import flwr.supercore.heartbeat as heartbeat
+    from flwr.supercore.logger import update_console_handler
+    import flwr.supernode.fleet_http_connection as fleet
+    import flwr.supernode.start_client_internal as sci
+
+    update_console_handler(timestamps=True, colored=False)  # for log files
+    clock = _Clock()
+    sci.time = clock  # type: ignore[attr-defined]
+    pull = sci._pull_and_store_message
+
+    def pull_and_reset(*args: Any, **kwargs: Any) -> int | None:
+        run_id = pull(*args, **kwargs)
+        if run_id is not None:
+            clock.reset()
+        return run_id
+
+    sci._pull_and_store_message = pull_and_reset  # type: ignore[assignment]
+    # The SuperLink lists a message before all of its objects are uploaded; Flower's
+    # object pull then waits a whole second before retrying.
+    sci.pull_objects = functools.partial(  # type: ignore[attr-defined]
+        sci.pull_objects, initial_backoff=OBJECT_RETRY, backoff_cap=0.5
+    )
+    heartbeat.HEARTBEAT_DEFAULT_INTERVAL = HEARTBEAT  # type: ignore[misc]
+    fleet.HEARTBEAT_DEFAULT_INTERVAL = HEARTBEAT  # type: ignore[attr-defined]
+
+
+def main(argv: list[str]) -> None:
+    from pollinate.deploy.proc import watch_parent
+
+    patch_flower()
+    watch_parent()
+    from flwr.supernode.cli.flower_supernode import flower_supernode
+
+    sys.argv = ["flower-supernode", *argv]
+    flower_supernode()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
