@@ -20,8 +20,9 @@ quickstart: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
+# pytest exits 5 when no test carries the marker: not a failure.
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q -m slow || [ $$? -eq 5 ]
 
 ci: test test-slow
 
