@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -53,6 +54,19 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
     )
 
 
+def start_fresh(run_dir: Path, store_dir: Path) -> None:
+    """A run folder holds one run: drop an earlier run's models before this one starts.
+
+    Stale personal models would otherwise seed this run's Ditto/FedPer users. A store
+    outside the run folder (a device's, or a shared one) is never touched.
+    """
+    if (run_dir / "models").is_dir():
+        logger.info("%s held an earlier run; replacing its results", run_dir)
+        shutil.rmtree(run_dir / "models")
+    if store_dir.is_dir() and run_dir in store_dir.parents:
+        shutil.rmtree(store_dir)
+
+
 def run_federation(grid: Grid, cfg: RunConfig) -> Path:
     """Run every round of ``cfg`` on ``grid``; returns the run folder."""
     cfg = absolute_paths(cfg)
@@ -60,6 +74,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
     spec, central = model_spec(cfg)
     model = create_model(spec.name, seed=cfg.run.seed, **spec.kwargs)
     run_dir = cfg.run_dir
+    start_fresh(run_dir, cfg.store_dir)
     (run_dir / "models").mkdir(parents=True, exist_ok=True)
     (run_dir / "config.toml").write_text(to_toml(cfg))
     recorder = MetricsRecorder(run_dir)

@@ -95,3 +95,18 @@ def test_personal_beats_global_on_strongly_non_iid_users(tmp_path: Path) -> None
     assert isinstance(final, pd.DataFrame)
     # Most users, not just the mean, are better off with their personal model.
     assert (final["personal_accuracy"] >= final["global_accuracy"]).mean() >= 0.7
+
+
+def test_rerun_in_the_same_folder_starts_fresh(tmp_path: Path) -> None:
+    run_dir = tmp_path / "again"
+    sets = ("data.num-users=3", "run.num-rounds=1", "model.name=logreg",
+            "personalization.method=ditto")
+    pollinate_run(run_dir, *sets)
+    stale = run_dir / "users" / "stale-user"
+    stale.mkdir()
+    (stale / "personal.pt").write_bytes(b"old")
+    first = load_artifact(run_dir / "models" / "global.pt").content_hash
+    pollinate_run(run_dir, *sets)
+    assert not stale.exists()
+    assert load_artifact(run_dir / "models" / "global.pt").content_hash == first  # reproducible
+    assert read_rounds(run_dir)["round"].tolist() == [0, 1]
