@@ -90,12 +90,12 @@ def main() -> int:
             f"cpus: {os.cpu_count()}, server pinned: {_has_taskset()}, model: mlp "
             f"{F}->{HIDDEN}->{C}, body: {len(json.dumps({'rows': [row]}))} bytes\n"
         )
-        results = [("in-process LoadedModel.predict", inproc, None, None)]
+        results = [("in-process LoadedModel.predict", inproc, None)]
         stacks = ["default"] if args.no_compare else ["default", "asyncio+h11"]
         for stack in stacks:
-            lat, thr, cpu = _bench_server(root, row, stack, args)
+            lat, load = _bench_server(root, row, stack, args)
             name = "uvloop+httptools" if stack == "default" else stack
-            results.append((f"/predict {name}", lat, thr, cpu))
+            results.append((f"/predict {name}", lat, load))
         _print_table(results, args)
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -152,13 +152,14 @@ def _bench_server(root: Path, row: list[float], stack: str, args) -> tuple:
         start.set()
         got = [counts.get(timeout=args.seconds + 60) for _ in workers]
         wall = max(g[2] for g in got)
-        cpu = (_cpu_seconds(proc.pid) - cpu0) / max(time.perf_counter() - t0, 1e-9)
+        cpu_s = _cpu_seconds(proc.pid) - cpu0
+        cpu = cpu_s / max(time.perf_counter() - t0, 1e-9)
         for w in workers:
             w.join(10)
         ok, failed = sum(g[0] for g in got), sum(g[1] for g in got)
         if failed:
             print(f"warning: {failed} failed requests during the throughput phase")
-        return latency, ok / wall, cpu
+        return latency, (ok / wall, cpu, cpu_s / max(ok, 1))
     finally:
         proc.terminate()
         try:
@@ -214,20 +215,24 @@ def _load(url: str, body: dict, seconds: float, start, counts) -> None:
 
 
 def _print_table(results, args) -> None:
-    print(f"{'':34} {'median':>8} {'p95':>8} {'p99':>8}   {'req/s':>8} {'server CPU':>10}")
-    for name, lat, thr, cpu in results:
+    print(
+        f"{'':31} {'median':>7} {'p95':>7} {'p99':>7}  {'req/s':>6} {'srv CPU':>7} "
+        f"{'CPU/req':>8} {'1-core cap.':>11}"
+    )
+    for name, lat, load in results:
         ms = sorted(v * 1000 for v in lat)
         q = statistics.quantiles(ms, n=100)
-        rps = f"{thr:8.0f}" if thr is not None else f"{'':>8}"
-        load = f"{cpu * 100:9.0f}%" if cpu is not None else ""
-        print(
-            f"{name:34} {statistics.median(ms):7.3f}m {q[94]:7.3f}m {q[98]:7.3f}m   "
-            f"{rps} {load:>10}"
-        )
+        line = f"{name:31} {statistics.median(ms):7.3f} {q[94]:7.3f} {q[98]:7.3f}"
+        if load is not None:
+            rps, cpu, per_req = load
+            line += f"  {rps:6.0f} {cpu * 100:6.0f}% {per_req * 1e6:6.0f}us {1 / per_req:8.0f}/s"
+        print(line)
     print(
-        f"\nlatency: {args.requests} sequential single-row requests, one keep-alive client; "
-        f"throughput: {args.clients} client processes x 4 connections for {args.seconds:g} s "
-        "(m = milliseconds)"
+        f"\nlatency (ms): {args.requests} sequential single-row requests over one keep-alive "
+        f"httpx client; req/s: {args.clients} client processes x 4 connections for "
+        f"{args.seconds:g} s; srv CPU: the server's share of its core meanwhile; CPU/req: "
+        "server CPU time per request; 1-core cap.: 1 / CPU/req, the rate one dedicated core "
+        "sustains (robust to other load on the machine)"
     )
     print("targets (issue 3): median < 5 ms, >= 500 req/s on one core")
 

@@ -110,7 +110,7 @@ def test_concurrent_predictions_agree(store: Path) -> None:
 def test_bad_features_are_one_line_errors(store: Path, x: object, needle: str) -> None:
     model = load_model(store)
     with pytest.raises(PredictError) as err:
-        model.predict(x)  # type: ignore[arg-type]
+        model.predict(x)
     one_line(err, needle)
 
 

@@ -303,7 +303,7 @@ def test_several_users_need_a_choice(tmp_path: Path) -> None:
 def test_bad_arguments(tmp_path: Path) -> None:
     for kwargs in ({"reload_interval": 0}, {"max_body_bytes": 0}, {"user": ""}):
         with pytest.raises(ServingError):
-            create_app(tmp_path, **kwargs)  # type: ignore[arg-type]
+            create_app(tmp_path, **kwargs)
 
 
 # ---------------------------------------------------------------------------------- hot swap
@@ -381,7 +381,7 @@ def test_hot_swap_under_load_fails_no_request(store: Path) -> None:
     answers = [a for thread in hammer.answers for a in thread]
     failures = [a for a in answers if a[0] != 200]
     assert not failures, failures[:5]
-    assert len(answers) > 100
+    assert hammer.rounds_seen() == {2, 5, 6}  # load before, between and after the swaps
     for thread in hammer.answers:  # each client sees rounds 2 -> 5 -> 6, never back
         seen = [v["round"] for _, v in thread]
         assert seen == sorted(seen)
