@@ -28,6 +28,7 @@ def _bad_input_types() -> tuple[type[BaseException], ...]:
     from pollinate.client.serving import ServingError
     from pollinate.config import ConfigError
     from pollinate.data import DataError
+    from pollinate.deploy.certs import DeployError
     from pollinate.models import ArtifactError, UnknownModelError
     from pollinate.server.metrics import MetricsError
 
@@ -40,6 +41,7 @@ def _bad_input_types() -> tuple[type[BaseException], ...]:
         MetricsError,
         PredictError,
         ServingError,
+        DeployError,
     )
 
 
@@ -240,6 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--label-column", help="a column to copy through, not a feature")
     pred.add_argument("--user-column", help="a user-id column to copy through, not a feature")
     pred.set_defaults(func=cmd_predict)
+
+    from pollinate.deploy.cli import add_commands  # certs, server, node
+
+    add_commands(sub)
     return p
 
 

@@ -253,6 +253,28 @@ def public_key_fingerprint(public_openssh: bytes) -> str:
     return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
 
 
+def key_fingerprint(public_key: bytes) -> str:
+    """The ``SHA256:...`` fingerprint of a PEM or OpenSSH public key (what keygen prints)."""
+    if public_key.startswith(b"-----BEGIN"):
+        key = serialization.load_pem_public_key(public_key)
+        public_key = key.public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+        )
+    return public_key_fingerprint(public_key)
+
+
+def private_key_fingerprint(path: Path) -> str:
+    """The fingerprint of a node private key's public half ('?' if unreadable)."""
+    try:
+        key = serialization.load_ssh_private_key(path.read_bytes(), password=None)
+        public = key.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+        )
+    except (OSError, ValueError, TypeError):
+        return "?"
+    return public_key_fingerprint(public)
+
+
 def create_node_key(
     directory: str | os.PathLike[str], name: str = "node", *, force: bool = False
 ) -> NodeKeyPaths:

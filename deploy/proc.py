@@ -281,10 +281,8 @@ class Supervisor:
         if child.running():
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(child.pid, signal.SIGTERM)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             child.popen.wait(grace)
-        except subprocess.TimeoutExpired:
-            pass
         self._kill_all(tree + descendants(child.pid))
         with contextlib.suppress(subprocess.TimeoutExpired):
             child.popen.wait(5)

@@ -9,7 +9,7 @@ launcher runs Flower's own ``flower_supernode()`` with three changes and nothing
   arrives, so the next message of a round (evaluate after train) is picked up in tens of ms
   while an idle device still polls only every 3 s;
 - the wait for the ClientApp's reply polls every 20 ms (local state, no network), and a
-  message whose arrays are still being uploaded is retried after 20 ms rather than 1 s;
+  message whose arrays are still being uploaded is retried after 50 ms rather than 1 s;
 - the heartbeat interval is ``HEARTBEAT`` (10 s, the SuperLink's minimum), so the server
   notices a dead device within ~20 s and a restarted device may re-activate sooner;
 
@@ -28,7 +28,7 @@ from typing import Any
 POLL_MIN = 0.05
 POLL_MAX = 3.0  # Flower's own idle poll
 REPLY_POLL = 0.02
-OBJECT_RETRY = 0.02
+OBJECT_RETRY = 0.05  # each retry is a request to the SuperLink, the bottleneck
 HEARTBEAT = 10  # seconds; the SuperLink rejects anything below 10
 
 # Environment overrides, for benchmarks and tests.
@@ -59,13 +59,13 @@ class _Clock(ModuleType):
 
 def patch_flower() -> None:
     import flwr.supercore.heartbeat as heartbeat
-    from flwr.supercore.logger import update_console_handler
     import flwr.supernode.fleet_http_connection as fleet
     import flwr.supernode.start_client_internal as sci
+    from flwr.supercore.logger import update_console_handler
 
     update_console_handler(timestamps=True, colored=False)  # for log files
     clock = _Clock()
-    sci.time = clock  # type: ignore[attr-defined]
+    sci.time = clock
     pull = sci._pull_and_store_message
 
     def pull_and_reset(*args: Any, **kwargs: Any) -> int | None:
@@ -74,14 +74,14 @@ def patch_flower() -> None:
             clock.reset()
         return run_id
 
-    sci._pull_and_store_message = pull_and_reset  # type: ignore[assignment]
+    sci._pull_and_store_message = pull_and_reset
     # The SuperLink lists a message before all of its objects are uploaded; Flower's
     # object pull then waits a whole second before retrying.
-    sci.pull_objects = functools.partial(  # type: ignore[attr-defined]
+    sci.pull_objects = functools.partial(
         sci.pull_objects, initial_backoff=OBJECT_RETRY, backoff_cap=0.5
     )
-    heartbeat.HEARTBEAT_DEFAULT_INTERVAL = HEARTBEAT  # type: ignore[misc]
-    fleet.HEARTBEAT_DEFAULT_INTERVAL = HEARTBEAT  # type: ignore[attr-defined]
+    heartbeat.HEARTBEAT_DEFAULT_INTERVAL = HEARTBEAT
+    fleet.HEARTBEAT_DEFAULT_INTERVAL = HEARTBEAT
 
 
 def main(argv: list[str]) -> None:

@@ -22,6 +22,7 @@ Run by ``pollinate node start``; by hand::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import signal
 import sys
@@ -43,7 +44,7 @@ POLL_MIN = 0.01
 POLL_MAX = 0.5
 
 
-class _Stop(Exception):
+class _Stop(BaseException):
     pass
 
 
@@ -54,7 +55,7 @@ def _raise_stop(_signum: int, _frame: FrameType | None) -> None:
 def run_worker(runtime_api_address: str, *, max_tasks: int | None = None) -> int:
     """Serve tasks until SIGTERM/SIGINT (or ``max_tasks``); returns the number served."""
     # Heavy imports once, before the first task arrives.
-    from flwr.proto.runtime_pb2 import AcquireTaskRequest  # noqa: PLC0415
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest
     from flwr.supercore.constant import TaskType
     from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
     from flwr.supercore.retry import make_simple_http_retry_invoker
@@ -78,8 +79,8 @@ def run_worker(runtime_api_address: str, *, max_tasks: int | None = None) -> int
             res = client.AcquireTask(request)
             if res.HasField("task") and res.token:
                 t0 = time.perf_counter()
-                run_task(runtime_api_address, res.token, client_app)
-                log.info("task %d done in %.3f s", res.task.task_id, time.perf_counter() - t0)
+                what = run_task(runtime_api_address, res.token, client_app)
+                log.info("%s in %.2f s", what, time.perf_counter() - t0)
                 served += 1
                 poll = POLL_MIN
                 continue
@@ -90,8 +91,11 @@ def run_worker(runtime_api_address: str, *, max_tasks: int | None = None) -> int
     return served
 
 
-def run_task(runtime_api_address: str, token: str, client_app: object) -> None:
-    """One ClientApp task, in this process (``run_clientapp`` without the process exit)."""
+def run_task(runtime_api_address: str, token: str, client_app: object) -> str:
+    """One ClientApp task, in this process (``run_clientapp`` without the process exit).
+
+    Returns what was done, for the log: ``round 2 train done`` (or ``failed``).
+    """
     from flwr.app.error import Error
     from flwr.common.constant import ErrorCode, SubStatus
     from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
@@ -146,6 +150,15 @@ def run_task(runtime_api_address: str, token: str, client_app: object) -> None:
             if heartbeat.is_running:
                 heartbeat.stop()
             client.close()
+    if message is None:
+        return "task failed before its message arrived"
+    kind = message.metadata.message_type
+    try:
+        server_round = message.content["config"]["server-round"]
+    except (KeyError, TypeError, ValueError):
+        server_round = None
+    where = f"round {server_round} {kind}" if server_round is not None else kind
+    return f"{where} {'done' if sub_status == SubStatus.COMPLETED else 'failed'}"
 
 
 def pull_task_input(client: Any) -> tuple[Any, Any, Any]:
@@ -212,10 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _raise_stop)
     signal.signal(signal.SIGINT, _raise_stop)
     watch_parent()
-    try:
+    with contextlib.suppress(_Stop):
         run_worker(args.runtime_api_address)
-    except _Stop:
-        pass
     return 0
 
 

@@ -1,43 +1,106 @@
-"""Replies picked up as they arrive on a deployed SuperLink.
+"""Replies picked up as they arrive on a deployed SuperLink, and never waited for in vain.
 
-Flower 1.42's ``HttpGrid.send_and_receive`` (the grid a deployed ServerApp gets) checks for
-replies every 3 s, so every message exchange of a round costs at least 3 s however fast
-the devices answer. :func:`responsive` swaps in the same push-then-pull loop with a short,
-backing-off poll (20 ms growing to 1 s), using only the public ``push_messages`` /
-``pull_messages`` of the Grid API, and makes the reply-object download retry after 20 ms
-instead of 1 s. Simulation's in-memory grid (0.1 s poll) is left alone.
+Flower 1.42's ``HttpGrid`` (the grid a deployed ServerApp gets) has two waits that matter:
+
+- ``send_and_receive`` checks for replies every 3 s, so every message exchange of a round
+  costs at least 3 s however fast the devices answer;
+- a reply is listed before its arrays are fully uploaded, and the download of those arrays
+  retries after 1 s, 2 s, ... up to 10 s apart, for as long as the upload session lives
+  (180 s). A device that dies mid-upload so stalls the whole round for three minutes.
+
+:func:`responsive` swaps in the same push-then-pull loop with a short, backing-off poll
+(20 ms growing to 1 s) built on the public ``push_messages`` / ``pull_messages``, makes the
+array download retry after 50 ms, and gives up on a reply's arrays once they have not
+progressed for ``STALL`` seconds *and* a node this exchange waits on has gone offline
+(that reply becomes an error, and the round goes on with the others, as for a node that
+never answered). Simulation's in-memory grid (0.1 s poll) is left alone.
 """
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from functools import partial
+from typing import Any
 
 from flwr.app import Message
 from flwr.serverapp import Grid
 
 POLL_MIN = 0.02
 POLL_MAX = 1.0
+# A reply's arrays are usually uploaded within tens of ms of the reply itself; every retry
+# is one more request to the SuperLink, whose CPU is the bottleneck of a round.
+OBJECT_RETRY = 0.05
+STALL = 5.0
+
+# The grid and the destination nodes of the exchange in progress, for the download guard.
+_exchange = threading.local()
 
 
 def send_and_receive(
     grid: Grid, messages: Iterable[Message], *, timeout: float | None = None
 ) -> list[Message]:
     """``Grid.send_and_receive`` with a short backing-off poll instead of a fixed 3 s."""
+    messages = list(messages)
+    nodes = {m.metadata.dst_node_id for m in messages}
     pending = set(grid.push_messages(messages))
     end = time.monotonic() + (timeout if timeout is not None else 0.0)
     replies: list[Message] = []
     poll = POLL_MIN
-    while timeout is None or time.monotonic() < end:
-        got = list(grid.pull_messages(pending))
-        replies.extend(got)
-        pending.difference_update(m.metadata.reply_to_message_id for m in got)
-        if not pending:
-            break
-        time.sleep(poll if timeout is None else max(0.0, min(poll, end - time.monotonic())))
-        poll = min(poll * 1.5, POLL_MAX)
+    _exchange.current = (grid, nodes)
+    try:
+        while timeout is None or time.monotonic() < end:
+            got = list(grid.pull_messages(pending))
+            replies.extend(got)
+            pending.difference_update(m.metadata.reply_to_message_id for m in got)
+            if not pending:
+                break
+            wait = poll if timeout is None else max(0.0, min(poll, end - time.monotonic()))
+            time.sleep(wait)
+            poll = min(poll * 1.5, POLL_MAX)
+    finally:
+        _exchange.current = None
     return replies
+
+
+def _sender_gone(stalled_since: float, exchange: tuple[Grid, set[int]] | None) -> bool:
+    """True if the download stalled for STALL s while a node we wait on is offline."""
+    if exchange is None or time.monotonic() - stalled_since < STALL:
+        return False
+    grid, nodes = exchange
+    return not nodes <= set(grid.get_node_ids())
+
+
+def _guarded_pull_objects(
+    flower_pull_objects: Callable[..., dict[str, bytes]],
+    object_ids: list[str],
+    pull_object_fn: Callable[[str], bytes],
+    **kwargs: Any,
+) -> dict[str, bytes]:
+    from flwr.supercore.inflatable.inflatable_utils import (
+        ObjectPullError,
+        ObjectUnavailableError,
+    )
+
+    progress = [time.monotonic()]
+    exchange = getattr(_exchange, "current", None)  # read here: pulls run in other threads
+
+    def pull(object_id: str) -> bytes:
+        try:
+            content = pull_object_fn(object_id)
+        except ObjectUnavailableError:
+            if _sender_gone(progress[0], exchange):
+                raise ObjectPullError(
+                    object_id, "the sending node went offline before its upload finished"
+                ) from None
+            raise
+        progress[0] = time.monotonic()
+        return content
+
+    kwargs.setdefault("initial_backoff", OBJECT_RETRY)
+    kwargs.setdefault("backoff_cap", POLL_MAX)
+    return flower_pull_objects(object_ids, pull_object_fn=pull, **kwargs)
 
 
 def responsive(grid: Grid) -> Grid:
@@ -46,10 +109,6 @@ def responsive(grid: Grid) -> Grid:
 
     if isinstance(grid, http_grid.HttpGrid):
         grid.send_and_receive = partial(send_and_receive, grid)  # type: ignore[method-assign]
-        # A reply is listed before all of its objects are uploaded; Flower's object pull
-        # then waits a whole second before retrying. Retry after 20 ms instead.
         if not isinstance(http_grid.pull_objects, partial):
-            http_grid.pull_objects = partial(  # type: ignore[attr-defined]
-                http_grid.pull_objects, initial_backoff=POLL_MIN, backoff_cap=POLL_MAX
-            )
+            http_grid.pull_objects = partial(_guarded_pull_objects, http_grid.pull_objects)
     return grid

@@ -1,0 +1,242 @@
+"""The deployment commands of ``pollinate`` (``certs``, ``server``, ``node``).
+
+:func:`add_commands` adds them to the main parser in :mod:`pollinate.cli`; each handler
+is a thin shell over a function in this package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from pollinate.deploy.certs import DEFAULT_HOSTS, DeployError
+
+
+def _print(text: str) -> None:
+    print(text, flush=True)
+
+
+# ------------------------------------------------------------------------------ certs
+
+
+def cmd_certs_create(args: argparse.Namespace) -> int:
+    from pollinate.deploy.certs import create_certs
+
+    hosts = [*DEFAULT_HOSTS, *(args.host or [])]
+    paths, new_ca = create_certs(Path(args.dir), hosts)
+    ca = "new CA" if new_ca else "existing CA"
+    _print(f"server certificate for {', '.join(dict.fromkeys(hosts))} ({ca})")
+    _print(f"  {paths.ca_cert}       copy to every device: node start --root-cert")
+    _print(f"  {paths.ca_key}       keep secret (0600): signs server certificates")
+    _print(f"  {paths.server_cert}   {paths.server_key} (0600): server start --certs {args.dir}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- server
+
+
+def _server_dir(args: argparse.Namespace):
+    from pollinate.deploy.state import ServerDir, default_server_dir
+
+    return ServerDir(Path(args.state_dir).expanduser() if args.state_dir else default_server_dir())
+
+
+def cmd_server_start(args: argparse.Namespace) -> int:
+    from pollinate import config
+    from pollinate.deploy.proc import parse_address
+    from pollinate.deploy.server import ServerOptions, check_certs, deployment_config, start_server
+
+    state = _server_dir(args)
+    cfg = deployment_config(config.load(args.config, list(args.set or [])), args.run_dir)
+    try:
+        host, port = parse_address(args.address)
+    except ValueError as err:
+        raise DeployError(f"--address: {err}") from None
+    certs = None
+    if not args.insecure:
+        certs = check_certs(Path(args.certs).expanduser() if args.certs else state.certs, host)
+    opts = ServerOptions(
+        cfg=cfg, host=host, port=port, state=state, certs=certs, echo=_print, verbose=args.verbose
+    )
+    return start_server(opts)
+
+
+def cmd_server_status(args: argparse.Namespace) -> int:
+    from pollinate.deploy.server import render_status, server_status
+
+    status = server_status(_server_dir(args))
+    _print(json.dumps(status, indent=1) if args.format == "json" else render_status(status))
+    return 0
+
+
+def cmd_server_register(args: argparse.Namespace) -> int:
+    from pollinate.deploy.server import register_node
+
+    _print(register_node(_server_dir(args), Path(args.key)))
+    return 0
+
+
+# ------------------------------------------------------------------------------- node
+
+
+def cmd_node_keygen(args: argparse.Namespace) -> int:
+    from pollinate.deploy.certs import create_node_key
+
+    key = create_node_key(Path(args.dir), args.name, force=args.force)
+    _print(f"node key {key.fingerprint}")
+    _print(f"  {key.private}      private (0600): node start --key {key.private}")
+    _print(f"  {key.public}  public: on the server, pollinate server register-node")
+    return 0
+
+
+def cmd_node_start(args: argparse.Namespace) -> int:
+    from pollinate.deploy.node import (
+        NodeOptions,
+        check_data,
+        check_key_options,
+        parse_serve,
+        start_node,
+    )
+    from pollinate.deploy.proc import parse_address
+    from pollinate.deploy.state import NodeDir, default_node_dir
+
+    try:
+        parse_address(args.server)
+    except ValueError as err:
+        raise DeployError(f"--server: {err}") from None
+    key = check_key_options(args.key, args.root_cert, args.insecure)
+    root_cert = Path(args.root_cert).expanduser() if args.root_cert else None
+    if root_cert is not None and not root_cert.is_file():
+        raise DeployError(f"--root-cert '{root_cert}' does not exist")
+    data = Path(args.data).expanduser()
+    users = check_data(data, args.user_id, args.user_column, args.label_column)
+    state = NodeDir(Path(args.state_dir).expanduser() if args.state_dir else default_node_dir())
+    model_dir = Path(args.model_dir).expanduser() if args.model_dir else state.models
+    serve = parse_serve(args.serve)
+    if serve is not None and args.user_id is None and len(users) > 1:
+        raise DeployError(
+            f"{data.name} holds {len(users)} users; the inference service serves one: pick it "
+            "with --user-id, or pass --serve none"
+        )
+    opts = NodeOptions(
+        server=args.server,
+        data=data,
+        users=users,
+        user_id=args.user_id,
+        state=state,
+        model_dir=model_dir,
+        key=key,
+        root_cert=root_cert,
+        serve=serve,
+        runtime_port=args.runtime_port,
+        user_column=args.user_column,
+        label_column=args.label_column,
+        echo=_print,
+        verbose=args.verbose,
+    )
+    return start_node(opts)
+
+
+def cmd_node_serve(args: argparse.Namespace) -> int:
+    from pollinate.deploy.node import serve_store
+
+    return serve_store(Path(args.model_dir), args.host, args.port, args.user, _print)
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """``certs``, ``server`` and ``node`` with their subcommands."""
+    certs = sub.add_parser("certs", help="TLS certificates for a deployed server")
+    certs_sub = certs.add_subparsers(dest="certs_command", required=True)
+    create = certs_sub.add_parser("create", help="make a CA and a server certificate")
+    create.add_argument("dir", help="folder for ca.crt, ca.key, server.pem, server.key")
+    create.add_argument(
+        "--host",
+        action="append",
+        metavar="HOST",
+        help="a name or IP address devices use to reach the server (repeatable); "
+        f"{', '.join(DEFAULT_HOSTS)} are always included",
+    )
+    create.set_defaults(func=cmd_certs_create)
+
+    server = sub.add_parser("server", help="run the coordinator of a deployment")
+    server_sub = server.add_subparsers(dest="server_command", required=True)
+    state_help = "server state folder (default $POLLINATE_HOME/server, ~/.pollinate/server)"
+
+    start = server_sub.add_parser("start", help="start the server and run an experiment")
+    start.add_argument("--config", help="experiment TOML (must set model.in-features/num-classes)")
+    start.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)"
+    )
+    start.add_argument(
+        "--address",
+        default="127.0.0.1:9092",
+        help="HOST:PORT to listen on (default 127.0.0.1:9092; 0.0.0.0:9092 for other machines)",
+    )
+    start.add_argument(
+        "--insecure", action="store_true", help="no TLS, no node authentication (local tests)"
+    )
+    start.add_argument("--state-dir", help=state_help)
+    start.add_argument("--certs", help="folder made by `certs create` (default <state>/certs)")
+    start.add_argument("--run-dir", help="where results go (default runs/<run.name>)")
+    start.add_argument("--verbose", action="store_true", help="echo the SuperLink's log")
+    start.set_defaults(func=cmd_server_start)
+
+    status = server_sub.add_parser("status", help="nodes, round and state of the run")
+    status.add_argument("--state-dir", help=state_help)
+    status.add_argument("--format", choices=("table", "json"), default="table")
+    status.set_defaults(func=cmd_server_status)
+
+    register = server_sub.add_parser("register-node", help="admit a device's public key")
+    register.add_argument("key", help="the device's KEY.pub (from `pollinate node keygen`)")
+    register.add_argument("--state-dir", help=state_help)
+    register.set_defaults(func=cmd_server_register)
+
+    node = sub.add_parser("node", help="run a device of a deployment")
+    node_sub = node.add_subparsers(dest="node_command", required=True)
+    node_state = "node state folder (default $POLLINATE_HOME/node, ~/.pollinate/node)"
+
+    keygen = node_sub.add_parser("keygen", help="make this device's key pair")
+    keygen.add_argument("dir", help="folder for NAME (private, 0600) and NAME.pub")
+    keygen.add_argument("--name", default="node", help="file name (default node)")
+    keygen.add_argument("--force", action="store_true", help="replace an existing key")
+    keygen.set_defaults(func=cmd_node_keygen)
+
+    nstart = node_sub.add_parser("start", help="join a server: train, keep and serve models")
+    nstart.add_argument("--server", required=True, help="the server's HOST:PORT")
+    nstart.add_argument("--data", required=True, help="this device's CSV or Parquet file")
+    nstart.add_argument("--user-id", help="train only this user of the file")
+    nstart.add_argument("--root-cert", help="the server's ca.crt (default: system CAs)")
+    nstart.add_argument("--key", help="this device's private key (from `node keygen`)")
+    nstart.add_argument("--model-dir", help="model store (default <state>/models)")
+    nstart.add_argument(
+        "--serve",
+        default="127.0.0.1:8080",
+        metavar="HOST:PORT",
+        help="inference service address (default 127.0.0.1:8080), or none",
+    )
+    nstart.add_argument("--insecure", action="store_true", help="no TLS (--insecure servers)")
+    nstart.add_argument("--state-dir", help=node_state)
+    nstart.add_argument(
+        "--runtime-port",
+        type=int,
+        default=0,
+        help="local port between SuperNode and ClientApp worker (default: a free one)",
+    )
+    nstart.add_argument("--user-column", help="user id column (default: the server's config)")
+    nstart.add_argument("--label-column", help="label column (default: the server's config)")
+    nstart.add_argument("--verbose", action="store_true", help="echo the children's logs")
+    nstart.set_defaults(func=cmd_node_start)
+
+    nserve = node_sub.add_parser("serve", help="serve a model store without joining")
+    nserve.add_argument("--model-dir", required=True, help="the model store to serve")
+    nserve.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this device)")
+    nserve.add_argument("--port", type=int, default=8080, help="default 8080")
+    nserve.add_argument("--user", help="which user's models (needed if the store has several)")
+    nserve.set_defaults(func=cmd_node_serve)
+
+
+__all__ = ["add_commands"]

@@ -1,0 +1,200 @@
+"""Helpers for deployment tests with real processes on loopback (see conftest.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pollinate.deploy.certs import create_certs, create_node_key
+from pollinate.deploy.proc import descendants
+
+TAG = "POLLINATE_TEST_TAG"
+
+
+def tagged_pids(tag: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        if stat[stat.rfind(")") + 2] == "Z":
+            continue
+        if f"{TAG}={tag}".encode() in environ.split(b"\0"):
+            found.append(int(entry.name))
+    return found
+
+
+@dataclass
+class Proc:
+    """A ``pollinate ...`` process with its output in a file."""
+
+    argv: list[str]
+    log: Path
+    env: dict[str, str]
+    popen: subprocess.Popen[bytes] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with self.log.open("wb") as out:
+            self.popen = subprocess.Popen(
+                [sys.executable, "-m", "pollinate", *self.argv],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=self.env,
+                start_new_session=True,
+            )
+
+    @property
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_for(self, pattern: str, timeout: float) -> re.Match[str]:
+        """The first match of ``pattern`` in the output; fails on timeout or exit."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            match = re.search(pattern, self.output)
+            if match:
+                return match
+            if self.popen.poll() is not None:
+                time.sleep(0.2)
+                match = re.search(pattern, self.output)
+                if match:
+                    return match
+                pytest.fail(
+                    f"`pollinate {' '.join(self.argv[:2])}` exited "
+                    f"({self.popen.returncode}) before printing {pattern!r}:\n{self.output}"
+                )
+            time.sleep(0.1)
+        pytest.fail(f"no {pattern!r} within {timeout} s from {self.argv[:2]}:\n{self.output}")
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"`pollinate {' '.join(self.argv[:2])}` still running:\n{self.output}")
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+        return self.wait(timeout)
+
+    def crash(self) -> None:
+        """SIGKILL this process and everything it started at once: a power cut."""
+        victims = [self.popen.pid, *descendants(self.popen.pid)]
+        for pid in victims:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.popen.wait(10)
+
+
+@dataclass
+class Deployment:
+    """A temporary place for a server, its devices and their files."""
+
+    root: Path
+    env: dict[str, str]
+    procs: list[Proc] = field(default_factory=list)
+
+    @property
+    def server_state(self) -> Path:
+        return self.root / "server"
+
+    @property
+    def certs(self) -> Path:
+        return self.server_state / "certs"
+
+    def start(self, *argv: str, name: str) -> Proc:
+        proc = Proc(list(argv), self.root / "out" / f"{name}.txt", self.env)
+        self.procs.append(proc)
+        return proc
+
+    def make_certs(self) -> Path:
+        create_certs(self.certs)
+        return self.certs / "ca.crt"
+
+    def make_key(self, name: str) -> Path:
+        return create_node_key(self.root / "keys", name).private
+
+    def write_config(self, name: str, **sections: dict[str, object]) -> Path:
+        lines = []
+        for section, values in sections.items():
+            lines.append(f"[{section}]")
+            for key, value in values.items():
+                lines.append(f"{key} = {_toml(value)}")
+        path = self.root / f"{name}.toml"
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    def server_argv(self, config: Path, port: int, *extra: str) -> list[str]:
+        return [
+            "server", "start", "--config", str(config),
+            "--address", f"127.0.0.1:{port}",
+            "--state-dir", str(self.server_state),
+            "--run-dir", str(self.root / "run"),
+            *extra,
+        ]  # fmt: skip
+
+    def node_argv(self, i: int, port: int, *, key: Path | None, serve: int | None) -> list[str]:
+        argv = [
+            "node", "start", "--server", f"127.0.0.1:{port}",
+            "--data", str(self.root / f"device{i}.csv"),
+            "--state-dir", str(self.root / f"node{i}"),
+            "--serve", f"127.0.0.1:{serve}" if serve else "none",
+        ]  # fmt: skip
+        if key is None:
+            return [*argv, "--insecure"]
+        return [*argv, "--key", str(key), "--root-cert", str(self.certs / "ca.crt")]
+
+
+def _toml(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return f'"{value}"'
+    return repr(value)
+
+
+def write_device_files(root: Path, num: int, rows: int = 120) -> list[Path]:
+    """One CSV per device, user ``user<i>``, rows of sklearn's 8x8 digits (64 features)."""
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    paths = []
+    for i in range(num):
+        idx = np.arange(i, len(x), num)[:rows]
+        df = pd.DataFrame(x[idx], columns=[f"p{j}" for j in range(x.shape[1])])
+        df.insert(0, "user", f"user{i}")
+        df["label"] = y[idx]
+        path = root / f"device{i}.csv"
+        df.to_csv(path, index=False)
+        paths.append(path)
+    return paths
+
+
+def _describe(pids: list[int]) -> str:
+    out = []
+    for pid in pids:
+        try:
+            out.append(
+                f"{pid}: "
+                + Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:120]
+            )
+        except OSError:
+            out.append(str(pid))
+    return "; ".join(out)
