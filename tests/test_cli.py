@@ -52,10 +52,12 @@ def expect_bad_input(capsys: pytest.CaptureFixture[str], needle: str, *argv: str
         ("trian.lr=0.1", "did you mean 'train.lr'"),
     ],
 )
-def test_bad_config_values(capsys: pytest.CaptureFixture[str], tmp_path: Path,
-                           override: str, needle: str) -> None:
-    expect_bad_input(capsys, needle, "run", QUICKSTART, "--set", override,
-                     "--run-dir", str(tmp_path / "run"))
+def test_bad_config_values(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, override: str, needle: str
+) -> None:
+    expect_bad_input(
+        capsys, needle, "run", QUICKSTART, "--set", override, "--run-dir", str(tmp_path / "run")
+    )
     assert not (tmp_path / "run").exists()  # nothing started, nothing written
 
 
@@ -63,10 +65,22 @@ def test_missing_config_file(capsys: pytest.CaptureFixture[str], tmp_path: Path)
     expect_bad_input(capsys, "does not exist", "run", str(tmp_path / "nope.toml"))
 
 
-def file_run(capsys: pytest.CaptureFixture[str], tmp_path: Path, path: str, needle: str,
-             *extra: str) -> None:
-    expect_bad_input(capsys, needle, "run", QUICKSTART, "--set", "data.dataset=file",
-                     "--set", f'data.path="{path}"', *extra, "--run-dir", str(tmp_path / "r"))
+def file_run(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, path: str, needle: str, *extra: str
+) -> None:
+    expect_bad_input(
+        capsys,
+        needle,
+        "run",
+        QUICKSTART,
+        "--set",
+        "data.dataset=file",
+        "--set",
+        f'data.path="{path}"',
+        *extra,
+        "--run-dir",
+        str(tmp_path / "r"),
+    )
 
 
 def test_missing_data_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
@@ -91,10 +105,11 @@ def test_nan_label(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
 
 
 def test_user_below_min_samples(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    rows = good_rows() + [{"user": "tiny", "f1": 0.0, "f2": 0.0, "label": 1}]
+    rows = [*good_rows(), {"user": "tiny", "f1": 0.0, "f2": 0.0, "label": 1}]
     file_run(capsys, tmp_path, users_csv(tmp_path, rows), "tiny")
 
 
-def test_metrics_on_a_folder_that_is_no_run(capsys: pytest.CaptureFixture[str],
-                                            tmp_path: Path) -> None:
+def test_metrics_on_a_folder_that_is_no_run(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     expect_bad_input(capsys, "metrics.db", "metrics", str(tmp_path))

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from pollinate import config
 from pollinate.config import ConfigError
@@ -40,7 +40,7 @@ def test_overrides_apply_in_order(tmp_path: Path) -> None:
 
 def test_int_accepted_for_float_but_not_reverse() -> None:
     assert config.resolve({"train.lr": 1}).train.lr == 1.0
-    with pytest.raises(ConfigError, match="train.epochs.*must be int"):
+    with pytest.raises(ConfigError, match=r"train\.epochs.*must be int"):
         config.resolve({"train.epochs": 1.5})
 
 

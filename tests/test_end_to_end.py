@@ -28,8 +28,9 @@ def pollinate_run(run_dir: Path, *sets: str) -> str:
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("e2e") / "run"
-    pollinate_run(run_dir, "data.num-users=4", "run.num-rounds=2", "model.name=mlp",
-                  "train.epochs=1")
+    pollinate_run(
+        run_dir, "data.num-users=4", "run.num-rounds=2", "model.name=mlp", "train.epochs=1"
+    )
     return run_dir
 
 
@@ -85,8 +86,12 @@ def test_metrics_plot(small_run: Path, tmp_path: Path) -> None:
 
 def test_personal_beats_global_on_strongly_non_iid_users(tmp_path: Path) -> None:
     run_dir = pollinate_run(
-        tmp_path / "skewed", "data.num-users=10", "data.alpha=0.1", "run.num-rounds=3",
-        "model.name=mlp", "personalization.method=finetune",
+        tmp_path / "skewed",
+        "data.num-users=10",
+        "data.alpha=0.1",
+        "run.num-rounds=3",
+        "model.name=mlp",
+        "personalization.method=finetune",
     )
     last = read_rounds(run_dir).iloc[-1]
     assert last["personal_accuracy"] > last["global_accuracy"] + 0.02
@@ -99,8 +104,12 @@ def test_personal_beats_global_on_strongly_non_iid_users(tmp_path: Path) -> None
 
 def test_rerun_in_the_same_folder_starts_fresh(tmp_path: Path) -> None:
     run_dir = tmp_path / "again"
-    sets = ("data.num-users=3", "run.num-rounds=1", "model.name=logreg",
-            "personalization.method=ditto")
+    sets = (
+        "data.num-users=3",
+        "run.num-rounds=1",
+        "model.name=logreg",
+        "personalization.method=ditto",
+    )
     pollinate_run(run_dir, *sets)
     stale = run_dir / "users" / "stale-user"
     stale.mkdir()

@@ -50,7 +50,11 @@ def test_flwr_run_with_a_run_config_file(tmp_path: Path) -> None:
     try:
         done = subprocess.run(
             ["flwr", "run", str(ROOT), "--run-config", str(cfg), "--stream"],
-            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
         # --stream returns when the run ends; the ServerApp may still be closing the db.

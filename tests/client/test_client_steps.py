@@ -21,12 +21,25 @@ def make_user(seed: int = 0, n: int = 80) -> UserData:
     return UserData("u-1", x[: n // 2], y[: n // 2], x[n // 2 :], y[n // 2 :])
 
 
-def context(tmp_path: Path, method: str, round_: int = 1, mu: float = 0.0, **extra: object):  # type: ignore[no-untyped-def]
-    cfg = config.resolve({"personalization.method": method, "model.name": "mlp",
-                          "train.epochs": 3, "train.lr": 0.1, **extra})
+def context(tmp_path: Path, method: str, *, round_: int = 1, mu: float = 0.0, **extra: object):
+    cfg = config.resolve(
+        {
+            "personalization.method": method,
+            "model.name": "mlp",
+            "train.epochs": 3,
+            "train.lr": 0.1,
+            **extra,
+        }
+    )
     model = create_model("mlp", in_features=6, num_classes=4, seed=0)
-    return RoundContext(cfg=cfg, spec=model.spec, global_weights=dict(model.state_dict()),
-                        server_round=round_, store=ModelStore(tmp_path), proximal_mu=mu)
+    return RoundContext(
+        cfg=cfg,
+        spec=model.spec,
+        global_weights=dict(model.state_dict()),
+        server_round=round_,
+        store=ModelStore(tmp_path),
+        proximal_mu=mu,
+    )
 
 
 def distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -56,8 +69,11 @@ def test_none_personal_is_the_global_model(tmp_path: Path) -> None:
 
 
 def test_finetune_personal_fits_the_user_better(tmp_path: Path) -> None:
-    m = evaluate_user(Workbench(), context(tmp_path, "finetune", **{
-        "personalization.finetune-epochs": 20}), make_user())
+    m = evaluate_user(
+        Workbench(),
+        context(tmp_path, "finetune", **{"personalization.finetune-epochs": 20}),
+        make_user(),
+    )
     assert m["personal-loss"] < m["global-loss"]
     store = ModelStore(tmp_path)
     glob, pers = store.load("u-1", "global"), store.load("u-1", "personal")
@@ -95,8 +111,11 @@ def test_fedper_keeps_the_users_head_and_takes_the_global_body(tmp_path: Path) -
 def test_ditto_personal_model_is_pulled_toward_global_by_lambda(tmp_path: Path) -> None:
     distances = {}
     for lam in (0.0, 5.0):
-        ctx = context(tmp_path / str(lam), "ditto", **{"personalization.ditto-lambda": lam,
-                                                       "personalization.ditto-epochs": 5})
+        ctx = context(
+            tmp_path / str(lam),
+            "ditto",
+            **{"personalization.ditto-lambda": lam, "personalization.ditto-epochs": 5},
+        )
         train_user(Workbench(), ctx, make_user())
         pers = ModelStore(tmp_path / str(lam)).load("u-1", "personal")
         assert pers is not None and pers.round == 1

@@ -24,8 +24,14 @@ def test_save_load_and_list(tmp_path: Path) -> None:
     store = ModelStore(tmp_path)
     model = create_model("mlp", in_features=4, num_classes=3, seed=0)
     assert store.load("u/1", "personal") is None
-    store.save("u/1", "personal", spec=model.spec, state_dict=model.state_dict(), round=3,
-               metrics={"accuracy": 0.5})
+    store.save(
+        "u/1",
+        "personal",
+        spec=model.spec,
+        state_dict=model.state_dict(),
+        round=3,
+        metrics={"accuracy": 0.5},
+    )
     art = store.load("u/1", "personal")
     assert art is not None and art.round == 3 and art.user == "u/1" and art.kind == "personal"
     x = torch.randn(5, 4)

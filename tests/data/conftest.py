@@ -4,6 +4,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 
 import pytest
+
 from pollinate.data import DataError
 
 Expect = Callable[..., AbstractContextManager[None]]

@@ -6,6 +6,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.datasets import load_digits
+
 from pollinate.data import (
     DataSpec,
     FederatedDataset,
@@ -19,7 +21,6 @@ from pollinate.data.synthetic import (
     generate_user,
     shared_model,
 )
-from sklearn.datasets import load_digits
 
 DIGITS = DataSpec(dataset="digits", num_users=10)
 SYNTH = DataSpec(dataset="synthetic", num_users=30)

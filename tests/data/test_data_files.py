@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+
 from pollinate.data import load_user_file
 
 TABLE = pd.DataFrame(

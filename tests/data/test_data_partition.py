@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from pollinate.data import (
     partition_dirichlet,
     partition_iid,

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import pytest
+
 from pollinate.data import DataSpec, load_federated_dataset
 
 

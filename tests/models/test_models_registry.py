@@ -6,6 +6,8 @@ import sys
 
 import pytest
 import torch
+from torch import nn
+
 from pollinate.models import (
     FedModel,
     ModelSpec,
@@ -17,7 +19,6 @@ from pollinate.models import (
     register_model,
     registry,
 )
-from torch import nn
 
 F, K = 16, 3  # 16 = 4x4, so the cnn infers a square image
 

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+
 from pollinate.models import (
     EvalStats,
     TrainConfig,

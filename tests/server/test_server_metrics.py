@@ -21,8 +21,13 @@ from pollinate.server.metrics import (
 
 
 def user_eval(acc_g: float, acc_p: float, n: int) -> dict[str, float]:
-    return {"num-examples": n, "global-loss": 1 - acc_g, "global-accuracy": acc_g,
-            "personal-loss": 1 - acc_p, "personal-accuracy": acc_p}
+    return {
+        "num-examples": n,
+        "global-loss": 1 - acc_g,
+        "global-accuracy": acc_g,
+        "personal-loss": 1 - acc_p,
+        "personal-accuracy": acc_p,
+    }
 
 
 def test_worst_fraction_is_mean_of_lowest_ceil_tenth() -> None:
@@ -87,7 +92,7 @@ def test_readable_while_the_run_is_writing(tmp_path: Path) -> None:
 def test_not_a_run_folder(tmp_path: Path) -> None:
     with pytest.raises(MetricsError, match="does not exist"):
         read_rounds(tmp_path / "nope")
-    with pytest.raises(MetricsError, match="no metrics.db"):
+    with pytest.raises(MetricsError, match=r"no metrics\.db"):
         read_rounds(tmp_path)
     (tmp_path / "metrics.db").write_bytes(b"garbage" * 100)
     with pytest.raises(MetricsError, match="not a readable metrics database"):

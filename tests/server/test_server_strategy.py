@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 import pytest
 import torch
@@ -14,7 +16,7 @@ from pollinate.server.strategy import NodeWaitTimeout, build_strategy, wait_for_
 class TwoNodeGrid:
     """A stand-in Grid: node 11 hosts users a and b, node 22 hosts user c."""
 
-    hosts = {11: ["a", "b"], 22: ["c"]}
+    hosts: ClassVar[dict[int, list[str]]] = {11: ["a", "b"], 22: ["c"]}
 
     def __init__(self) -> None:
         self.queried: list[int] = []
@@ -22,7 +24,7 @@ class TwoNodeGrid:
     def get_node_ids(self) -> list[int]:
         return list(self.hosts)
 
-    def send_and_receive(self, messages, timeout=None):  # type: ignore[no-untyped-def]
+    def send_and_receive(self, messages, timeout=None):
         replies = []
         for m in messages:
             assert m.metadata.message_type == MessageType.QUERY
@@ -55,7 +57,7 @@ def instruction(node: int) -> Message:
     return Message(RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
 
 
-def strategy(name: str, **extra: object):  # type: ignore[no-untyped-def]
+def strategy(name: str, **extra: object):
     cfg = config.resolve({"strategy.name": name, **extra})
     return build_strategy(cfg)
 
@@ -90,7 +92,7 @@ def test_fedprox_sends_proximal_mu_through_flowers_own_configure() -> None:
     assert all(m.content["config"]["proximal-mu"] == 0.25 for m in msgs)
 
 
-def aggregate(s) -> np.ndarray:  # type: ignore[no-untyped-def]
+def aggregate(s) -> np.ndarray:
     grid = TwoNodeGrid()
     list(s.configure_train(1, start_arrays(), ConfigRecord(), grid))
     replies = [node_reply(22, ["c"]), node_reply(11, ["a", "b"])]
@@ -146,4 +148,4 @@ def test_waiting_for_nodes_times_out_with_a_clear_message() -> None:
             return []
 
     with pytest.raises(NodeWaitTimeout, match="only 0 of the 2 nodes required"):
-        wait_for_nodes(Empty(), 2, timeout=0.3)  # type: ignore[arg-type]
+        wait_for_nodes(Empty(), 2, timeout=0.3)
