@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -21,14 +22,21 @@ def make_user(seed: int = 0, n: int = 80) -> UserData:
     return UserData("u-1", x[: n // 2], y[: n // 2], x[n // 2 :], y[n // 2 :])
 
 
-def context(tmp_path: Path, method: str, *, round_: int = 1, mu: float = 0.0, **extra: object):
+def context(
+    tmp_path: Path,
+    method: str,
+    *,
+    round_: int = 1,
+    mu: float = 0.0,
+    sets: dict[str, object] | None = None,
+) -> RoundContext:
     cfg = config.resolve(
         {
             "personalization.method": method,
             "model.name": "mlp",
             "train.epochs": 3,
             "train.lr": 0.1,
-            **extra,
+            **(sets or {}),
         }
     )
     model = create_model("mlp", in_features=6, num_classes=4, seed=0)
@@ -71,7 +79,7 @@ def test_none_personal_is_the_global_model(tmp_path: Path) -> None:
 def test_finetune_personal_fits_the_user_better(tmp_path: Path) -> None:
     m = evaluate_user(
         Workbench(),
-        context(tmp_path, "finetune", **{"personalization.finetune-epochs": 20}),
+        context(tmp_path, "finetune", sets={"personalization.finetune-epochs": 20}),
         make_user(),
     )
     assert m["personal-loss"] < m["global-loss"]
@@ -82,7 +90,7 @@ def test_finetune_personal_fits_the_user_better(tmp_path: Path) -> None:
 
 
 def test_finetune_head_only_keeps_the_global_body(tmp_path: Path) -> None:
-    ctx = context(tmp_path, "finetune", **{"personalization.finetune-head-only": True})
+    ctx = context(tmp_path, "finetune", sets={"personalization.finetune-head-only": True})
     evaluate_user(Workbench(), ctx, make_user())
     pers = ModelStore(tmp_path).load("u-1", "personal")
     assert pers is not None
@@ -98,7 +106,7 @@ def test_fedper_keeps_the_users_head_and_takes_the_global_body(tmp_path: Path) -
     # Next round: a new global model arrives (different body and head).
     new_global = create_model("mlp", in_features=6, num_classes=4, seed=7)
     ctx2 = context(tmp_path, "fedper", round_=2)
-    ctx2 = RoundContext(**{**ctx2.__dict__, "global_weights": dict(new_global.state_dict())})
+    ctx2 = dataclasses.replace(ctx2, global_weights=dict(new_global.state_dict()))
     evaluate_user(bench, ctx2, make_user())
     pers = ModelStore(tmp_path).load("u-1", "personal")
     assert pers is not None
@@ -114,7 +122,7 @@ def test_ditto_personal_model_is_pulled_toward_global_by_lambda(tmp_path: Path) 
         ctx = context(
             tmp_path / str(lam),
             "ditto",
-            **{"personalization.ditto-lambda": lam, "personalization.ditto-epochs": 5},
+            sets={"personalization.ditto-lambda": lam, "personalization.ditto-epochs": 5},
         )
         train_user(Workbench(), ctx, make_user())
         pers = ModelStore(tmp_path / str(lam)).load("u-1", "personal")
