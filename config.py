@@ -80,6 +80,11 @@ class TrainSection:
     lr: float = 0.05
     momentum: float = 0.0
     weight_decay: float = 0.0
+    # Systems heterogeneity (FedProx, Li et al. 2020, Sec. 5.2): this fraction of the
+    # sampled users are stragglers that train a random 1..epochs epochs (seeded per user
+    # and round); with drop-stragglers they send nothing (FedAvg's rule in the paper).
+    straggler_fraction: float = 0.0
+    drop_stragglers: bool = False
 
 
 @dataclass(frozen=True)
@@ -279,6 +284,7 @@ def _check(cfg: RunConfig) -> None:
     _positive("train.lr", cfg.train.lr)
     _positive("train.momentum", cfg.train.momentum, allow_zero=True)
     _positive("train.weight-decay", cfg.train.weight_decay, allow_zero=True)
+    _fraction("train.straggler-fraction", cfg.train.straggler_fraction, allow_zero=True)
     _fraction("strategy.fraction-train", cfg.strategy.fraction_train)
     _fraction("strategy.fraction-evaluate", cfg.strategy.fraction_evaluate, allow_zero=True)
     _positive("strategy.min-train-users", cfg.strategy.min_train_users)

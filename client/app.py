@@ -2,11 +2,15 @@
 
 One Flower node hosts a cohort of users (see :mod:`pollinate.client.local`). Messages:
 
-- ``query``: which users does this node host? Reply ``ConfigRecord "users"`` with ``ids``
-  and ``num-train``.
+- ``query``: which users does this node host? Reply ``ConfigRecord "users"`` with ``ids``.
 - ``train``: config ``users`` names the sampled users; for each, train from the global
   ``arrays`` and reply ``arrays/<user>`` + ``metrics/<user>`` (``num-examples``,
-  ``train-loss``) so the server sees every user's individual update.
+  ``train-loss``) so the server sees every user's individual update. When the server's
+  strategy aggregates by an example-weighted mean (FedAvg, FedProx, FedAdam, FedYogi) it
+  sets config ``node-mean``: the node then replies the cohort's weighted mean as ``arrays``
+  + ``metrics`` (the same result up to float rounding, one update to send instead of one
+  per user) and still ``metrics/<user>`` per user. A dropped straggler
+  (``train.drop-stragglers``) sends nothing.
 - ``evaluate``: for each user in ``users``, reply ``metrics/<user>`` with global and
   personal loss/accuracy on the user's own test split.
 
@@ -18,15 +22,24 @@ node config ``data-file`` / ``user-id`` / ``model-dir`` override the run config.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from pollinate.client.local import hosted_cohort
-from pollinate.client.steps import RoundContext, Workbench, evaluate_user, train_user
+from pollinate.client.steps import (
+    RoundContext,
+    WeightedMean,
+    Workbench,
+    evaluate_user,
+    is_dropped,
+    train_user,
+)
 from pollinate.client.store import ModelStore
 from pollinate.config import RunConfig, resolve
+from pollinate.data import UserData
 from pollinate.models import ModelSpec
 
 app = ClientApp()
@@ -58,32 +71,40 @@ def _round_context(msg: Message, context: Context) -> RoundContext:
     )
 
 
-def _sampled_users(msg: Message, context: Context, cfg: RunConfig):
+def _sampled_users(msg: Message, context: Context, cfg: RunConfig) -> Iterator[UserData]:
+    # One user at a time: a node hosting thousands of users never holds all their data.
     cohort = hosted_cohort(cfg, context.node_config)
     wanted = msg.content["config"].get("users")
     ids = cohort.user_ids if wanted is None else [str(u) for u in wanted]  # type: ignore[union-attr]
-    return [cohort.users[u] for u in ids]
+    return (cohort.users[u] for u in ids)
 
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     cohort = hosted_cohort(_run_config(msg), context.node_config)
-    users = ConfigRecord(
-        {"ids": cohort.user_ids, "num-train": [u.num_train for u in cohort.users.values()]}
-    )
+    users = ConfigRecord({"ids": cohort.user_ids})
     return Message(RecordDict({"users": users}), reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     ctx = _round_context(msg, context)
+    mean = WeightedMean() if msg.content["config"].get("node-mean", False) else None
     content = RecordDict()
     ids = []
     for user in _sampled_users(msg, context, ctx.cfg):
+        if is_dropped(ctx, user.user_id):
+            continue
         update, metrics = train_user(_BENCH, ctx, user)
-        content[f"arrays/{user.user_id}"] = ArrayRecord(update)
+        if mean is None:
+            content[f"arrays/{user.user_id}"] = ArrayRecord(update)
+        else:
+            mean.add(update, metrics)
         content[f"metrics/{user.user_id}"] = MetricRecord(metrics)
         ids.append(user.user_id)
+    if mean is not None and mean.examples > 0:
+        content["arrays"] = ArrayRecord(mean.weights())
+        content["metrics"] = MetricRecord(mean.metrics())
     content["users"] = ConfigRecord({"ids": ids})
     return Message(content, reply_to=msg)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,11 +29,35 @@ from pollinate.data import (
 class Cohort:
     """The users one node trains, in a stable order."""
 
-    users: dict[str, UserData]
+    users: Mapping[str, UserData]
 
     @property
     def user_ids(self) -> list[str]:
         return list(self.users)
+
+
+class _LazyUsers(Mapping[str, UserData]):
+    """A node's simulated users, each built on first access (and kept in the dataset's
+    bounded cache): a node hosting 5,000 of 10,000 synthetic users never holds them all."""
+
+    def __init__(self, dataset: FederatedDataset, ids: list[str]) -> None:
+        self._dataset = dataset
+        self._ids = ids
+        self._known = frozenset(ids)
+
+    def __getitem__(self, user_id: str) -> UserData:
+        if user_id not in self._known:
+            raise KeyError(user_id)
+        return self._dataset.user(user_id)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._ids)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __contains__(self, user_id: object) -> bool:
+        return user_id in self._known
 
 
 def user_seed(*parts: object) -> int:
@@ -81,8 +105,12 @@ def hosted_cohort(cfg: RunConfig, node_config: Mapping[str, Any]) -> Cohort:
             cfg.run.seed,
         )
         return Cohort(users)
-    dataset = _federated(data_spec(cfg))
     slot = int(node_config.get("partition-id", 0))
     num_slots = int(node_config.get("num-partitions", 1))
-    ids = dataset.user_ids[slot::num_slots]
-    return Cohort({uid: dataset.user(uid) for uid in ids})
+    return _simulated_cohort(data_spec(cfg), slot, num_slots)
+
+
+@functools.lru_cache(maxsize=4)
+def _simulated_cohort(spec: Any, slot: int, num_slots: int) -> Cohort:
+    dataset = _federated(spec)
+    return Cohort(_LazyUsers(dataset, dataset.user_ids[slot::num_slots]))

@@ -17,6 +17,7 @@ calls these functions.
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass
 
 import torch
@@ -100,6 +101,34 @@ def _with_own_head(model: FedModel, ctx: RoundContext, user: str) -> None:
     model.load_state_dict(head, strict=False)
 
 
+def _straggler_draw(ctx: RoundContext, user: str) -> random.Random | None:
+    """The user's straggler stream this round, positioned after the straggler draw, or
+    None when the user is not a straggler this round."""
+    t = ctx.cfg.train
+    if t.straggler_fraction <= 0 or t.epochs == 0:
+        return None
+    rng = random.Random(user_seed(ctx.cfg.run.seed, ctx.server_round, user, "straggler"))
+    return rng if rng.random() < t.straggler_fraction else None
+
+
+def local_epochs(ctx: RoundContext, user: str) -> int:
+    """This round's local epochs: ``train.epochs``, or a uniformly random 1..epochs for a
+    straggler (FedProx, Li et al. 2020, Sec. 5.2: systems heterogeneity).
+
+    Each sampled user is a straggler with probability ``train.straggler-fraction``, drawn
+    from a stream seeded by (run seed, round, user): reproducible, and the same user gets
+    the same draw whichever node hosts it.
+    """
+    rng = _straggler_draw(ctx, user)
+    return ctx.cfg.train.epochs if rng is None else rng.randint(1, ctx.cfg.train.epochs)
+
+
+def is_dropped(ctx: RoundContext, user: str) -> bool:
+    """True for a straggler when ``train.drop-stragglers`` is set: it sends no update
+    (how the FedProx paper runs FedAvg under systems heterogeneity)."""
+    return ctx.cfg.train.drop_stragglers and _straggler_draw(ctx, user) is not None
+
+
 def train_user(
     bench: Workbench, ctx: RoundContext, user: UserData
 ) -> tuple[StateDict, dict[str, float]]:
@@ -115,7 +144,7 @@ def train_user(
         model,
         x,
         y,
-        _train_config(ctx.cfg, epochs=ctx.cfg.train.epochs, proximal_mu=mu),
+        _train_config(ctx.cfg, epochs=local_epochs(ctx, user.user_id), proximal_mu=mu),
         anchor=ctx.global_weights if mu > 0 else None,
         generator=_generator(ctx, user.user_id, "train"),
     )
@@ -128,6 +157,46 @@ def train_user(
     elif method == "ditto":
         _train_ditto_personal(bench, ctx, user, x, y)
     return update, {"num-examples": stats.num_examples, "train-loss": stats.loss}
+
+
+class WeightedMean:
+    """Example-weighted mean of several users' updates and train metrics.
+
+    What FedAvg's server computes over these users, done on the node that trained them, so
+    the node sends one update instead of one per user. Sums run in float64; the mean is cast
+    back to each tensor's dtype (integer buffers stay float64, as Flower's mean gives them).
+    """
+
+    def __init__(self) -> None:
+        self._sum: StateDict = {}
+        self._dtypes: dict[str, torch.dtype] = {}
+        self._loss = 0.0
+        self.examples = 0
+
+    def add(self, update: StateDict, metrics: dict[str, float]) -> None:
+        n = int(metrics["num-examples"])
+        if n <= 0:
+            return
+        for key, value in update.items():
+            term = value.detach().to(torch.float64) * n
+            if key in self._sum:
+                self._sum[key] += term
+            else:
+                self._sum[key] = term
+                self._dtypes[key] = value.dtype
+        self._loss += float(metrics["train-loss"]) * n
+        self.examples += n
+
+    def weights(self) -> StateDict:
+        out = {}
+        for key, total in self._sum.items():
+            dtype = self._dtypes[key]
+            mean = total / self.examples
+            out[key] = mean.to(dtype) if dtype.is_floating_point else mean
+        return out
+
+    def metrics(self) -> dict[str, float]:
+        return {"num-examples": self.examples, "train-loss": self._loss / self.examples}
 
 
 def _train_ditto_personal(

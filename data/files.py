@@ -8,11 +8,14 @@ the same reader loads the one user's own file.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from .spec import DataError
+
+if TYPE_CHECKING:  # imported where used: a simulation worker never reads a file
+    import pandas as pd
 
 SUFFIXES = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 
@@ -88,6 +91,8 @@ def _read_table(path: str, user_column: str) -> pd.DataFrame:
         )
     if not p.is_file():
         raise DataError(f"data file {str(p)!r} does not exist; set data.path to an existing file")
+    import pandas as pd
+
     try:
         # A CSV's ids are read as text so "007" and "7" stay distinct users.
         df = pd.read_csv(p, dtype={user_column: str}) if kind == "csv" else pd.read_parquet(p)
@@ -108,6 +113,8 @@ def _read_table(path: str, user_column: str) -> pd.DataFrame:
 
 
 def _features(df: pd.DataFrame, columns: list[str], name: str) -> np.ndarray:
+    import pandas as pd
+
     out = np.empty((len(df), len(columns)), dtype=np.float32)  # (n, F)
     for j, column in enumerate(columns):
         raw = df[column]
@@ -132,6 +139,8 @@ def _features(df: pd.DataFrame, columns: list[str], name: str) -> np.ndarray:
 
 def _to_numeric(raw: pd.Series) -> pd.Series:
     """Numbers stored as text become numbers; anything else becomes NaN."""
+    import pandas as pd
+
     try:
         return pd.to_numeric(raw, errors="coerce")
     except (TypeError, ValueError):

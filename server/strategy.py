@@ -20,8 +20,10 @@ It also feeds the run's :class:`~pollinate.server.metrics.MetricsRecorder`.
 
 from __future__ import annotations
 
+import random
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from logging import INFO, WARNING
 from typing import Any
 
@@ -78,6 +80,11 @@ class _UsersAsNodes:
 class UserCohorts:
     """Mixin: put it before a Flower strategy class (``class S(UserCohorts, FedAvg)``)."""
 
+    # True where the Flower strategy's aggregate is the example-weighted mean of the
+    # updates (FedAvg and the strategies built on that mean): nodes then send their
+    # cohort's mean, which is the same result up to float rounding. Robust aggregators
+    # (median, trimmed mean, Krum) keep it False and see every user's own update.
+    mean_of_updates: bool = False
     # Provided by the Flower strategy this mixin is combined with.
     fraction_train: float
     fraction_evaluate: float
@@ -100,12 +107,17 @@ class UserCohorts:
         node_wait_timeout: float,
         min_train_users: int,
         min_evaluate_users: int,
+        seed: int | None = None,
     ) -> None:
         self.recorder = recorder
         self.min_nodes = min_nodes
         self.node_wait_timeout = node_wait_timeout
         self.min_train_users = min_train_users
         self.min_evaluate_users = min_evaluate_users
+        # Flower's samplers draw from the `random` module, and so do other threads of the
+        # process (Ray's start-up, racing the ServerApp thread in simulation): sample from
+        # this strategy's own stream, so a seed gives the same users on every run.
+        self._random_state = random.Random(seed).getstate() if seed is not None else None
         self._users_of_node: dict[int, list[str]] = {}
         self._node_of_user: dict[str, int] = {}
         self._user_list: list[str] = []
@@ -163,6 +175,8 @@ class UserCohorts:
         for node, users in sorted(by_node.items()):
             config = ConfigRecord(dict(template["config"]))  # type: ignore[arg-type]
             config["users"] = sorted(users)
+            if message_type == MessageType.TRAIN and self.mean_of_updates:
+                config["node-mean"] = True
             routed.append(
                 Message(
                     RecordDict({"arrays": arrays, "config": config}),
@@ -174,6 +188,21 @@ class UserCohorts:
             sent = arrays.count_bytes() * len(routed)
             self.recorder.add_bytes(server_round, sent=sent)
         return routed
+
+    @contextmanager
+    def _own_random(self) -> Iterator[None]:
+        """Run Flower's sampling on this strategy's own `random` stream (if seeded)."""
+        state = getattr(self, "_random_state", None)
+        if state is None:
+            yield
+            return
+        outer = random.getstate()
+        random.setstate(state)
+        try:
+            yield
+        finally:
+            self._random_state = random.getstate()
+            random.setstate(outer)
 
     def _sample_view(self, fraction: float, minimum: int) -> tuple[_UsersAsNodes, int]:
         n = len(self._user_list)
@@ -187,7 +216,8 @@ class UserCohorts:
         self.refresh_users(grid, config)
         view, self.min_train_nodes = self._sample_view(self.fraction_train, self.min_train_users)
         self.min_available_nodes = 1
-        messages = super().configure_train(server_round, arrays, config, view)  # type: ignore[misc]
+        with self._own_random():
+            messages = super().configure_train(server_round, arrays, config, view)  # type: ignore[misc]
         return self._route(messages, MessageType.TRAIN, server_round)
 
     def configure_evaluate(
@@ -197,7 +227,8 @@ class UserCohorts:
         view, self.min_evaluate_nodes = self._sample_view(
             self.fraction_evaluate, self.min_evaluate_users
         )
-        messages = super().configure_evaluate(server_round, arrays, config, view)  # type: ignore[misc]
+        with self._own_random():
+            messages = super().configure_evaluate(server_round, arrays, config, view)  # type: ignore[misc]
         return self._route(messages, MessageType.EVALUATE, server_round)
 
     # -------------------------------------------------------------- aggregation
@@ -212,22 +243,45 @@ class UserCohorts:
                 per_user.append(("", reply))  # Flower's strategy logs and skips it
                 continue
             content = reply.content
-            for user in map(str, content["users"]["ids"]):  # type: ignore[arg-type]
-                metrics: MetricRecord = content[f"metrics/{user}"]  # type: ignore[assignment]
-                records: dict[str, Any] = {"metrics": metrics}
-                if train:
-                    records["arrays"] = content[f"arrays/{user}"]
-                    received += records["arrays"].count_bytes()
+            ids = [str(u) for u in content["users"]["ids"]]  # type: ignore[union-attr]
+            node_mean = train and "arrays" in content.array_records
+            if node_mean and ids:
+                # The node's cohort mean stands for its users, weighted by their examples.
+                received += content.array_records["arrays"].count_bytes()
+                mean: dict[str, Any] = {
+                    "arrays": content.array_records["arrays"],
+                    "metrics": content.metric_records["metrics"],
+                }
                 per_user.append(
                     (
-                        str(user),
+                        min(ids),
                         Message(
-                            RecordDict(records),
+                            RecordDict(mean),
                             dst_node_id=reply.metadata.src_node_id,
                             message_type=message_type,
                         ),
                     )
                 )
+            for user in ids:
+                metrics: MetricRecord = content[f"metrics/{user}"]  # type: ignore[assignment]
+                # A node that sent its cohort's mean, or a user with nothing to send (no
+                # training examples), adds no per-user update.
+                has_update = f"arrays/{user}" in content.array_records
+                if not node_mean and (has_update or not train):
+                    records: dict[str, Any] = {"metrics": metrics}
+                    if train:
+                        records["arrays"] = content[f"arrays/{user}"]
+                        received += records["arrays"].count_bytes()
+                    per_user.append(
+                        (
+                            str(user),
+                            Message(
+                                RecordDict(records),
+                                dst_node_id=reply.metadata.src_node_id,
+                                message_type=message_type,
+                            ),
+                        )
+                    )
                 if self.recorder is not None:
                     values = {k: float(v) for k, v in metrics.items()}  # type: ignore[arg-type]
                     if train:
@@ -258,17 +312,25 @@ class UserCohorts:
 class CohortFedAvg(UserCohorts, FedAvg):
     """FedAvg (McMahan et al., 2017) over users."""
 
+    mean_of_updates = True
+
 
 class CohortFedProx(UserCohorts, FedProx):
     """FedProx (Li et al., 2020): clients add (mu/2)||w - w_global||^2."""
+
+    mean_of_updates = True
 
 
 class CohortFedAdam(UserCohorts, FedAdam):
     """FedAdam (Reddi et al., 2021): Adam on the server over the averaged update."""
 
+    mean_of_updates = True
+
 
 class CohortFedYogi(UserCohorts, FedYogi):
     """FedYogi (Reddi et al., 2021)."""
+
+    mean_of_updates = True
 
 
 class CohortFedMedian(UserCohorts, FedMedian):
@@ -320,5 +382,6 @@ def build_strategy(cfg: RunConfig, recorder: MetricsRecorder | None = None) -> U
         node_wait_timeout=cfg.server.node_wait_timeout,
         min_train_users=s.min_train_users,
         min_evaluate_users=s.min_evaluate_users,
+        seed=cfg.run.seed,
     )
     return strategy

@@ -1,0 +1,81 @@
+"""Run a Pollinate federation in this process, without Flower's simulation engine.
+
+The ServerApp's logic (:func:`pollinate.server.app.run_federation`) and the ClientApp run
+unchanged; an in-process Grid hands each message straight to the ClientApp, one node after
+another. Node ``p`` of ``N`` gets the node config Flower's simulation engine gives it
+(``partition-id``, ``num-partitions``), so it hosts the same cohort of users as under
+:func:`pollinate.simulation.engine.run_simulation`, and the results are the same
+(``tests/simulation/test_engine.py`` checks it). One process, one core, no Ray start-up:
+for tests, debugging (a breakpoint in the ClientApp just works) and sweeps of many small
+runs, where Ray's seconds of start-up per run would dominate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from uuid import uuid4
+
+from flwr.app import Context, Message, RecordDict
+
+from pollinate.config import RunConfig
+
+
+class InProcessGrid:
+    """A Flower Grid whose ``num_nodes`` nodes run Pollinate's ClientApp in this process.
+
+    Replies come back in reverse order of the messages: a real engine returns them in
+    whatever order the nodes finish, and the ServerApp must not depend on it.
+    """
+
+    def __init__(self, num_nodes: int) -> None:
+        if num_nodes < 1:
+            raise ValueError(f"num_nodes must be >= 1, got {num_nodes}")
+        self.contexts = {
+            node_id: Context(
+                run_id=1,
+                node_id=node_id,
+                node_config={"partition-id": p, "num-partitions": num_nodes},
+                state=RecordDict(),
+                run_config={},
+            )
+            for p, node_id in enumerate(range(1001, 1001 + num_nodes))
+        }
+        self.sent: list[Message] = []  # every message the ServerApp sent, for inspection
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.contexts)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> list[Message]:
+        from pollinate.client.app import app as client_app
+
+        replies = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = uuid4().hex  # as a Grid's push assigns
+            self.sent.append(msg)
+            context = self.contexts[msg.metadata.dst_node_id]
+            replies.append(client_app(message=msg, context=context))
+        return replies[::-1]
+
+
+def run_in_process(cfg: RunConfig, num_nodes: int | None = None) -> Path:
+    """Run every round of ``cfg`` here; returns the run folder.
+
+    ``num_nodes`` defaults to ``simulation.num-nodes``, or one node hosting every user.
+    """
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from pollinate.server.app import run_federation
+
+    nodes = num_nodes or cfg.simulation.num_nodes or 1
+    # Flower stamps every new Message with the running task's identity.
+    keys = ("_run_id", "_task_id", "_node_id")
+    saved = {k: getattr(TaskIdentity, k) for k in keys}
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
+    try:
+        return run_federation(InProcessGrid(nodes), cfg)
+    finally:
+        for key, value in saved.items():
+            setattr(TaskIdentity, key, value)
