@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -316,23 +316,8 @@ def _check(cfg: RunConfig) -> None:
 
 def data_spec(cfg: RunConfig) -> DataSpec:
     """The dataset spec this run config describes (seeded by run.seed)."""
-    d = cfg.data
-    return DataSpec(
-        dataset=d.dataset,
-        num_users=d.num_users,
-        partitioner=d.partitioner,
-        alpha=d.alpha,
-        shards_per_user=d.shards_per_user,
-        synthetic_alpha=d.synthetic_alpha,
-        synthetic_beta=d.synthetic_beta,
-        path=d.path,
-        user_column=d.user_column,
-        label_column=d.label_column,
-        test_fraction=d.test_fraction,
-        central_test_fraction=d.central_test_fraction,
-        min_samples=d.min_samples,
-        seed=cfg.run.seed,
-    )
+    # DataSection mirrors DataSpec field for field; the seed is the run's.
+    return DataSpec(**asdict(cfg.data), seed=cfg.run.seed)
 
 
 def model_kwargs(cfg: RunConfig) -> dict[str, Any]:
@@ -399,12 +384,13 @@ def to_toml(cfg: RunConfig) -> str:
         lines.append(f"[{section.name}]")
         for f in fields(getattr(cfg, section.name)):
             value = getattr(getattr(cfg, section.name), f.name)
-            lines.append(f"{f.name.replace('_', '-')} = {_toml_value(value)}")
+            lines.append(f"{f.name.replace('_', '-')} = {toml_value(value)}")
         lines.append("")
     return "\n".join(lines)
 
 
-def _toml_value(value: Scalar) -> str:
+def toml_value(value: Scalar) -> str:
+    """One scalar as a TOML value."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):

@@ -13,20 +13,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from pollinate import __version__
-from pollinate.config import Scalar, default_flat
+from pollinate.config import default_flat, toml_value
 
 APP_NAME = "pollinate"
 PUBLISHER = "pollinate"
 SERVERAPP = "pollinate.server.app:app"
 CLIENTAPP = "pollinate.client.app:app"
-
-
-def _toml_value(value: Scalar) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    return repr(value)
 
 
 def pyproject_text() -> str:
@@ -49,7 +41,7 @@ def pyproject_text() -> str:
     sections: dict[str, list[str]] = {}
     for key, value in default_flat().items():
         section, name = key.split(".", 1)
-        sections.setdefault(section, []).append(f"{name} = {_toml_value(value)}")
+        sections.setdefault(section, []).append(f"{name} = {toml_value(value)}")
     for section, entries in sections.items():
         lines += ["", f"[tool.flwr.app.config.{section}]", *entries]
     return "\n".join(lines) + "\n"
