@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,6 +15,8 @@ import pytest
 from pollinate.server.metrics import read_rounds, read_run_info
 
 ROOT = Path(__file__).resolve().parents[1]
+# The flwr CLI installed beside this interpreter (a venv's bin/ need not be on PATH).
+FLWR = shutil.which("flwr", path=str(Path(sys.executable).parent)) or shutil.which("flwr")
 
 
 def processes_mentioning(needle: str) -> list[int]:
@@ -31,8 +34,9 @@ def processes_mentioning(needle: str) -> list[int]:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("flwr") is None, reason="flwr CLI not on PATH")
+@pytest.mark.skipif(FLWR is None, reason="flwr CLI not installed")
 def test_flwr_run_with_a_run_config_file(tmp_path: Path) -> None:
+    assert FLWR is not None
     flwr_home = tmp_path / "flwr-home"
     run_dir = tmp_path / "run"
     cfg = tmp_path / "exp.toml"
@@ -42,6 +46,8 @@ def test_flwr_run_with_a_run_config_file(tmp_path: Path) -> None:
     )
     env = {
         **os.environ,
+        # flwr starts flower-superlink / flwr-simulation from PATH: use this venv's.
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         "FLWR_HOME": str(flwr_home),
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "FLWR_TELEMETRY_ENABLED": "0",
@@ -49,7 +55,7 @@ def test_flwr_run_with_a_run_config_file(tmp_path: Path) -> None:
     }
     try:
         done = subprocess.run(
-            ["flwr", "run", str(ROOT), "--run-config", str(cfg), "--stream"],
+            [FLWR, "run", str(ROOT), "--run-config", str(cfg), "--stream"],
             env=env,
             cwd=tmp_path,
             capture_output=True,
