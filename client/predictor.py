@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ import pandas as pd
 import torch
 
 from pollinate.client.store import KINDS, ModelStore, StoreError
-from pollinate.models import ModelArtifact, load_artifact
+from pollinate.models import ModelArtifact, atomic_write, load_artifact
 
 __all__ = [
     "LoadedModel",
@@ -312,7 +311,7 @@ def predict_file(
             "adds; rename or drop it (is this an already scored file?)"
         )
     out = pd.concat([df, pd.DataFrame(added, index=df.index)], axis=1)
-    _atomic_write(out, out_path, out_kind)
+    _write_table(out, out_path, out_kind)
     return len(out)
 
 
@@ -429,23 +428,12 @@ def _count_message(
     return f"{msg}; features: {_listing(features)}"
 
 
-def _atomic_write(df: pd.DataFrame, path: Path, kind: str) -> None:
-    """Write to a temp file beside ``path``, fsync, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if kind == "csv":
-                df.to_csv(f, index=False)
-            else:
-                df.to_parquet(f, index=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+def _write_table(df: pd.DataFrame, path: Path, kind: str) -> None:
+    """CSV or Parquet, written atomically (temp file beside ``path``, fsync, rename)."""
+    if kind == "csv":
+        atomic_write(path, lambda f: df.to_csv(f, index=False))
+    else:
+        atomic_write(path, lambda f: df.to_parquet(f, index=False))
 
 
 def _describe(value: Any) -> str:

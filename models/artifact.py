@@ -19,10 +19,10 @@ import hashlib
 import os
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -197,7 +197,7 @@ def save_artifact(
         "user": artifact.user,
         "created_at": artifact.created_at,
     }
-    _atomic_save(payload, path)
+    atomic_write(path, lambda f: torch.save(payload, f))
     return artifact
 
 
@@ -296,16 +296,25 @@ def _misfit(spec: ModelSpec, state_dict: Mapping[str, torch.Tensor]) -> str | No
     return None
 
 
-def _atomic_save(payload: dict[str, Any], path: Path) -> None:
-    """torch.save to a temp file beside ``path``, fsync, then rename over ``path``."""
+def atomic_write(
+    path: str | os.PathLike[str], write: Callable[[BinaryIO], object], *, mode: int = 0o600
+) -> None:
+    """Write a file so readers see the old file or the new one, never part of one.
+
+    ``write`` fills a temp file created beside ``path`` (O_EXCL, owner-only while it is
+    written), which is fsynced, given ``mode`` and renamed over ``path``; the folder is
+    fsynced too where the platform allows, so the rename survives a crash.
+    """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
