@@ -47,20 +47,12 @@ ENV = {
 
 
 def write_devices(root: Path, num: int, rows: int) -> list[Path]:
-    import numpy as np
+    """The devices' files, plus all of them in one file for the simulation baseline."""
     import pandas as pd
-    from sklearn.datasets import load_digits
 
-    x, y = load_digits(return_X_y=True)
-    paths = []
-    for i in range(num):
-        idx = np.arange(i, len(x), num)[:rows]
-        df = pd.DataFrame(x[idx], columns=[f"p{j}" for j in range(x.shape[1])])
-        df.insert(0, "user", f"user{i}")
-        df["label"] = y[idx]
-        path = root / f"device{i}.csv"
-        df.to_csv(path, index=False)
-        paths.append(path)
+    from pollinate.data.examples import write_digits_user_files
+
+    paths = write_digits_user_files(root, num, rows)
     pd.concat([pd.read_csv(p, dtype={"user": str}) for p in paths]).to_csv(
         root / "all.csv", index=False
     )

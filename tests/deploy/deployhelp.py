@@ -12,10 +12,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import pytest
 
+from pollinate.data.examples import write_digits_user_files
 from pollinate.deploy.certs import create_certs, create_node_key
 from pollinate.deploy.proc import descendants
 
@@ -172,19 +171,7 @@ def _toml(value: object) -> str:
 
 def write_device_files(root: Path, num: int, rows: int = 120) -> list[Path]:
     """One CSV per device, user ``user<i>``, rows of sklearn's 8x8 digits (64 features)."""
-    from sklearn.datasets import load_digits
-
-    x, y = load_digits(return_X_y=True)
-    paths = []
-    for i in range(num):
-        idx = np.arange(i, len(x), num)[:rows]
-        df = pd.DataFrame(x[idx], columns=[f"p{j}" for j in range(x.shape[1])])
-        df.insert(0, "user", f"user{i}")
-        df["label"] = y[idx]
-        path = root / f"device{i}.csv"
-        df.to_csv(path, index=False)
-        paths.append(path)
-    return paths
+    return write_digits_user_files(root, num, rows)
 
 
 def _describe(pids: list[int]) -> str:
