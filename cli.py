@@ -65,7 +65,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         flush=True,
     )
     _live_lines()
-    run_dir = run_simulation(cfg, verbose=args.verbose)
+    run_dir = run_simulation(cfg, verbose=args.verbose, num_users=num_users)
     print()
     print(summary_table(read_rounds(run_dir)))
     print(f"\nmetrics: pollinate metrics {run_dir}")

@@ -30,6 +30,7 @@ PARTITIONERS = ("iid", "dirichlet", "shards")
 MODELS = ("cnn", "logreg", "mlp")
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
 PERSONALIZATION = ("none", "finetune", "fedper", "ditto")
+BACKENDS = ("auto", "local", "ray")
 
 
 class ConfigError(ValueError):
@@ -125,6 +126,10 @@ class SimulationSection:
     # Ray worker slot (cpus / cpus-per-node); data.num-users = one node per user.
     num_nodes: int = 0
     cpus_per_node: float = 1.0
+    # Where the ClientApps run: "local" = worker processes on this machine (start in
+    # milliseconds), "ray" = Ray actors (a local Ray, or the cluster at ray-address),
+    # "auto" = "ray" when ray-address is set, else "local".
+    backend: str = "auto"
     # Attach to an existing Ray cluster ("HOST:PORT"); empty starts a local one.
     ray_address: str = ""
 
@@ -267,6 +272,12 @@ def _check(cfg: RunConfig) -> None:
     _choice("model.name", cfg.model.name, MODELS)
     _choice("strategy.name", cfg.strategy.name, STRATEGIES)
     _choice("personalization.method", cfg.personalization.method, PERSONALIZATION)
+    _choice("simulation.backend", cfg.simulation.backend, BACKENDS)
+    if cfg.simulation.backend == "local" and cfg.simulation.ray_address:
+        raise ConfigError(
+            "simulation.ray-address needs simulation.backend = 'ray' (or 'auto'); "
+            "the 'local' backend runs on this machine only"
+        )
     _positive("run.num-rounds", cfg.run.num_rounds)
     _positive("data.num-users", cfg.data.num_users)
     _positive("data.alpha", cfg.data.alpha)

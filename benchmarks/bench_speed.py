@@ -53,9 +53,11 @@ import common  # noqa: E402
 VARIANTS = ("plain", "pollinate", "flower")
 # Not run by default: Pollinate with every user's update sent to the server (no node means),
 # which must give the plain loop's weights bit for bit; shows what the node means save.
+# ``pollinate-ray``: Pollinate on Flower's Ray backend (a fresh local Ray) instead of the
+# default local worker processes.
 # ``pollinate-cluster``: attached to a Ray cluster started once beforehand (``ray start``),
 # what repeated runs on a kept-up cluster cost.
-EXTRA_VARIANTS = ("pollinate-updates", "pollinate-cluster")
+EXTRA_VARIANTS = ("pollinate-updates", "pollinate-ray", "pollinate-cluster")
 GiB = 2**30
 
 
@@ -471,6 +473,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     cluster = common.start_ray_cluster() if "pollinate-cluster" in variants else None
     extras = {v: extra if v.startswith("pollinate") else None for v in variants}
+    if "pollinate-ray" in extras:
+        extras["pollinate-ray"] = {**extra, "simulation.backend": "ray"}
     if cluster:
         extras["pollinate-cluster"] = {**extra, "simulation.ray-address": cluster[0]}
     with tempfile.TemporaryDirectory(prefix="pollinate-bench-") as tmp, _stopping(cluster):

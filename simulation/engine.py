@@ -1,15 +1,24 @@
-"""Run a Pollinate federation on Flower's simulation engine (Ray), in this process.
+"""Run a Pollinate federation on Flower's simulation engine, in this process.
 
 This is what ``pollinate run`` calls. It composes the ServerApp and ClientApp unchanged and
-hands them to Flower's simulation runtime, so the ServerApp thread, the virtual SuperNodes
-and the Ray actors that run the ClientApp are Flower's own. It differs from
+hands them to Flower's simulation runtime, so the ServerApp thread, the virtual SuperNodes,
+the message queues and the state they go through are Flower's own. It differs from
 ``flwr run .`` only in what it skips: no FAB build, no detached SuperLink process and no
-runtime dependency installation, so start-up is a few seconds and nothing outlives the
-call. Three things shorten it further (``benchmarks/RESULTS.md``): Ray is started, as
-Flower's Ray backend would start it, while this process imports torch and the apps; a
-local Ray inherits the import path, so the workers it starts with it host the ClientApp
-actors at once; and with a few nodes the ServerApp and the engine check for new messages
-every few milliseconds instead of Flower's 0.1 s.
+runtime dependency installation, and nothing outlives the call.
+
+The engine's *backend* runs the ClientApp (``simulation.backend``):
+
+- ``local`` (the default on one machine): worker processes forked from a server that
+  imported the ClientApp once (:mod:`pollinate.simulation.workers`); that import runs
+  while this process does its own, so a run starts in about the time of a torch import.
+- ``ray`` (the default with ``simulation.ray-address``): Flower's Ray backend, on a local
+  Ray or a cluster of many machines. Ray is started, as Flower's backend would start it,
+  while this process imports torch and the apps, and a local Ray inherits the import path
+  so the workers it starts with it host the ClientApp actors at once.
+
+Either way, with a few nodes the ServerApp and the engine check for new messages every few
+milliseconds instead of Flower's 0.1 s, and the engine's threads stop within
+milliseconds of the last round instead of waiting out Flower's 1 s queue timeouts.
 
 Users are spread over ``simulation.num-nodes`` Flower nodes; each node hosts a cohort (see
 :mod:`pollinate.client.local`). ``num-nodes = 0`` picks one node per Ray worker slot
@@ -24,9 +33,11 @@ import logging
 import os
 import sys
 import threading
+import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from queue import Empty
 from typing import TYPE_CHECKING, Any
 
 from pollinate.config import RunConfig, data_spec
@@ -34,6 +45,8 @@ from pollinate.data import load_federated_dataset
 
 if TYPE_CHECKING:
     from flwr.serverapp import ServerApp
+
+    from pollinate.simulation.workers import WorkerPool
 
 # Quiet and offline by default; the user's environment wins.
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -78,6 +91,90 @@ def backend_config(cfg: RunConfig, *, verbose: bool = False) -> dict[str, object
 GRID_POLL = 0.005
 ENGINE_POLL = 0.005
 ENGINE_POLL_MAX_NODES = 64
+
+
+# The ClientApp the workers of the local backend load, by reference.
+CLIENT_APP = "pollinate.client.app:app"
+# What a worker imports on its first message to load each dataset, imported once by the
+# fork server instead (scikit-learn's loader is about a second of CPU per worker).
+DATASET_MODULES = {"digits": ["sklearn.datasets"], "file": ["pandas"]}
+# Seconds between the engine threads' checks of the stop event while they wait for work.
+STOP_POLL = 0.02
+
+
+def engine_backend(cfg: RunConfig) -> str:
+    """``local`` or ``ray``: where this run's ClientApps run."""
+    if cfg.simulation.backend == "auto":
+        return "ray" if cfg.simulation.ray_address else "local"
+    return cfg.simulation.backend
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. under taskset or a container)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _start_method() -> str:
+    """``forkserver`` where the platform has it (Linux, macOS), else ``spawn``."""
+    import multiprocessing
+
+    methods = multiprocessing.get_all_start_methods()
+    return "forkserver" if "forkserver" in methods else "spawn"
+
+
+def _start_workers(
+    cfg: RunConfig, size: int, *, verbose: bool, out: list[Any], failed: list[BaseException]
+) -> None:
+    """Start the local backend's workers, forked from a server that imported the ClientApp."""
+    try:
+        import multiprocessing
+
+        from pollinate.simulation.workers import WorkerPool
+
+        method = _start_method()
+        if method == "forkserver":  # the server imports torch and the app once, for all
+            modules = [CLIENT_APP.partition(":")[0], *DATASET_MODULES.get(cfg.data.dataset, [])]
+            multiprocessing.set_forkserver_preload(modules)
+        pool = WorkerPool(
+            size,
+            CLIENT_APP,
+            method=method,
+            threads=max(1, int(cfg.simulation.cpus_per_node)),
+            quiet=not verbose,
+        )
+        out.append(pool)
+    except BaseException as err:  # re-raised in the caller's thread
+        failed.append(err)
+
+
+def start_local(cfg: RunConfig, num_users: int, *, verbose: bool = False) -> WorkerPool:
+    """Start the local backend's workers while this process imports the apps.
+
+    The fork server imports torch and the ClientApp in its own process, on another core,
+    while this thread imports the same for the ServerApp: the two imports overlap instead
+    of each worker paying for its own after the driver's.
+    """
+    cpus = available_cpus()
+    slots = max(1, int(cpus // cfg.simulation.cpus_per_node))
+    size = min(slots, plan_nodes(cfg, num_users, cpus))
+    pools: list[Any] = []
+    failed: list[BaseException] = []
+    starter = threading.Thread(
+        target=_start_workers,
+        args=(cfg, size),
+        kwargs={"verbose": verbose, "out": pools, "failed": failed},
+        daemon=True,
+    )
+    starter.start()
+    _import_apps(failed)
+    starter.join()
+    if failed:
+        for pool in pools:
+            pool.close()
+        raise failed[0]
+    return pools[0]
 
 
 def _import_apps(failed: list[BaseException]) -> None:
@@ -150,8 +247,7 @@ def _prompt_delivery(num_nodes: int) -> Iterator[None]:
     """
     from flwr.server.superlink.fleet.vce import vce_api
 
-    original = vce_api.add_messages_to_queue
-    params = list(inspect.signature(original).parameters)
+    params = _params(vce_api.add_messages_to_queue)
     if num_nodes > ENGINE_POLL_MAX_NODES or params != ["state", "queue", "nodes_mapping", "f_stop"]:
         yield  # many nodes (a scan is not free), or a Flower this was not written for
         return
@@ -165,19 +261,137 @@ def _prompt_delivery(num_nodes: int) -> Iterator[None]:
                     queue.put(msg)
             f_stop.wait(ENGINE_POLL)
 
-    vce_api.add_messages_to_queue = add_messages_to_queue
+    with _swapped(vce_api, "add_messages_to_queue", add_messages_to_queue):
+        yield
+
+
+@contextmanager
+def _swapped(module: Any, name: str, replacement: Any) -> Iterator[None]:
+    original = getattr(module, name)
+    setattr(module, name, replacement)
     try:
         yield
     finally:
-        vce_api.add_messages_to_queue = original
+        setattr(module, name, original)
 
 
-def run_simulation(cfg: RunConfig, *, verbose: bool = False) -> Path:
-    """Run every round of ``cfg``; returns the run folder. Raises what the ServerApp raised."""
-    import ray
+class _StopAwareQueue:
+    """A queue whose timed ``get`` gives up within STOP_POLL s once ``stop`` is set.
 
-    num_users = count_users(cfg)
-    cpus = start_ray(cfg, verbose=verbose)
+    Flower's engine threads wait for work with ``get(timeout=1.0)`` and check the stop
+    event in between, so every run ended with up to a second of waiting.
+    """
+
+    def __init__(self, queue: Any, stop: threading.Event) -> None:
+        self._queue = queue
+        self._stop = stop
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                return self._queue.get_nowait()
+            except Empty:
+                pass
+            left = STOP_POLL if deadline is None else min(STOP_POLL, deadline - time.monotonic())
+            if not block or left <= 0 or self._stop.is_set():
+                raise Empty
+            try:
+                return self._queue.get(timeout=left)
+            except Empty:
+                continue
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._queue, name)
+
+
+@contextmanager
+def _prompt_stop() -> Iterator[None]:
+    """Flower's engine worker and reply injector, waiting on stop-aware queues."""
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    worker, inject = vce_api.worker, vce_api.put_message_into_state
+    expected = (
+        ["messageins_queue", "messageres_queue", "node_info_store", "backend", "f_stop", "metrics"],
+        ["state", "queue", "f_stop"],
+    )
+    if (_params(worker), _params(inject)) != expected:
+        yield  # a Flower this was not written for: its own waits
+        return
+
+    def prompt_worker(
+        ins: Any, res: Any, stores: Any, backend: Any, f_stop: threading.Event, metrics: Any
+    ) -> None:
+        worker(_StopAwareQueue(ins, f_stop), res, stores, backend, f_stop, metrics)  # type: ignore[arg-type]
+
+    def prompt_inject(state: Any, queue: Any, f_stop: threading.Event) -> None:
+        inject(state, _StopAwareQueue(queue, f_stop), f_stop)  # type: ignore[arg-type]
+
+    with (
+        _swapped(vce_api, "worker", prompt_worker),
+        _swapped(vce_api, "put_message_into_state", prompt_inject),
+    ):
+        yield
+
+
+def _params(fn: Any) -> list[str]:
+    return list(inspect.signature(fn).parameters)
+
+
+@contextmanager
+def _local_backend(pool: WorkerPool) -> Iterator[None]:
+    """Flower's engine loop (``vce_api.run_api``) with the local backend in Ray's place.
+
+    Flower 1.42's ``start_vce`` always builds its Ray backend; it hands ``run_api`` a
+    factory for it, and this swaps in one for :class:`LocalBackend` over ``pool``.
+    Everything else (node registration, the ClientApp check, the queues, the threads, the
+    state) stays Flower's.
+    """
+    from flwr.server.superlink.fleet.vce import vce_api
+    from flwr.server.superlink.fleet.vce.backend import Backend
+
+    class LocalBackend(Backend):
+        """Flower's ``Backend`` contract over the worker pool, one message per worker."""
+
+        def build(self, app_fn: Any) -> None:
+            pass  # the workers load the ClientApp by reference (a ClientApp need not pickle)
+
+        @property
+        def num_workers(self) -> int:
+            return pool.size
+
+        def is_worker_idle(self) -> bool:
+            return pool.has_idle()
+
+        def process_message(self, message: Any, context: Any) -> Any:
+            return pool.run(message, context)
+
+        def terminate(self) -> None:
+            pool.close()
+
+    run_api = vce_api.run_api
+
+    def run_api_locally(app_fn: Any, backend_fn: Any, *rest: Any) -> None:
+        run_api(app_fn, lambda: LocalBackend({}), *rest)
+
+    with _swapped(vce_api, "run_api", run_api_locally):
+        yield
+
+
+def run_simulation(cfg: RunConfig, *, verbose: bool = False, num_users: int | None = None) -> Path:
+    """Run every round of ``cfg``; returns the run folder. Raises what the ServerApp raised.
+
+    ``num_users``: the dataset's user count, if the caller has it already.
+    """
+    backend = engine_backend(cfg)
+    if num_users is None:
+        num_users = count_users(cfg)
+    pool = None
+    if backend == "local":
+        pool = start_local(cfg, num_users, verbose=verbose)
+        cpus = available_cpus()
+    else:
+        cpus = start_ray(cfg, verbose=verbose)
     if not verbose:  # after the imports: importing flwr sets its logger's level
         logging.getLogger("flwr").setLevel(logging.WARNING)
     try:
@@ -194,9 +408,13 @@ def run_simulation(cfg: RunConfig, *, verbose: bool = False) -> Path:
         context = Context(
             run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=cfg.to_flat()
         )
-        # `_run_simulation` is the engine behind flwr's public `run_simulation`; unlike the
-        # public wrapper it accepts the ServerApp's context, which carries our run config.
-        with _prompt_delivery(num_nodes):
+        with ExitStack() as engine:
+            engine.enter_context(_prompt_delivery(num_nodes))
+            engine.enter_context(_prompt_stop())
+            if pool is not None:
+                engine.enter_context(_local_backend(pool))
+            # `_run_simulation` is the engine behind flwr's public `run_simulation`; unlike
+            # the public wrapper it accepts the ServerApp's context, with our run config.
             _run_simulation(
                 num_supernodes=num_nodes,
                 exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
@@ -204,12 +422,17 @@ def run_simulation(cfg: RunConfig, *, verbose: bool = False) -> Path:
                 server_app=_simulation_server_app(
                     GRID_POLL if num_nodes <= ENGINE_POLL_MAX_NODES else 0.1
                 ),
-                backend_name="ray",
+                backend_name=backend,
                 backend_config=backend_config(cfg, verbose=verbose),  # type: ignore[arg-type]
                 server_app_context=context,
                 verbose_logging=verbose,
             )
     finally:
-        if ray.is_initialized():  # Flower shuts Ray down unless it failed before starting
-            ray.shutdown()
+        if pool is not None:  # Flower's engine stops it too, unless the run never started
+            pool.close()
+        if backend == "ray":
+            import ray
+
+            if ray.is_initialized():  # Flower shuts Ray down unless it failed before starting
+                ray.shutdown()
     return cfg.run_dir
