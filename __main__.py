@@ -1,7 +1,5 @@
 """``python -m pollinate`` is the ``pollinate`` command."""
 
-import sys
+from pollinate.cli import entry
 
-from pollinate.cli import main
-
-sys.exit(main())
+entry()

@@ -34,8 +34,10 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
+if TYPE_CHECKING:  # imported by the readers only: the ServerApp's start-up does without
+    import pandas as pd
 
 DB_NAME = "metrics.db"
 
@@ -263,6 +265,8 @@ def _connect_ro(run_dir: str | Path) -> sqlite3.Connection:
 def read_rounds(run_dir: str | Path) -> pd.DataFrame:
     """Per-round rows (round 0 first), as stored; safe while the run is writing."""
     with _connect_ro(run_dir) as db:
+        import pandas as pd
+
         df = pd.read_sql_query("SELECT * FROM rounds ORDER BY round", db)
     return _ints(
         df, ("round", "train_users", "eval_users", "failures", "bytes_sent", "bytes_received")
@@ -272,6 +276,8 @@ def read_rounds(run_dir: str | Path) -> pd.DataFrame:
 def read_clients(run_dir: str | Path) -> pd.DataFrame:
     """Per-(round, user) rows."""
     with _connect_ro(run_dir) as db:
+        import pandas as pd
+
         df = pd.read_sql_query("SELECT * FROM clients ORDER BY round, user", db)
     return _ints(df, ("round",))
 
@@ -282,6 +288,8 @@ def read_run_info(run_dir: str | Path) -> dict[str, str]:
 
 
 def _ints(df: pd.DataFrame, columns: tuple[str, ...]) -> pd.DataFrame:
+    import pandas as pd
+
     # SQLite hands back NULL (never measured) as None; make those columns float NaN.
     for c in df.columns:
         if c not in columns and c != "user":
