@@ -153,6 +153,7 @@ def run_deployed(
                 "node", "start", "--server", f"127.0.0.1:{port}",
                 "--data", str(root / f"device{i}.csv"),
                 "--state-dir", str(root / f"node{i}"), "--serve", "none",
+                "--threads", "1",  # as the simulation gives each node one CPU
             ]  # fmt: skip
             if insecure:
                 argv.append("--insecure")

@@ -132,6 +132,7 @@ def cmd_node_start(args: argparse.Namespace) -> int:
         runtime_port=args.runtime_port,
         user_column=args.user_column,
         label_column=args.label_column,
+        threads=args.threads,
         echo=_print,
         verbose=args.verbose,
     )
@@ -225,6 +226,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=0,
         help="local port between SuperNode and ClientApp worker (default: a free one)",
+    )
+    nstart.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads for training (default: torch's, one per core; 1 when several "
+        "nodes share one machine's cores)",
     )
     nstart.add_argument("--user-column", help="user id column (default: the server's config)")
     nstart.add_argument("--label-column", help="label column (default: the server's config)")

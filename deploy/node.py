@@ -72,6 +72,7 @@ class NodeOptions:
     runtime_port: int = 0
     user_column: str | None = None
     label_column: str | None = None
+    threads: int = 0  # torch threads in the worker; 0: torch's default
     echo: Callable[[str], None] = print
     verbose: bool = False
 
@@ -283,9 +284,12 @@ def _supervise(opts: NodeOptions, server_host: str, server_port: int, recovering
         if not wait_for_port("127.0.0.1", runtime_port, 60, supernode.running):
             return _supernode_failed(opts, supernode, events)
         runtime = format_address("127.0.0.1", runtime_port)
+        worker = [sys.executable, "-m", "pollinate.deploy.worker", "--runtime-api-address", runtime]
+        if opts.threads > 0:
+            worker += ["--threads", str(opts.threads)]
         sup.start(
             "worker",
-            [sys.executable, "-m", "pollinate.deploy.worker", "--runtime-api-address", runtime],
+            worker,
             env=env,
             on_line=events.worker,
         )

@@ -5,8 +5,8 @@
 1. validates the experiment config (a deployed server has no data, so ``model.in-features``
    and ``model.num-classes`` must be set) and pins ``run.dir`` to an absolute path — the
    ServerApp runs in a process the SuperLink starts, in another working directory;
-2. starts a Flower SuperLink (:mod:`pollinate.deploy.superlink`) with its state database in
-   the state folder, TLS and node authentication (unless ``--insecure``);
+2. starts a Flower SuperLink (:mod:`pollinate.deploy.superlink`) with TLS and node
+   authentication (unless ``--insecure``) and its state in memory (``STATE_DB``);
 3. registers the node keys saved in ``<state>/nodes/`` and submits the Pollinate ServerApp
    run with ``flwr run`` (app folder from :mod:`pollinate.deploy.appdir`);
 4. prints each round as it lands in ``<run dir>/metrics.db`` (``pollinate metrics RUN_DIR``
@@ -59,6 +59,12 @@ STATUS_POLL = 0.5  # metrics.db, a local file
 # mid-run, which cannot record its own end).
 LINK_POLL = 10.0
 LINK_POLL_RUNNING = 60.0
+
+# The SuperLink's state (runs, nodes, messages and every array of every message) in plain
+# Python objects, Flower's default. A SQLite file costs an ORM query or several per request
+# (~2x the SuperLink's CPU per round, measured) and keeps nothing this server needs: one
+# SuperLink serves one run, and node keys are registered again from <state>/nodes at start.
+STATE_DB = ":flwr-in-memory:"
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -237,7 +243,7 @@ def _run(opts: ServerOptions, cfg: RunConfig, state: ServerDir) -> int:
     argv = [
         sys.executable, "-m", "pollinate.deploy.superlink",
         "--host", opts.host, "--port", str(opts.port),
-        "--database", str(state.database),
+        "--database", STATE_DB,
         "--disable-runtime-dependency-installation",
     ]  # fmt: skip
     if opts.certs is None:

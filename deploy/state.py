@@ -58,10 +58,6 @@ class ServerDir:
     root: Path
 
     @property
-    def database(self) -> Path:
-        return self.root / "superlink.db"
-
-    @property
     def certs(self) -> Path:
         return self.root / "certs"
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 import sys
 import time
@@ -41,6 +42,12 @@ Scope = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Any]
 
 _last_said: dict[tuple[str, str], float] = {}
+
+# ``POLLINATE_REQUEST_STATS=1``: count requests per path and print the counts every
+# STATS_EVERY s (benchmarks read the last line: the SuperLink's CPU is spent per request).
+REQUESTS = "pollinate: requests"
+STATS_EVERY = 1.0
+_requests: dict[str, int] | None = None
 
 
 def _say(marker: str, peer: str, detail: str) -> None:
@@ -64,6 +71,8 @@ class LoopbackAdmin:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if _requests is not None and scope["type"] == "http":
+            _requests[scope["path"]] = _requests.get(scope["path"], 0) + 1
         if scope["type"] == "http" and not scope["path"].startswith(PUBLIC_PREFIXES):
             client = scope.get("client")
             server = scope.get("server")
@@ -132,6 +141,26 @@ def _patch_activation_logging() -> None:
     fleet_handlers.activate_node = activate_node
 
 
+def _print_request_stats() -> None:
+    """Every STATS_EVERY s, one line with the request counts so far (if they changed)."""
+    import threading
+
+    global _requests
+    _requests = {}
+
+    def report() -> None:
+        last: dict[str, int] = {}
+        while True:
+            time.sleep(STATS_EVERY)
+            now = dict(_requests or {})
+            if now != last:
+                counts = " ".join(f"{path}={n}" for path, n in sorted(now.items()))
+                print(f"{REQUESTS} total={sum(now.values())} {counts}", flush=True)
+                last = now
+
+    threading.Thread(target=report, name="request-stats", daemon=True).start()
+
+
 def patch_flower() -> None:
     # Plain asyncio rather than uvloop, so failed TLS handshakes can be logged.
     sys.modules.setdefault("uvloop", None)  # type: ignore[arg-type]
@@ -147,6 +176,8 @@ def patch_flower() -> None:
     superlink_main.create_app = create_hardened_app
     _patch_tls_logging()
     _patch_activation_logging()
+    if os.environ.get("POLLINATE_REQUEST_STATS"):
+        _print_request_stats()
 
 
 def parse_refusal(line: str) -> tuple[str, dict[str, str]] | None:

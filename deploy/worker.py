@@ -217,7 +217,14 @@ def warm_up() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pollinate.deploy.worker")
     parser.add_argument("--runtime-api-address", required=True, help="SuperNode HOST:PORT")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's)")
     args = parser.parse_args(argv)
+    if args.threads > 0:
+        import torch
+
+        # Several devices sharing a machine's cores oversubscribe them with torch's default
+        # of one thread per core each: a small model's step then waits on its own threads.
+        torch.set_num_threads(args.threads)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s pollinate.worker: %(message)s"
     )

@@ -8,12 +8,12 @@ Flower 1.42's ``HttpGrid`` (the grid a deployed ServerApp gets) has two waits th
   retries after 1 s, 2 s, ... up to 10 s apart, for as long as the upload session lives
   (180 s). A device that dies mid-upload so stalls the whole round for three minutes.
 
-:func:`responsive` swaps in the same push-then-pull loop with a short, backing-off poll
-(20 ms growing to 1 s) built on the public ``push_messages`` / ``pull_messages``, makes the
-array download retry after 50 ms, and gives up on a reply's arrays once they have not
-progressed for ``STALL`` seconds *and* a node this exchange waits on has gone offline
-(that reply becomes an error, and the round goes on with the others, as for a node that
-never answered). Simulation's in-memory grid (0.1 s poll) is left alone.
+:func:`responsive` swaps in the same push-then-pull loop with a short poll (``POLL_SHARE``
+of the time waited so far, 20 ms to 1 s) built on the public ``push_messages`` /
+``pull_messages``, makes the array download retry after 50 ms, and gives up on a reply's
+arrays once they have not progressed for ``STALL`` seconds *and* a node this exchange waits
+on has gone offline (that reply becomes an error, and the round goes on with the others,
+as for a node that never answered). Simulation's in-memory grid (0.1 s poll) is left alone.
 """
 
 from __future__ import annotations
@@ -29,6 +29,10 @@ from flwr.serverapp import Grid
 
 POLL_MIN = 0.02
 POLL_MAX = 1.0
+# A reply is noticed at most this share of the exchange's time late: a 0.5 s exchange
+# polls every 50 ms, a minute-long one every second. (Backing off 1.5x per poll, as
+# before, let the last reply of a 1 s exchange wait up to 0.5 s.)
+POLL_SHARE = 0.1
 # A reply's arrays are usually uploaded within tens of ms of the reply itself; every retry
 # is one more request to the SuperLink, whose CPU is the bottleneck of a round.
 OBJECT_RETRY = 0.05
@@ -41,13 +45,13 @@ _exchange = threading.local()
 def send_and_receive(
     grid: Grid, messages: Iterable[Message], *, timeout: float | None = None
 ) -> list[Message]:
-    """``Grid.send_and_receive`` with a short backing-off poll instead of a fixed 3 s."""
+    """``Grid.send_and_receive`` with a poll that keeps up with the exchange, not a fixed 3 s."""
     messages = list(messages)
     nodes = {m.metadata.dst_node_id for m in messages}
     pending = set(grid.push_messages(messages))
-    end = time.monotonic() + (timeout if timeout is not None else 0.0)
+    start = time.monotonic()
+    end = start + (timeout if timeout is not None else 0.0)
     replies: list[Message] = []
-    poll = POLL_MIN
     _exchange.current = (grid, nodes)
     try:
         while timeout is None or time.monotonic() < end:
@@ -56,9 +60,9 @@ def send_and_receive(
             pending.difference_update(m.metadata.reply_to_message_id for m in got)
             if not pending:
                 break
-            wait = poll if timeout is None else max(0.0, min(poll, end - time.monotonic()))
-            time.sleep(wait)
-            poll = min(poll * 1.5, POLL_MAX)
+            now = time.monotonic()
+            poll = min(max(POLL_MIN, (now - start) * POLL_SHARE), POLL_MAX)
+            time.sleep(poll if timeout is None else max(0.0, min(poll, end - now)))
     finally:
         _exchange.current = None
     return replies
