@@ -13,6 +13,14 @@ One Flower node hosts a cohort of users (see :mod:`pollinate.client.local`). Mes
   (``train.drop-stragglers``) sends nothing.
 - ``evaluate``: for each user in ``users``, reply ``metrics/<user>`` with global and
   personal loss/accuracy on the user's own test split.
+- A ``train`` message may also carry the previous round's evaluation (config
+  ``evaluate-users`` and ``evaluate-round``; it evaluates the same global model): the node
+  evaluates those users first, as a separate ``evaluate`` message would have, and adds
+  ``evaluate/metrics/<user>`` and ``evaluate/users`` to the reply.
+
+Model weights travel as one flat vector, ``ArrayRecord {"weights": ...}`` in the order of
+the model's ``state_dict`` (:mod:`pollinate.models.flat`): on a deployment every array is a
+request per hop, so one array per model instead of one per tensor.
 
 The full run config travels in every message's ``config`` record, so the same app works
 under ``flwr run``, the in-process simulation and a deployed SuperNode. On a device,
@@ -23,6 +31,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -31,6 +40,7 @@ from flwr.clientapp import ClientApp
 from pollinate.client.local import hosted_cohort
 from pollinate.client.steps import (
     RoundContext,
+    StateDict,
     WeightedMean,
     Workbench,
     evaluate_user,
@@ -41,6 +51,7 @@ from pollinate.client.store import ModelStore
 from pollinate.config import RunConfig, resolve
 from pollinate.data import UserData
 from pollinate.models import ModelSpec
+from pollinate.models.flat import flatten, unflatten
 
 app = ClientApp()
 
@@ -58,23 +69,35 @@ def _store(cfg: RunConfig, context: Context) -> ModelStore:
     return ModelStore(Path(model_dir) if model_dir else cfg.store_dir)
 
 
+def _weights_record(state: StateDict) -> ArrayRecord:
+    return ArrayRecord({"weights": flatten(state)})
+
+
+def _global_weights(msg: Message, spec: ModelSpec) -> StateDict:
+    flat = msg.content.array_records["arrays"].to_torch_state_dict()["weights"]
+    return unflatten(flat, like=_BENCH.model(spec).state_dict())
+
+
 def _round_context(msg: Message, context: Context) -> RoundContext:
     config = msg.content["config"]
     cfg = _run_config(msg)
+    spec = ModelSpec.from_dict(json.loads(str(config["model-spec"])))
     return RoundContext(
         cfg=cfg,
-        spec=ModelSpec.from_dict(json.loads(str(config["model-spec"]))),
-        global_weights=dict(msg.content.array_records["arrays"].to_torch_state_dict()),
+        spec=spec,
+        global_weights=_global_weights(msg, spec),
         server_round=int(config["server-round"]),  # type: ignore[arg-type]
         store=_store(cfg, context),
         proximal_mu=float(config.get("proximal-mu", 0.0)),  # type: ignore[arg-type]
     )
 
 
-def _sampled_users(msg: Message, context: Context, cfg: RunConfig) -> Iterator[UserData]:
+def _sampled_users(
+    msg: Message, context: Context, cfg: RunConfig, key: str = "users"
+) -> Iterator[UserData]:
     # One user at a time: a node hosting thousands of users never holds all their data.
     cohort = hosted_cohort(cfg, context.node_config)
-    wanted = msg.content["config"].get("users")
+    wanted = msg.content["config"].get(key)
     ids = cohort.user_ids if wanted is None else [str(u) for u in wanted]  # type: ignore[union-attr]
     return (cohort.users[u] for u in ids)
 
@@ -86,24 +109,42 @@ def query(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"users": users}), reply_to=msg)
 
 
+def _evaluate_into(
+    content: RecordDict, ctx: RoundContext, users: Iterator[UserData], prefix: str = ""
+) -> None:
+    """``<prefix>metrics/<user>`` for each user, and ``<prefix>users`` listing them."""
+    ids = []
+    for user in users:
+        metrics = evaluate_user(_BENCH, ctx, user)
+        content[f"{prefix}metrics/{user.user_id}"] = MetricRecord(metrics)
+        ids.append(user.user_id)
+    content[f"{prefix}users"] = ConfigRecord({"ids": ids})
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     ctx = _round_context(msg, context)
-    mean = WeightedMean() if msg.content["config"].get("node-mean", False) else None
+    config = msg.content["config"]
     content = RecordDict()
+    if "evaluate-users" in config:
+        # The previous round's evaluation of this same global model comes first.
+        evaluated = replace(ctx, server_round=int(config["evaluate-round"]))  # type: ignore[arg-type]
+        users = _sampled_users(msg, context, ctx.cfg, key="evaluate-users")
+        _evaluate_into(content, evaluated, users, prefix="evaluate/")
+    mean = WeightedMean() if config.get("node-mean", False) else None
     ids = []
     for user in _sampled_users(msg, context, ctx.cfg):
         if is_dropped(ctx, user.user_id):
             continue
         update, metrics = train_user(_BENCH, ctx, user)
         if mean is None:
-            content[f"arrays/{user.user_id}"] = ArrayRecord(update)
+            content[f"arrays/{user.user_id}"] = _weights_record(update)
         else:
             mean.add(update, metrics)
         content[f"metrics/{user.user_id}"] = MetricRecord(metrics)
         ids.append(user.user_id)
     if mean is not None and mean.examples > 0:
-        content["arrays"] = ArrayRecord(mean.weights())
+        content["arrays"] = _weights_record(mean.weights())
         content["metrics"] = MetricRecord(mean.metrics())
     content["users"] = ConfigRecord({"ids": ids})
     return Message(content, reply_to=msg)
@@ -113,9 +154,5 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     ctx = _round_context(msg, context)
     content = RecordDict()
-    ids = []
-    for user in _sampled_users(msg, context, ctx.cfg):
-        content[f"metrics/{user.user_id}"] = MetricRecord(evaluate_user(_BENCH, ctx, user))
-        ids.append(user.user_id)
-    content["users"] = ConfigRecord({"ids": ids})
+    _evaluate_into(content, ctx, _sampled_users(msg, context, ctx.cfg))
     return Message(content, reply_to=msg)

@@ -152,13 +152,20 @@ def run_task(runtime_api_address: str, token: str, client_app: object) -> str:
             client.close()
     if message is None:
         return "task failed before its message arrived"
+    return f"{_what(message)} {'done' if sub_status == SubStatus.COMPLETED else 'failed'}"
+
+
+def _what(message: Message) -> str:
+    """``round 2 train``; ``round 1 evaluate + round 2 train`` for a folded message."""
     kind = message.metadata.message_type
     try:
-        server_round = message.content["config"]["server-round"]
+        config = message.content["config"]
+        where = f"round {config['server-round']!s} {kind}"
     except (KeyError, TypeError, ValueError):
-        server_round = None
-    where = f"round {server_round} {kind}" if server_round is not None else kind
-    return f"{where} {'done' if sub_status == SubStatus.COMPLETED else 'failed'}"
+        return kind
+    if "evaluate-round" in config:
+        where = f"round {config['evaluate-round']!s} evaluate + {where}"
+    return where
 
 
 def pull_task_input(client: Any) -> tuple[Any, Any, Any]:

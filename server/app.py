@@ -2,7 +2,9 @@
 
 The same app runs under ``pollinate run`` (in-process simulation), ``flwr run .`` and a
 deployed SuperLink; the run config comes from ``context.run_config`` and is validated here
-once. Per round it records metrics (:mod:`pollinate.server.metrics`) and saves the global
+once. Model weights travel as one flat vector, ``ArrayRecord {"weights": ...}`` in the order
+of the model's ``state_dict`` (:mod:`pollinate.models.flat`; the ClientApp reads and replies
+the same). Per round it records metrics (:mod:`pollinate.server.metrics`) and saves the global
 model artifact to ``<run dir>/models/``.
 """
 
@@ -22,6 +24,7 @@ from flwr.serverapp import Grid, ServerApp
 from pollinate.config import RunConfig, data_spec, model_kwargs, resolve, to_toml
 from pollinate.data import load_federated_dataset
 from pollinate.models import ModelSpec, create_model, evaluate, save_artifact
+from pollinate.models.flat import flatten, unflatten
 from pollinate.server.grid import responsive
 from pollinate.server.metrics import MetricsRecorder
 from pollinate.server.strategy import build_strategy
@@ -87,7 +90,8 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
 
     def end_of_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Central evaluation, global artifact and the round's metrics row."""
-        model.load_state_dict(arrays.to_torch_state_dict())
+        flat = arrays.to_torch_state_dict()["weights"]
+        model.load_state_dict(unflatten(flat, like=model.state_dict()))
         server: dict[str, float] = {}
         if x_c is not None:
             stats = evaluate(model, x_c, y_c)
@@ -117,7 +121,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
     try:
         strategy.start(
             grid=grid,
-            initial_arrays=ArrayRecord(model.state_dict()),
+            initial_arrays=ArrayRecord({"weights": flatten(model.state_dict())}),
             num_rounds=cfg.run.num_rounds,
             timeout=cfg.server.round_timeout,
             train_config=config,

@@ -13,7 +13,16 @@ in front of any ``flwr.serverapp.strategy`` class. It
 3. routes the per-user messages to the nodes hosting those users (one message per node);
 4. expands each node's reply back into one message per user before calling the Flower
    strategy's ``aggregate_*``: FedAvg weights every user by its examples, and robust
-   aggregators (median, trimmed mean, Krum) see every user's individual update.
+   aggregators (median, trimmed mean, Krum) see every user's individual update;
+5. folds round r+1's training into round r's evaluation: both carry the same global
+   model, so each node gets one ``train`` message with config ``evaluate-users`` /
+   ``evaluate-round`` as well as ``users``, evaluates, then trains, and replies both
+   (``evaluate/users`` and ``evaluate/metrics/<user>`` besides the training records).
+   Flower's ``start()`` runs unchanged: the replies of the folded exchange are split,
+   and round r+1's ``configure_train`` sends nothing and its ``aggregate_train`` takes the
+   training half. The users, updates and results are the same as with two exchanges
+   (sampling draws from the same stream in the same order); a deployed round costs one
+   exchange instead of two.
 
 It also feeds the run's :class:`~pollinate.server.metrics.MetricsRecorder`.
 """
@@ -93,6 +102,7 @@ class UserCohorts:
     min_available_nodes: int
 
     recorder: MetricsRecorder | None = None
+    num_rounds: int = 0  # 0: unknown, no folding
     min_nodes: int = 1
     node_wait_timeout: float = 120.0
     query_timeout: float = 600.0
@@ -108,8 +118,10 @@ class UserCohorts:
         min_train_users: int,
         min_evaluate_users: int,
         seed: int | None = None,
+        num_rounds: int = 0,
     ) -> None:
         self.recorder = recorder
+        self.num_rounds = num_rounds
         self.min_nodes = min_nodes
         self.node_wait_timeout = node_wait_timeout
         self.min_train_users = min_train_users
@@ -121,6 +133,11 @@ class UserCohorts:
         self._users_of_node: dict[int, list[str]] = {}
         self._node_of_user: dict[str, int] = {}
         self._user_list: list[str] = []
+        self._train_config: ConfigRecord | None = None
+        # The folded exchange in flight: (evaluate round, its messages, nodes evaluating,
+        # nodes training), and the training half of its replies, for the next round.
+        self._folded: tuple[int, list[Message], set[int], set[int]] | None = None
+        self._trained_ahead: tuple[int, list[Message]] | None = None
 
     # ------------------------------------------------------------ user directory
     @property
@@ -159,22 +176,40 @@ class UserCohorts:
             raise NodeWaitTimeout("the connected nodes host no users: check their data files")
 
     # ------------------------------------------------------------------ routing
-    def _route(
-        self, messages: Iterable[Message], message_type: str, server_round: int
-    ) -> list[Message]:
+    def _users_by_node(self, messages: Iterable[Message]) -> dict[int, list[str]]:
+        """The sampled users (one 'node' of the users-as-nodes view each), by hosting node."""
         by_node: dict[int, list[str]] = {}
-        template: RecordDict | None = None
         for msg in messages:
             user = self._user_list[msg.metadata.dst_node_id]
             by_node.setdefault(self._node_of_user[user], []).append(user)
-            template = msg.content
-        if template is None:
+        return {node: sorted(users) for node, users in by_node.items()}
+
+    def _route(
+        self,
+        messages: list[Message],
+        message_type: str,
+        server_round: int,
+        evaluate: tuple[int, list[Message]] | None = None,
+    ) -> list[Message]:
+        """One message per node for ``messages`` (Flower's, one per sampled user).
+
+        With ``evaluate`` = (round, its evaluate messages), ``messages`` are the next
+        round's training and each node's message carries both (see the module doc).
+        """
+        evaluated = evaluate[1] if evaluate is not None else []
+        if not messages and not evaluated:
             return []
+        template = (messages or evaluated)[0].content
         arrays = template["arrays"]
+        trainers = self._users_by_node(messages)
+        evaluators = self._users_by_node(evaluated)
         routed = []
-        for node, users in sorted(by_node.items()):
+        for node in sorted(trainers.keys() | evaluators.keys()):
             config = ConfigRecord(dict(template["config"]))  # type: ignore[arg-type]
-            config["users"] = sorted(users)
+            config["users"] = trainers.get(node, [])
+            if evaluate is not None:
+                config["evaluate-users"] = evaluators.get(node, [])
+                config["evaluate-round"] = evaluate[0]
             if message_type == MessageType.TRAIN and self.mean_of_updates:
                 config["node-mean"] = True
             routed.append(
@@ -184,6 +219,8 @@ class UserCohorts:
                     message_type=message_type,
                 )
             )
+        if evaluate is not None:
+            self._folded = (evaluate[0], routed, set(evaluators), set(trainers))
         if self.recorder is not None:
             sent = arrays.count_bytes() * len(routed)
             self.recorder.add_bytes(server_round, sent=sent)
@@ -208,16 +245,25 @@ class UserCohorts:
         n = len(self._user_list)
         return _UsersAsNodes(n), min(max(minimum, 1), n) if fraction > 0 else 0
 
+    def _sample_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord
+    ) -> list[Message]:
+        """Flower's ``configure_train`` over the users-as-nodes view: one message per user."""
+        view, self.min_train_nodes = self._sample_view(self.fraction_train, self.min_train_users)
+        self.min_available_nodes = 1
+        with self._own_random():
+            return list(super().configure_train(server_round, arrays, config, view))  # type: ignore[misc]
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         if self.recorder is not None:
             self.recorder.begin_round(server_round)
+        self._train_config = config
+        if self._trained_ahead is not None and self._trained_ahead[0] == server_round:
+            return []  # trained in the previous round's evaluation exchange
         self.refresh_users(grid, config)
-        view, self.min_train_nodes = self._sample_view(self.fraction_train, self.min_train_users)
-        self.min_available_nodes = 1
-        with self._own_random():
-            messages = super().configure_train(server_round, arrays, config, view)  # type: ignore[misc]
+        messages = self._sample_train(server_round, arrays, config)
         return self._route(messages, MessageType.TRAIN, server_round)
 
     def configure_evaluate(
@@ -228,12 +274,25 @@ class UserCohorts:
             self.fraction_evaluate, self.min_evaluate_users
         )
         with self._own_random():
-            messages = super().configure_evaluate(server_round, arrays, config, view)  # type: ignore[misc]
-        return self._route(messages, MessageType.EVALUATE, server_round)
+            messages = list(super().configure_evaluate(server_round, arrays, config, view))  # type: ignore[misc]
+        if server_round >= self.num_rounds or self._train_config is None:
+            return self._route(messages, MessageType.EVALUATE, server_round)
+        # The next round trains from these same `arrays` (Flower passes them on unchanged).
+        ahead = self._sample_train(server_round + 1, arrays, self._train_config)
+        if not ahead and not messages:  # nobody to train or evaluate: round r+1 has no work
+            self._trained_ahead = (server_round + 1, [])
+        return self._route(
+            ahead, MessageType.TRAIN, server_round, evaluate=(server_round, messages)
+        )
 
     # -------------------------------------------------------------- aggregation
-    def _expand(self, replies: Iterable[Message], server_round: int, train: bool) -> list[Message]:
-        """One message per user, as if every user were its own node."""
+    def _expand(
+        self, replies: Iterable[Message], server_round: int, train: bool, prefix: str = ""
+    ) -> list[Message]:
+        """One message per user, as if every user were its own node.
+
+        ``prefix`` names the records of a folded reply's evaluation (``evaluate/``).
+        """
         per_user: list[tuple[str, Message]] = []
         received = failures = 0
         message_type = MessageType.TRAIN if train else MessageType.EVALUATE
@@ -243,7 +302,7 @@ class UserCohorts:
                 per_user.append(("", reply))  # Flower's strategy logs and skips it
                 continue
             content = reply.content
-            ids = [str(u) for u in content["users"]["ids"]]  # type: ignore[union-attr]
+            ids = [str(u) for u in content[f"{prefix}users"]["ids"]]  # type: ignore[union-attr]
             node_mean = train and "arrays" in content.array_records
             if node_mean and ids:
                 # The node's cohort mean stands for its users, weighted by their examples.
@@ -263,7 +322,7 @@ class UserCohorts:
                     )
                 )
             for user in ids:
-                metrics: MetricRecord = content[f"metrics/{user}"]  # type: ignore[assignment]
+                metrics: MetricRecord = content[f"{prefix}metrics/{user}"]  # type: ignore[assignment]
                 # A node that sent its cohort's mean, or a user with nothing to send (no
                 # training examples), adds no per-user update.
                 has_update = f"arrays/{user}" in content.array_records
@@ -299,14 +358,39 @@ class UserCohorts:
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        if self._trained_ahead is not None and self._trained_ahead[0] == server_round:
+            replies = [*replies, *self._trained_ahead[1]]
+            self._trained_ahead = None
         per_user = self._expand(replies, server_round, train=True)
         return super().aggregate_train(server_round, per_user)  # type: ignore[misc]
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        per_user = self._expand(replies, server_round, train=False)
+        if self._folded is None or self._folded[0] != server_round:
+            per_user = self._expand(replies, server_round, train=False)
+            return super().aggregate_evaluate(server_round, per_user)  # type: ignore[misc]
+        _, sent, evaluators, trainers = self._folded
+        self._folded = None
+        replies = list(replies)
+        self._trained_ahead = (server_round + 1, _from_nodes(replies, trainers, sent))
+        evaluated = _from_nodes(replies, evaluators, sent)
+        per_user = self._expand(evaluated, server_round, train=False, prefix="evaluate/")
         return super().aggregate_evaluate(server_round, per_user)  # type: ignore[misc]
+
+
+def _from_nodes(replies: list[Message], nodes: set[int], sent: list[Message]) -> list[Message]:
+    """The replies (or errors) of a folded exchange from the nodes that had this half.
+
+    An error the SuperLink made up for a node that went away names no node: it is matched
+    to the node through the message it answers (the grid set ``message_id`` on push).
+    """
+    node_of = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}
+    return [
+        r
+        for r in replies
+        if node_of.get(r.metadata.reply_to_message_id, r.metadata.src_node_id) in nodes
+    ]
 
 
 class CohortFedAvg(UserCohorts, FedAvg):
@@ -383,5 +467,6 @@ def build_strategy(cfg: RunConfig, recorder: MetricsRecorder | None = None) -> U
         min_train_users=s.min_train_users,
         min_evaluate_users=s.min_evaluate_users,
         seed=cfg.run.seed,
+        num_rounds=cfg.run.num_rounds,
     )
     return strategy

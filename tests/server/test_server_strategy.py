@@ -149,3 +149,89 @@ def test_waiting_for_nodes_times_out_with_a_clear_message() -> None:
 
     with pytest.raises(NodeWaitTimeout, match="only 0 of the 2 nodes required"):
         wait_for_nodes(Empty(), 2, timeout=0.3)
+
+
+# ------------------------------------------------- evaluation and next training folded
+
+
+def folded_reply(msg: Message) -> Message:
+    """A node's answer to a folded message: its evaluations, then its users' updates."""
+    config = msg.content["config"]
+    content = RecordDict()
+    evaluated = [str(u) for u in config["evaluate-users"]]  # type: ignore[union-attr]
+    for u in evaluated:
+        content[f"evaluate/metrics/{u}"] = MetricRecord({"num-examples": 5, "accuracy": 0.5})
+    content["evaluate/users"] = ConfigRecord({"ids": evaluated})
+    trained = [str(u) for u in config["users"]]  # type: ignore[union-attr]
+    for u in trained:
+        w, n = UPDATES[u]
+        content[f"arrays/{u}"] = ArrayRecord({"w": torch.from_numpy(w)})
+        content[f"metrics/{u}"] = MetricRecord({"num-examples": n, "train-loss": 1.0})
+    content["users"] = ConfigRecord({"ids": trained})
+    return Message(content, reply_to=msg)
+
+
+def pushed(messages: list[Message]) -> list[Message]:
+    """The messages with the ids a grid gives them when it pushes them."""
+    for i, m in enumerate(messages):
+        m.metadata.__dict__["_message_id"] = f"m{i}"
+    return messages
+
+
+def test_the_next_rounds_training_rides_on_this_rounds_evaluation() -> None:
+    s = strategy("fedmedian", **{"run.num-rounds": 2})
+    grid = TwoNodeGrid()
+    list(s.configure_train(1, start_arrays(), ConfigRecord({"x": 1}), grid))
+    msgs = pushed(list(s.configure_evaluate(1, start_arrays(), ConfigRecord({"x": 1}), grid)))
+    assert {m.metadata.message_type for m in msgs} == {MessageType.TRAIN}
+    for key in ("evaluate-users", "users"):
+        routed = {m.metadata.dst_node_id: list(m.content["config"][key]) for m in msgs}  # type: ignore[arg-type]
+        assert routed == {11: ["a", "b"], 22: ["c"]}
+    assert all(m.content["config"]["evaluate-round"] == 1 for m in msgs)
+    assert all(m.content["config"]["server-round"] == 2 for m in msgs)
+
+    metrics = s.aggregate_evaluate(1, [folded_reply(m) for m in msgs])
+    assert metrics is not None and metrics["accuracy"] == pytest.approx(0.5)
+    # Round 2 sends nothing: its training came back with round 1's evaluation.
+    assert list(s.configure_train(2, start_arrays(), ConfigRecord({"x": 1}), grid)) == []
+    arrays, _ = s.aggregate_train(2, [])
+    stacked = np.stack([w for w, _ in UPDATES.values()])
+    np.testing.assert_allclose(arrays["w"].numpy(), np.median(stacked, axis=0))
+    # The last round's evaluation has no next round to carry.
+    last = list(s.configure_evaluate(2, start_arrays(), ConfigRecord({"x": 1}), grid))
+    assert {m.metadata.message_type for m in last} == {MessageType.EVALUATE}
+
+
+class Failures:
+    """A stand-in MetricsRecorder that keeps only the failure counts per round."""
+
+    def __init__(self) -> None:
+        self.failures: dict[int, int] = {}
+
+    def add_failures(self, server_round: int, count: int) -> None:
+        self.failures[server_round] = self.failures.get(server_round, 0) + count
+
+    def __getattr__(self, name: str) -> object:
+        return lambda *args, **kwargs: None
+
+
+def test_a_node_lost_in_a_folded_exchange_fails_both_halves() -> None:
+    from flwr.app import Error
+
+    s = strategy("fedavg", **{"run.num-rounds": 2})
+    s.recorder = recorder = Failures()
+    grid = TwoNodeGrid()
+    list(s.configure_train(1, start_arrays(), ConfigRecord(), grid))
+    msgs = pushed(list(s.configure_evaluate(1, start_arrays(), ConfigRecord(), grid)))
+    lost = next(m for m in msgs if m.metadata.dst_node_id == 22)
+    # The SuperLink's "node unavailable" reply names no node, only the message it answers.
+    gone = Message(Error(code=1, reason="node unavailable"), reply_to=lost)
+    gone.metadata.__dict__["_src_node_id"] = 0
+    replies = [folded_reply(m) for m in msgs if m is not lost] + [gone]
+    assert s.aggregate_evaluate(1, replies) is not None
+    list(s.configure_train(2, start_arrays(), ConfigRecord(), grid))
+    arrays, _ = s.aggregate_train(2, [])
+    wa, na = UPDATES["a"]
+    wb, nb = UPDATES["b"]
+    np.testing.assert_allclose(arrays["w"].numpy(), (wa * na + wb * nb) / (na + nb), rtol=1e-6)
+    assert recorder.failures == {1: 1, 2: 1}  # round 1's evaluation and round 2's training
