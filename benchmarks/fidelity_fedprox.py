@@ -110,42 +110,46 @@ def plot(rows: list[dict[str, Any]], path: Path, datasets: list[str], levels: li
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [
-        (d, s)
-        for d in datasets
-        for s in levels
-        if any(r["dataset"] == d and r["stragglers"] == s for r in rows)
-    ]
-    fig, axes = plt.subplots(2, len(panels), figsize=(3.6 * len(panels), 6.4), squeeze=False)
-    colors = {"FedAvg": "tab:red", "FedProx mu=0": "tab:orange", "FedProx mu=1": "tab:blue"}
-    for col, (d, s) in enumerate(panels):
-        for metric, ax in zip(("train_loss", "test_accuracy"), axes[:, col], strict=True):
-            names = dict.fromkeys(
-                r["method"] for r in rows if r["dataset"] == d and r["stragglers"] == s
-            )
-            for name in names:
-                pts = [
-                    (r["round"], r[metric])
-                    for r in rows
-                    if r["dataset"] == d and r["stragglers"] == s and r["method"] == name
-                ]
-                xs, ys = zip(*pts, strict=True)
-                # At 0% stragglers FedAvg is the mu=0 run: dashed, so both stay visible.
-                ax.plot(
-                    xs,
-                    ys,
-                    label=name,
-                    color=colors.get(name),
-                    lw=1.2,
-                    ls="--" if name == "FedAvg" and s == 0 else "-",
-                )
-            ax.set_title(f"{label(d)}, {s:.0%} stragglers", fontsize=9)
-            ax.set_xlabel("round")
-            ax.set_ylabel("training loss" if metric == "train_loss" else "test accuracy")
-            if metric == "train_loss":
-                ax.set_yscale("log")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+    # One row per (dataset, curve), one column per straggler level: the paper's layout.
+    datasets = [d for d in datasets if any(r["dataset"] == d for r in rows)]
+    metrics = ("train_loss", "test_accuracy")
+    fig, axes = plt.subplots(
+        2 * len(datasets),
+        len(levels),
+        figsize=(4.2 * len(levels), 2.6 * 2 * len(datasets)),
+        squeeze=False,
+    )
+    mus = sorted({r["method"] for r in rows if r["method"].startswith("FedProx")})
+    blues = plt.get_cmap("viridis")
+    colors = {"FedAvg": "tab:red"}
+    colors.update({m: blues(i / max(1, len(mus) - 1)) for i, m in enumerate(mus)})
+    for i, d in enumerate(datasets):
+        for col, s in enumerate(levels):
+            here = [r for r in rows if r["dataset"] == d and r["stragglers"] == s]
+            for j, metric in enumerate(metrics):
+                ax = axes[2 * i + j, col]
+                if not here:
+                    ax.axis("off")
+                    continue
+                for name in dict.fromkeys(r["method"] for r in here):
+                    pts = [(r["round"], r[metric]) for r in here if r["method"] == name]
+                    xs, ys = zip(*pts, strict=True)
+                    # At 0% stragglers FedAvg is the mu=0 run: dashed, so both stay visible.
+                    ax.plot(
+                        xs,
+                        ys,
+                        label=name,
+                        color=colors.get(name),
+                        lw=1.1,
+                        ls="--" if name == "FedAvg" and s == 0 else "-",
+                    )
+                ax.set_title(f"{label(d)}, {s:.0%} stragglers", fontsize=9)
+                ax.set_xlabel("round", fontsize=8)
+                ax.set_ylabel("training loss" if metric == "train_loss" else "test accuracy")
+                if metric == "train_loss":
+                    ax.set_yscale("log")
+                ax.grid(alpha=0.3)
+                ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
