@@ -146,6 +146,15 @@ def alive(pid: int) -> bool:
     return True
 
 
+def poll_interval(waited: float, share: float, low: float, high: float) -> float:
+    """The next poll's wait: ``share`` of the time waited so far, within ``[low, high]``.
+
+    Whatever arrives is then noticed at most ``share`` of the wait late, and a long idle
+    wait costs few polls: a 1.5x backoff instead lets a 1 s wait's event sit up to 0.5 s.
+    """
+    return min(max(low, waited * share), high)
+
+
 def watch_parent(interval: float = 0.5) -> None:
     """Exit (SIGTERM to self) when this process's parent goes away."""
     parent = os.getppid()

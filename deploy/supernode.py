@@ -5,9 +5,9 @@ reply in 0.5 s steps, and sends a heartbeat every ~20 s (interval 30 s, so a dea
 noticed after ~60 s). For federated rounds that take a second, those sleeps dominate. This
 launcher runs Flower's own ``flower_supernode()`` with three changes and nothing else:
 
-- polling backs off from ``POLL_MIN`` to Flower's 3 s while idle and resets when a message
-  arrives, so the next message of a round (evaluate after train) is picked up in tens of ms
-  while an idle device still polls only every 3 s;
+- while idle it polls every ``POLL_SHARE`` of the time idle so far (``POLL_MIN`` to
+  Flower's 3 s), so the next message of a round is picked up within tens of ms while an
+  idle device still polls only every 3 s;
 - the wait for the ClientApp's reply polls every 20 ms (local state, no network), and a
   message whose arrays are still being uploaded is retried after 50 ms rather than 1 s;
 - the heartbeat interval is ``HEARTBEAT`` (10 s, the SuperLink's minimum), so the server
@@ -25,8 +25,11 @@ import time as _time
 from types import ModuleType
 from typing import Any
 
+from pollinate.deploy.proc import poll_interval
+
 POLL_MIN = 0.05
 POLL_MAX = 3.0  # Flower's own idle poll
+POLL_SHARE = 0.1
 REPLY_POLL = 0.02
 OBJECT_RETRY = 0.05  # each retry is a request to the SuperLink, the bottleneck
 HEARTBEAT = 10  # seconds; the SuperLink rejects anything below 10
@@ -41,20 +44,22 @@ class _Clock(ModuleType):
 
     def __init__(self) -> None:
         super().__init__("time")
-        self.poll = POLL_MIN
+        self.idle_since: float | None = None  # None: busy with a message
 
     def __getattr__(self, name: str) -> Any:
         return getattr(_time, name)
 
     def sleep(self, seconds: float) -> None:
         if seconds >= 1:  # "no message, wait for a while"
-            _time.sleep(self.poll)
-            self.poll = min(self.poll * 1.5, POLL_MAX)
+            if self.idle_since is None:
+                self.idle_since = _time.monotonic()
+            idle = _time.monotonic() - self.idle_since
+            _time.sleep(poll_interval(idle, POLL_SHARE, POLL_MIN, POLL_MAX))
         else:  # waiting for the local ClientApp's reply
             _time.sleep(min(seconds, REPLY_POLL))
 
     def reset(self) -> None:
-        self.poll = POLL_MIN
+        self.idle_since = None
 
 
 def patch_flower() -> None:

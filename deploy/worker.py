@@ -33,15 +33,16 @@ from typing import Any
 from flwr.app import Message
 
 from pollinate.deploy.appdir import APP_NAME, PUBLISHER
-from pollinate.deploy.proc import watch_parent
+from pollinate.deploy.proc import poll_interval, watch_parent
 
 log = logging.getLogger("pollinate.worker")
 
 FAB_ID = f"{PUBLISHER}/{APP_NAME}"
-# Poll the local Runtime API fast right after a task (the next message of a round comes
-# quickly), backing off while idle.
+# Poll the local Runtime API every POLL_SHARE of the time idle so far (10 ms .. 0.5 s):
+# the next message of a round, due in well under a second, is picked up within tens of ms.
 POLL_MIN = 0.01
 POLL_MAX = 0.5
+POLL_SHARE = 0.1
 
 
 class _Stop(BaseException):
@@ -72,7 +73,7 @@ def run_worker(runtime_api_address: str, *, max_tasks: int | None = None) -> int
         retry_invoker=make_simple_http_retry_invoker(),
     )
     served = 0
-    poll = POLL_MIN
+    idle_since = time.monotonic()
     request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
     try:
         while max_tasks is None or served < max_tasks:
@@ -82,10 +83,10 @@ def run_worker(runtime_api_address: str, *, max_tasks: int | None = None) -> int
                 what = run_task(runtime_api_address, res.token, client_app)
                 log.info("%s in %.2f s", what, time.perf_counter() - t0)
                 served += 1
-                poll = POLL_MIN
+                idle_since = time.monotonic()
                 continue
-            time.sleep(poll)
-            poll = min(poll * 1.5, POLL_MAX)
+            idle = time.monotonic() - idle_since
+            time.sleep(poll_interval(idle, POLL_SHARE, POLL_MIN, POLL_MAX))
     finally:
         client.close()
     return served

@@ -33,9 +33,12 @@ POLL_MAX = 1.0
 # polls every 50 ms, a minute-long one every second. (Backing off 1.5x per poll, as
 # before, let the last reply of a 1 s exchange wait up to 0.5 s.)
 POLL_SHARE = 0.1
-# A reply's arrays are usually uploaded within tens of ms of the reply itself; every retry
-# is one more request to the SuperLink, whose CPU is the bottleneck of a round.
-OBJECT_RETRY = 0.05
+# A reply is listed before its node has uploaded its arrays, which takes ~0.1-0.2 s on a
+# busy SuperLink: retry after 20 ms, doubling to at most OBJECT_RETRY_CAP (Flower's default
+# doubles to 1 s and so picked a reply up ~0.2 s after its upload ended). Each retry is a
+# request to the SuperLink, so not faster.
+OBJECT_RETRY = 0.02
+OBJECT_RETRY_CAP = 0.1
 STALL = 5.0
 
 # The grid and the destination nodes of the exchange in progress, for the download guard.
@@ -103,7 +106,7 @@ def _guarded_pull_objects(
         return content
 
     kwargs.setdefault("initial_backoff", OBJECT_RETRY)
-    kwargs.setdefault("backoff_cap", POLL_MAX)
+    kwargs.setdefault("backoff_cap", OBJECT_RETRY_CAP)
     return flower_pull_objects(object_ids, pull_object_fn=pull, **kwargs)
 
 

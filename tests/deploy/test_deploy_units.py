@@ -308,3 +308,11 @@ def test_send_and_receive_picks_replies_up_within_tens_of_ms() -> None:
     start = time.monotonic()
     assert send_and_receive(grid, [Msg()], timeout=0.5) == []
     assert time.monotonic() - start < 1.0
+
+
+def test_poll_interval_keeps_up_with_the_wait() -> None:
+    from pollinate.deploy.proc import poll_interval
+
+    assert poll_interval(0.0, 0.1, 0.01, 0.5) == 0.01  # a fresh wait polls fast
+    assert poll_interval(0.6, 0.1, 0.01, 0.5) == pytest.approx(0.06)  # late by <= 10%
+    assert poll_interval(60.0, 0.1, 0.01, 0.5) == 0.5  # an idle device polls rarely
