@@ -16,6 +16,8 @@ their data, Ray warms its actors), so the figure compared is the median of round
 - ``deployed``: ``pollinate server start`` (TLS + node authentication) and three
   ``pollinate node start`` (SuperNode + warm ClientApp worker, serving off) on 127.0.0.1.
 - ``insecure`` (``--insecure``): the same without TLS and node authentication.
+- ``memory`` (``--memory-state``): deployed (TLS) with the SuperLink's state in memory
+  instead of its SQLite database (``server start --memory-state``).
 - ``stock`` (``--stock``): the deployment as plain Flower would run it — ``flower-supernode``
   with its default per-message ``flwr-clientapp`` process and the ServerApp's stock
   ``HttpGrid`` (3 s reply poll), everything else the same.
@@ -124,12 +126,12 @@ def run_simulation(root: Path, rounds: int, num: int) -> tuple[list[float], floa
 
 
 def run_deployed(
-    root: Path, rounds: int, num: int, insecure: bool = False
+    root: Path, rounds: int, num: int, insecure: bool = False, memory_state: bool = False
 ) -> tuple[list[float], float]:
     from pollinate.deploy.certs import create_certs, create_node_key
     from pollinate.deploy.proc import free_port
 
-    root = root / ("insecure" if insecure else "secure")
+    root = root / (("insecure" if insecure else "secure") + ("-memory" if memory_state else ""))
     root.mkdir()
     for csv in root.parent.glob("device*.csv"):
         (root / csv.name).symlink_to(csv)
@@ -149,7 +151,8 @@ def run_deployed(
     server = pollinate(
         "server", "start", "--config", str(cfg), "--address", f"127.0.0.1:{port}",
         "--state-dir", str(state), "--run-dir", str(root / "dep"),
-        *(["--insecure"] if insecure else []), log=root / "server.log", env=env,
+        *(["--insecure"] if insecure else []),
+        *(["--memory-state"] if memory_state else []), log=root / "server.log", env=env,
     )  # fmt: skip
     nodes = []
     try:
@@ -276,6 +279,11 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=200, help="rows per device")
     parser.add_argument("--stock", action="store_true", help="also plain Flower (slow)")
     parser.add_argument(
+        "--memory-state",
+        action="store_true",
+        help="also deployed with the SuperLink's state in memory (server start --memory-state)",
+    )
+    parser.add_argument(
         "--insecure", action="store_true", help="also deployed without TLS and node auth"
     )
     args = parser.parse_args()
@@ -287,6 +295,8 @@ def main() -> None:
         write_devices(root, args.devices, args.rows)
         results["simulation"] = run_simulation(root, args.rounds, args.devices)
         results["deployed"] = run_deployed(root, args.rounds, args.devices)
+        if args.memory_state:
+            results["memory"] = run_deployed(root, args.rounds, args.devices, memory_state=True)
         if args.insecure:
             results["insecure"] = run_deployed(root, args.rounds, args.devices, insecure=True)
         if args.stock:
@@ -299,7 +309,11 @@ def main() -> None:
             f"{name:<12}{rounds[0]:>10.2f}{statistics.median(rest):>15.3f}"
             f"{max(rest):>12.3f}{total:>8.1f}"
         )
-    for name, runs in (("deployed", "secure"), ("insecure", "insecure")):
+    for name, runs in (
+        ("deployed", "secure"),
+        ("memory", "secure-memory"),
+        ("insecure", "insecure"),
+    ):
         if runs in REQUESTS:
             per_round = REQUESTS[runs] / args.rounds
             print(f"{name}: {REQUESTS[runs]} SuperLink requests, {per_round:.0f} per round")

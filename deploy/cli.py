@@ -57,7 +57,14 @@ def cmd_server_start(args: argparse.Namespace) -> int:
     if not args.insecure:
         certs = check_certs(Path(args.certs).expanduser() if args.certs else state.certs, host)
     opts = ServerOptions(
-        cfg=cfg, host=host, port=port, state=state, certs=certs, echo=_print, verbose=args.verbose
+        cfg=cfg,
+        host=host,
+        port=port,
+        state=state,
+        certs=certs,
+        echo=_print,
+        verbose=args.verbose,
+        memory_state=args.memory_state,
     )
     return start_server(opts)
 
@@ -184,6 +191,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     start.add_argument("--certs", help="folder made by `certs create` (default <state>/certs)")
     start.add_argument("--run-dir", help="where results go (default runs/<run.name>)")
     start.add_argument("--verbose", action="store_true", help="echo the SuperLink's log")
+    start.add_argument(
+        "--memory-state",
+        action="store_true",
+        help="keep the SuperLink's state in memory: faster rounds, but runs and logs do "
+        "not survive a restart (default: <state>/superlink.db)",
+    )
     start.set_defaults(func=cmd_server_start)
 
     status = server_sub.add_parser("status", help="nodes, round and state of the run")

@@ -6,7 +6,8 @@
    and ``model.num-classes`` must be set) and pins ``run.dir`` to an absolute path — the
    ServerApp runs in a process the SuperLink starts, in another working directory;
 2. starts a Flower SuperLink (:mod:`pollinate.deploy.superlink`) with TLS and node
-   authentication (unless ``--insecure``) and its state in memory (``STATE_DB``);
+   authentication (unless ``--insecure``) and its state database in the state folder, so
+   runs, logs and node registrations survive a restart (``--memory-state``: in memory);
 3. registers the node keys saved in ``<state>/nodes/`` and submits the Pollinate ServerApp
    run with ``flwr run`` (app folder from :mod:`pollinate.deploy.appdir`);
 4. prints each round as it lands in ``<run dir>/metrics.db`` (``pollinate metrics RUN_DIR``
@@ -60,11 +61,12 @@ STATUS_POLL = 0.5  # metrics.db, a local file
 LINK_POLL = 10.0
 LINK_POLL_RUNNING = 60.0
 
-# The SuperLink's state (runs, nodes, messages and every array of every message) in plain
-# Python objects, Flower's default. A SQLite file costs an ORM query or several per request
-# (~2x the SuperLink's CPU per round, measured) and keeps nothing this server needs: one
-# SuperLink serves one run, and node keys are registered again from <state>/nodes at start.
-STATE_DB = ":flwr-in-memory:"
+# `--memory-state`: the SuperLink's state (runs, nodes, messages and every array of every
+# message) in plain Python objects instead of its SQLite database. The database costs an
+# ORM query or several per request (about 2x the SuperLink's CPU per round, measured with
+# benchmarks/bench_deploy.py) but is what lets runs, logs and node registrations survive a
+# SuperLink restart, so it stays the default.
+MEMORY_STATE = ":flwr-in-memory:"
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -99,6 +101,7 @@ class ServerOptions:
     certs: CertPaths | None  # None: --insecure
     echo: Callable[[str], None] = print
     verbose: bool = False
+    memory_state: bool = False  # see MEMORY_STATE
     extra_env: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -243,7 +246,7 @@ def _run(opts: ServerOptions, cfg: RunConfig, state: ServerDir) -> int:
     argv = [
         sys.executable, "-m", "pollinate.deploy.superlink",
         "--host", opts.host, "--port", str(opts.port),
-        "--database", STATE_DB,
+        "--database", MEMORY_STATE if opts.memory_state else str(state.database),
         "--disable-runtime-dependency-installation",
     ]  # fmt: skip
     if opts.certs is None:

@@ -58,6 +58,10 @@ class ServerDir:
     root: Path
 
     @property
+    def database(self) -> Path:
+        return self.root / "superlink.db"
+
+    @property
     def certs(self) -> Path:
         return self.root / "certs"
 

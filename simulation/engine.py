@@ -98,6 +98,8 @@ CLIENT_APP = "pollinate.client.app:app"
 # What a worker imports on its first message to load each dataset, imported once by the
 # fork server instead (scikit-learn's loader is about a second of CPU per worker).
 DATASET_MODULES = {"digits": ["sklearn.datasets"], "file": ["pandas"]}
+# The thread-pool sizes OpenMP and MKL read when torch loads them, set for the workers.
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 # Seconds between the engine threads' checks of the stop event while they wait for work.
 STOP_POLL = 0.02
 
@@ -124,29 +126,56 @@ def _start_method() -> str:
     return "forkserver" if "forkserver" in methods else "spawn"
 
 
+def _start_fork_server(cfg: RunConfig, threads: int) -> None:
+    """Launch multiprocessing's fork server, which imports torch and the ClientApp.
+
+    Returns as soon as the server process is launched (its imports run on); started before
+    this process imports torch, so the thread settings below reach only the server.
+    """
+    import multiprocessing
+    from multiprocessing import forkserver
+
+    from pollinate.simulation.workers import detached_from_main
+
+    modules = [CLIENT_APP.partition(":")[0], *DATASET_MODULES.get(cfg.data.dataset, [])]
+    multiprocessing.set_forkserver_preload(modules)
+    # OpenMP sizes its thread pool when torch loads it: as Ray gives an actor
+    # OMP_NUM_THREADS = its CPUs. torch.set_num_threads in an already-forked worker is
+    # not the same: rounds ran about 1.5x slower with the pool sized for the machine.
+    saved = {k: os.environ.get(k) for k in THREAD_VARS}
+    os.environ.update(dict.fromkeys(THREAD_VARS, str(threads)))
+    try:
+        with detached_from_main():
+            forkserver.ensure_running()
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def _start_workers(
     cfg: RunConfig, size: int, *, verbose: bool, out: list[Any], failed: list[BaseException]
 ) -> None:
-    """Start the local backend's workers, forked from a server that imported the ClientApp."""
+    """Start the local backend's workers (forked once the fork server has its imports)."""
     try:
-        import multiprocessing
-
         from pollinate.simulation.workers import WorkerPool
 
-        method = _start_method()
-        if method == "forkserver":  # the server imports torch and the app once, for all
-            modules = [CLIENT_APP.partition(":")[0], *DATASET_MODULES.get(cfg.data.dataset, [])]
-            multiprocessing.set_forkserver_preload(modules)
         pool = WorkerPool(
             size,
             CLIENT_APP,
-            method=method,
-            threads=max(1, int(cfg.simulation.cpus_per_node)),
+            method=_start_method(),
+            threads=_worker_threads(cfg),
             quiet=not verbose,
         )
         out.append(pool)
     except BaseException as err:  # re-raised in the caller's thread
         failed.append(err)
+
+
+def _worker_threads(cfg: RunConfig) -> int:
+    return max(1, int(cfg.simulation.cpus_per_node))
 
 
 def start_local(cfg: RunConfig, num_users: int, *, verbose: bool = False) -> WorkerPool:
@@ -159,6 +188,8 @@ def start_local(cfg: RunConfig, num_users: int, *, verbose: bool = False) -> Wor
     cpus = available_cpus()
     slots = max(1, int(cpus // cfg.simulation.cpus_per_node))
     size = min(slots, plan_nodes(cfg, num_users, cpus))
+    if _start_method() == "forkserver":
+        _start_fork_server(cfg, _worker_threads(cfg))
     pools: list[Any] = []
     failed: list[BaseException] = []
     starter = threading.Thread(
