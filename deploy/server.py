@@ -236,13 +236,8 @@ def start_server(opts: ServerOptions) -> int:
         return _run(opts, cfg, state)
 
 
-def _run(opts: ServerOptions, cfg: RunConfig, state: ServerDir) -> int:
-    echo = opts.echo
-    root_cert = opts.certs.ca_cert if opts.certs else None
-    link.write_connection(state.flwr_home, opts.control, root_cert)
-    app_dir = write_app_dir(state.apps)
-    state.run_config.write_text(to_toml(cfg))
-    env = {**link.env_for_superlink(state.flwr_home), **opts.extra_env}
+def superlink_argv(opts: ServerOptions, state: ServerDir) -> list[str]:
+    """The SuperLink's command line: its state database, and TLS + node auth or not."""
     argv = [
         sys.executable, "-m", "pollinate.deploy.superlink",
         "--host", opts.host, "--port", str(opts.port),
@@ -250,18 +245,29 @@ def _run(opts: ServerOptions, cfg: RunConfig, state: ServerDir) -> int:
         "--disable-runtime-dependency-installation",
     ]  # fmt: skip
     if opts.certs is None:
-        argv.append("--insecure")
+        return [*argv, "--insecure"]
+    return [
+        *argv,
+        "--ssl-ca-certfile", str(opts.certs.ca_cert),
+        "--ssl-certfile", str(opts.certs.server_cert),
+        "--ssl-keyfile", str(opts.certs.server_key),
+        "--enable-supernode-auth",
+    ]  # fmt: skip
+
+
+def _run(opts: ServerOptions, cfg: RunConfig, state: ServerDir) -> int:
+    echo = opts.echo
+    root_cert = opts.certs.ca_cert if opts.certs else None
+    link.write_connection(state.flwr_home, opts.control, root_cert)
+    app_dir = write_app_dir(state.apps)
+    state.run_config.write_text(to_toml(cfg))
+    env = {**link.env_for_superlink(state.flwr_home), **opts.extra_env}
+    argv = superlink_argv(opts, state)
+    if opts.certs is None:
         echo(
             "WARNING: --insecure: no TLS and no node authentication; anyone who can reach "
             f"{opts.address} can join, read the model and send updates. Local experiments only."
         )
-    else:
-        argv += [
-            "--ssl-ca-certfile", str(opts.certs.ca_cert),
-            "--ssl-certfile", str(opts.certs.server_cert),
-            "--ssl-keyfile", str(opts.certs.server_key),
-            "--enable-supernode-auth",
-        ]  # fmt: skip
 
     refusals: list[str] = []
 

@@ -22,7 +22,12 @@ from pollinate.deploy.certs import DeployError, create_certs
 from pollinate.deploy.link import _last_json, _one_line
 from pollinate.deploy.node import NodeOptions, explain_probe, node_config, probe
 from pollinate.deploy.proc import Supervisor, alive, descendants, parse_address
-from pollinate.deploy.server import deployment_config, refusal_message
+from pollinate.deploy.server import (
+    ServerOptions,
+    deployment_config,
+    refusal_message,
+    superlink_argv,
+)
 from pollinate.deploy.state import NodeDir, ServerDir, single_instance, write_json
 from pollinate.deploy.superlink import LoopbackAdmin
 
@@ -316,3 +321,24 @@ def test_poll_interval_keeps_up_with_the_wait() -> None:
     assert poll_interval(0.0, 0.1, 0.01, 0.5) == 0.01  # a fresh wait polls fast
     assert poll_interval(0.6, 0.1, 0.01, 0.5) == pytest.approx(0.06)  # late by <= 10%
     assert poll_interval(60.0, 0.1, 0.01, 0.5) == 0.5  # an idle device polls rarely
+
+
+def test_superlink_keeps_a_state_database_unless_asked_for_memory(tmp_path: Path) -> None:
+    from pollinate.deploy.certs import CertPaths
+
+    state = ServerDir(tmp_path / "server")
+    certs = CertPaths.in_dir(tmp_path / "certs")
+    opts = ServerOptions(resolve({}), "127.0.0.1", 9092, state, certs)
+
+    def value(argv: list[str], flag: str) -> str:
+        return argv[argv.index(flag) + 1]
+
+    secure = superlink_argv(opts, state)
+    assert value(secure, "--database") == str(state.database)  # survives a restart
+    assert "--enable-supernode-auth" in secure and "--insecure" not in secure
+    assert value(secure, "--ssl-certfile") == str(certs.server_cert)
+    memory = superlink_argv(
+        ServerOptions(resolve({}), "::1", 1, state, None, memory_state=True), state
+    )
+    assert value(memory, "--database") == ":flwr-in-memory:"
+    assert "--insecure" in memory and "--enable-supernode-auth" not in memory
