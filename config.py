@@ -31,6 +31,7 @@ MODELS = ("cnn", "logreg", "mlp")
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
 PERSONALIZATION = ("none", "finetune", "fedper", "ditto")
 BACKENDS = ("auto", "local", "ray")
+SAVE_MODELS = ("every-round", "final-round")
 
 
 class ConfigError(ValueError):
@@ -146,6 +147,11 @@ class ServerSection:
 class StoreSection:
     # Per-user model store; empty means <run dir>/users.
     dir: str = ""
+    # When evaluation writes each evaluated user's global and personal model to the store:
+    # "every-round" (devices serve the newest models) or "final-round" (large simulations:
+    # two file writes per evaluated user per round add up at thousands of users). State a
+    # method keeps between rounds (FedPer's head, Ditto's personal model) is always saved.
+    save_models: str = "every-round"
 
 
 @dataclass(frozen=True)
@@ -273,6 +279,7 @@ def _check(cfg: RunConfig) -> None:
     _choice("strategy.name", cfg.strategy.name, STRATEGIES)
     _choice("personalization.method", cfg.personalization.method, PERSONALIZATION)
     _choice("simulation.backend", cfg.simulation.backend, BACKENDS)
+    _choice("store.save-models", cfg.store.save_models, SAVE_MODELS)
     if cfg.simulation.backend == "local" and cfg.simulation.ray_address:
         raise ConfigError(
             "simulation.ray-address needs simulation.backend = 'ray' (or 'auto'); "

@@ -223,24 +223,32 @@ def _train_ditto_personal(
     )
 
 
+def _writes_models(ctx: RoundContext) -> bool:
+    store = ctx.cfg.store
+    return store.save_models == "every-round" or ctx.server_round >= ctx.cfg.run.num_rounds
+
+
 def evaluate_user(bench: Workbench, ctx: RoundContext, user: UserData) -> dict[str, float]:
     """Loss/accuracy of the global and the personal model on the user's own test split.
 
-    Also writes both models to the user's store, so they outlive the run.
+    Also writes both models to the user's store, so they outlive the run (every round, or
+    in the final round only: ``store.save-models``).
     """
     method = ctx.cfg.personalization.method
+    write = _writes_models(ctx)
     model = bench.model(ctx.spec)
     model.load_state_dict(ctx.global_weights)
     x_test, y_test = _tensors(user.x_test, user.y_test)
     g = evaluate(model, x_test, y_test)
-    ctx.store.save(
-        user.user_id,
-        "global",
-        spec=ctx.spec,
-        state_dict=ctx.global_weights,
-        round=ctx.server_round,
-        metrics={"loss": g.loss, "accuracy": g.accuracy, "num-examples": g.num_examples},
-    )
+    if write:
+        ctx.store.save(
+            user.user_id,
+            "global",
+            spec=ctx.spec,
+            state_dict=ctx.global_weights,
+            round=ctx.server_round,
+            metrics={"loss": g.loss, "accuracy": g.accuracy, "num-examples": g.num_examples},
+        )
 
     personal_round = ctx.server_round
     if method == "none":
@@ -266,14 +274,15 @@ def evaluate_user(bench: Workbench, ctx: RoundContext, user: UserData) -> dict[s
             model.load_state_dict(stored.state_dict)
             personal_round = stored.round
         p = evaluate(model, x_test, y_test)
-    ctx.store.save(
-        user.user_id,
-        "personal",
-        spec=ctx.spec,
-        state_dict=_snapshot(model),
-        round=personal_round,
-        metrics={"loss": p.loss, "accuracy": p.accuracy, "num-examples": p.num_examples},
-    )
+    if write:
+        ctx.store.save(
+            user.user_id,
+            "personal",
+            spec=ctx.spec,
+            state_dict=_snapshot(model),
+            round=personal_round,
+            metrics={"loss": p.loss, "accuracy": p.accuracy, "num-examples": p.num_examples},
+        )
     return {
         "num-examples": g.num_examples,
         "global-loss": g.loss,

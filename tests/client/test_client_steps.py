@@ -129,3 +129,28 @@ def test_ditto_personal_model_is_pulled_toward_global_by_lambda(tmp_path: Path) 
         assert pers is not None and pers.round == 1
         distances[lam] = distance(pers.state_dict, ctx.global_weights)
     assert 0 < distances[5.0] < 0.5 * distances[0.0]
+
+
+def test_final_round_only_writes_the_evaluated_models_in_the_last_round(tmp_path: Path) -> None:
+    sets = {"store.save-models": "final-round", "run.num-rounds": 3}
+    bench = Workbench()
+    for round_ in (1, 2):
+        m = evaluate_user(
+            bench, context(tmp_path, "finetune", round_=round_, sets=sets), make_user()
+        )
+        assert m["num-examples"] == 40  # evaluated all the same
+        assert ModelStore(tmp_path).load("u-1", "global") is None
+    evaluate_user(bench, context(tmp_path, "finetune", round_=3, sets=sets), make_user())
+    store = ModelStore(tmp_path)
+    glob, pers = store.load("u-1", "global"), store.load("u-1", "personal")
+    assert glob is not None and pers is not None and glob.round == pers.round == 3
+
+
+def test_final_round_only_still_keeps_the_state_between_rounds(tmp_path: Path) -> None:
+    # FedPer's own head is state, not output: saved when trained, whatever save-models says.
+    sets = {"store.save-models": "final-round", "run.num-rounds": 3}
+    update, _ = train_user(Workbench(), context(tmp_path, "fedper", sets=sets), make_user())
+    pers = ModelStore(tmp_path).load("u-1", "personal")
+    assert pers is not None
+    model = create_model("mlp", in_features=6, num_classes=4)
+    assert all(torch.equal(pers.state_dict[k], update[k]) for k in head_keys(model))
