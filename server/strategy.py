@@ -86,6 +86,18 @@ class _UsersAsNodes:
         return self._ids
 
 
+def error_reason(reason: str) -> str:
+    """The message inside a Flower error reply's reason, on one line.
+
+    Flower wraps a ClientApp's exception as ``<class '...ClientAppException'>:<'
+    Exception ClientAppException occurred. Message: ...'>``.
+    """
+    marker = "Message: "
+    if marker in reason:
+        reason = reason.split(marker, 1)[1].removesuffix("'>")
+    return " ".join(reason.split())
+
+
 class UserCohorts:
     """Mixin: put it before a Flower strategy class (``class S(UserCohorts, FedAvg)``)."""
 
@@ -152,6 +164,7 @@ class UserCohorts:
             log(WARNING, "Node %d left; its users are no longer sampled", node)
             del self._users_of_node[node]
         new = sorted(n for n in live if n not in self._users_of_node)
+        failures: list[str] = []
         if new:
             queries = [
                 Message(
@@ -162,7 +175,9 @@ class UserCohorts:
             for reply in grid.send_and_receive(queries, timeout=self.query_timeout):
                 node = reply.metadata.src_node_id
                 if reply.has_error():
-                    log(WARNING, "Node %d could not list its users: %s", node, reply.error.reason)
+                    reason = error_reason(reply.error.reason or "")
+                    failures.append(f"node {node}: {reason}")
+                    log(WARNING, "Node %d could not list its users: %s", node, reason)
                     continue
                 ids = [str(u) for u in reply.content["users"]["ids"]]  # type: ignore[union-attr]
                 self._users_of_node[node] = ids
@@ -173,7 +188,10 @@ class UserCohorts:
         }
         self._user_list = sorted(self._node_of_user)
         if not self._user_list:
-            raise NodeWaitTimeout("the connected nodes host no users: check their data files")
+            why = f" ({failures[0]})" if failures else ""
+            raise NodeWaitTimeout(
+                f"the connected nodes host no users{why}: check their data files and logs"
+            )
 
     # ------------------------------------------------------------------ routing
     def _users_by_node(self, messages: Iterable[Message]) -> dict[int, list[str]]:

@@ -65,7 +65,13 @@ def _serve(conn: Connection, app_ref: str, threads: int, quiet: bool) -> None:
         logging.getLogger("flwr").setLevel(logging.ERROR)
     if "torch" in sys.modules:  # as Ray gives an actor OMP_NUM_THREADS = its CPUs
         sys.modules["torch"].set_num_threads(threads)
-    app = load_app(app_ref)
+    try:
+        app: ClientApp | None = load_app(app_ref)
+        load_error = ""
+    except Exception as err:
+        # Every message gets the reason as its error reply (the run reports it), instead of
+        # a worker that dies on each start and tells nothing.
+        app, load_error = None, f"could not load the ClientApp {app_ref}: " + _one_line(err)
     while True:
         try:
             job = conn.recv()
@@ -74,13 +80,19 @@ def _serve(conn: Connection, app_ref: str, threads: int, quiet: bool) -> None:
         if job is None:
             return
         message, context = job
+        if app is None:
+            conn.send((None, None, load_error))
+            continue
         try:
             reply = app(message=message, context=context)
         except Exception as err:
-            detail = "".join(traceback.format_exception_only(type(err), err)).strip()
-            conn.send((None, None, detail))
+            conn.send((None, None, _one_line(err)))
         else:
             conn.send((reply, context, None))
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join("".join(traceback.format_exception_only(type(err), err)).split())
 
 
 @contextmanager

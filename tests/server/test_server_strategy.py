@@ -235,3 +235,17 @@ def test_a_node_lost_in_a_folded_exchange_fails_both_halves() -> None:
     wb, nb = UPDATES["b"]
     np.testing.assert_allclose(arrays["w"].numpy(), (wa * na + wb * nb) / (na + nb), rtol=1e-6)
     assert recorder.failures == {1: 1, 2: 1}  # round 1's evaluation and round 2's training
+
+
+def test_error_reason_unwraps_flowers_client_app_exception() -> None:
+    from pollinate.server.strategy import error_reason
+
+    wrapped = (
+        "<class 'flwr.clientapp.client_app.ClientAppException'>:<'\nException "
+        "ClientAppException occurred. Message: could not load the ClientApp a:b: "
+        "ModuleNotFoundError: No module named 'a''>"
+    )
+    assert error_reason(wrapped) == (
+        "could not load the ClientApp a:b: ModuleNotFoundError: No module named 'a'"
+    )
+    assert error_reason("Node Unavailable\n  timed out") == "Node Unavailable timed out"

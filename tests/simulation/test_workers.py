@@ -175,3 +175,15 @@ def test_engine_queues_give_up_waiting_once_the_run_stops() -> None:
     assert outcome == ["stopped"]
     queue.put(2)
     assert waiting.get(timeout=1.0) == 2  # what is already queued is still handed out
+
+
+def test_a_client_app_that_cannot_load_is_reported_on_every_message() -> None:
+    workers = WorkerPool(1, "no_such_module:app")
+    try:
+        pids = workers.pids()
+        for _ in range(2):
+            with pytest.raises(ClientAppException, match="could not load the ClientApp"):
+                workers.run(message("count"), context())
+        assert workers.pids() == pids  # the worker reports; it is not restarted in a loop
+    finally:
+        workers.close()
