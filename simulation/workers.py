@@ -117,10 +117,11 @@ class _Worker:
     process: Any  # multiprocessing.Process of the chosen context
     conn: Connection
 
-    def stop(self) -> None:
+    def stop(self, grace: float = STOP_GRACE) -> None:
+        """Ask the worker to exit, kill it after ``grace`` s, and reap it."""
         with suppress(OSError):
             self.conn.send(None)
-        self.process.join(STOP_GRACE)
+        self.process.join(grace)
         if self.process.is_alive():
             self.process.kill()
             self.process.join()
@@ -178,10 +179,7 @@ class WorkerPool:
         return worker
 
     def _replace(self, dead: _Worker) -> _Worker:
-        if dead.process.is_alive():
-            dead.process.kill()
-            dead.process.join()
-        dead.conn.close()
+        dead.stop(grace=0)
         with self._lock:
             self._all.remove(dead)
         return self._spawn()
