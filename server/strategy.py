@@ -86,6 +86,13 @@ class _UsersAsNodes:
         return self._ids
 
 
+def _node_reply(records: dict[str, Any], reply: Message, message_type: str) -> Message:
+    """A reply from ``reply``'s node carrying one user's records (or its cohort's mean)."""
+    return Message(
+        RecordDict(records), dst_node_id=reply.metadata.src_node_id, message_type=message_type
+    )
+
+
 def error_reason(reason: str) -> str:
     """The message inside a Flower error reply's reason, on one line.
 
@@ -320,6 +327,7 @@ class UserCohorts:
                 per_user.append(("", reply))  # Flower's strategy logs and skips it
                 continue
             content = reply.content
+
             ids = [str(u) for u in content[f"{prefix}users"]["ids"]]  # type: ignore[union-attr]
             node_mean = train and "arrays" in content.array_records
             if node_mean and ids:
@@ -329,16 +337,7 @@ class UserCohorts:
                     "arrays": content.array_records["arrays"],
                     "metrics": content.metric_records["metrics"],
                 }
-                per_user.append(
-                    (
-                        min(ids),
-                        Message(
-                            RecordDict(mean),
-                            dst_node_id=reply.metadata.src_node_id,
-                            message_type=message_type,
-                        ),
-                    )
-                )
+                per_user.append((min(ids), _node_reply(mean, reply, message_type)))
             for user in ids:
                 metrics: MetricRecord = content[f"{prefix}metrics/{user}"]  # type: ignore[assignment]
                 # A node that sent its cohort's mean, or a user with nothing to send (no
@@ -349,16 +348,7 @@ class UserCohorts:
                     if train:
                         records["arrays"] = content[f"arrays/{user}"]
                         received += records["arrays"].count_bytes()
-                    per_user.append(
-                        (
-                            str(user),
-                            Message(
-                                RecordDict(records),
-                                dst_node_id=reply.metadata.src_node_id,
-                                message_type=message_type,
-                            ),
-                        )
-                    )
+                    per_user.append((str(user), _node_reply(records, reply, message_type)))
                 if self.recorder is not None:
                     values = {k: float(v) for k, v in metrics.items()}  # type: ignore[arg-type]
                     if train:
