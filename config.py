@@ -17,16 +17,14 @@ import difflib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import tomllib
 
-from pollinate.data import DataSpec
+from pollinate.data import DATASETS, PARTITIONERS, DataOptions, DataSpec
 
 Scalar = bool | int | float | str
 
-DATASETS = ("digits", "synthetic", "synthetic-iid", "file")
-PARTITIONERS = ("iid", "dirichlet", "shards")
 MODELS = ("cnn", "logreg", "mlp")
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
 PERSONALIZATION = ("none", "finetune", "fedper", "ditto")
@@ -47,21 +45,9 @@ class RunSection:
     dir: str = ""
 
 
-@dataclass(frozen=True)
-class DataSection:
-    dataset: str = "digits"
-    num_users: int = 20
-    partitioner: str = "dirichlet"
-    alpha: float = 0.5
-    shards_per_user: int = 2
-    synthetic_alpha: float = 1.0
-    synthetic_beta: float = 1.0
-    path: str = ""
-    user_column: str = "user"
-    label_column: str = "label"
-    test_fraction: float = 0.2
-    central_test_fraction: float = 0.2
-    min_samples: int = 4
+# `[data]`: defined, with each key's meaning, next to the data it describes
+# (pollinate.data.DataSpec, which adds the run's seed).
+DataSection: TypeAlias = DataOptions
 
 
 @dataclass(frozen=True)
@@ -334,7 +320,6 @@ def _check(cfg: RunConfig) -> None:
 
 def data_spec(cfg: RunConfig) -> DataSpec:
     """The dataset spec this run config describes (seeded by run.seed)."""
-    # DataSection mirrors DataSpec field for field; the seed is the run's.
     return DataSpec(**asdict(cfg.data), seed=cfg.run.seed)
 
 

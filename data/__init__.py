@@ -7,12 +7,13 @@ and the file reader are public so deployment and tests can use them directly.
 from .federated import FederatedDataset, UserData, load_federated_dataset, split_user
 from .files import load_user_file
 from .partition import partition_dirichlet, partition_iid, partition_shards, split_train_test
-from .spec import DATASETS, PARTITIONERS, DataError, DataSpec
+from .spec import DATASETS, PARTITIONERS, DataError, DataOptions, DataSpec
 
 __all__ = [
     "DATASETS",
     "PARTITIONERS",
     "DataError",
+    "DataOptions",
     "DataSpec",
     "FederatedDataset",
     "UserData",

@@ -25,7 +25,26 @@ def config_key(field_name: str) -> str:
 
 
 @dataclass(frozen=True)
-class DataSpec:
+class DataOptions:
+    """The run config's ``[data]`` table: every `DataSpec` field but the seed (the run's)."""
+
+    dataset: str = "digits"
+    num_users: int = 20
+    partitioner: str = "dirichlet"
+    alpha: float = 0.5
+    shards_per_user: int = 2
+    synthetic_alpha: float = 1.0
+    synthetic_beta: float = 1.0
+    path: str = ""
+    user_column: str = "user"
+    label_column: str = "label"
+    test_fraction: float = 0.2
+    central_test_fraction: float = 0.2
+    min_samples: int = 4
+
+
+@dataclass(frozen=True)
+class DataSpec(DataOptions):
     """Which data each user holds.
 
     Attributes
@@ -60,19 +79,6 @@ class DataSpec:
         Seeds everything: the same spec gives identical arrays.
     """
 
-    dataset: str = "digits"
-    num_users: int = 20
-    partitioner: str = "dirichlet"
-    alpha: float = 0.5
-    shards_per_user: int = 2
-    synthetic_alpha: float = 1.0
-    synthetic_beta: float = 1.0
-    path: str = ""
-    user_column: str = "user"
-    label_column: str = "label"
-    test_fraction: float = 0.2
-    central_test_fraction: float = 0.2
-    min_samples: int = 4
     seed: int = 0
 
     def validate(self) -> DataSpec:
