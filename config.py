@@ -73,6 +73,10 @@ class TrainSection:
     # and round); with drop-stragglers they send nothing (FedAvg's rule in the paper).
     straggler_fraction: float = 0.0
     drop_stragglers: bool = False
+    # Train up to this many of a node's users at once, their models stacked (vmap): the
+    # same results up to float32 rounding, several times faster for small models. 0 or 1 =
+    # one user at a time. Models it cannot stack fall back to one at a time (logged once).
+    stack_users: int = 0
 
 
 @dataclass(frozen=True)
@@ -289,6 +293,7 @@ def _check(cfg: RunConfig) -> None:
     _positive("train.momentum", cfg.train.momentum, allow_zero=True)
     _positive("train.weight-decay", cfg.train.weight_decay, allow_zero=True)
     _fraction("train.straggler-fraction", cfg.train.straggler_fraction, allow_zero=True)
+    _positive("train.stack-users", cfg.train.stack_users, allow_zero=True)
     _fraction("strategy.fraction-train", cfg.strategy.fraction_train)
     _fraction("strategy.fraction-evaluate", cfg.strategy.fraction_evaluate, allow_zero=True)
     _positive("strategy.min-train-users", cfg.strategy.min_train_users)

@@ -58,7 +58,10 @@ VARIANTS = ("plain", "pollinate", "flower")
 # default local worker processes.
 # ``pollinate-cluster``: attached to a Ray cluster started once beforehand (``ray start``),
 # what repeated runs on a kept-up cluster cost.
-EXTRA_VARIANTS = ("pollinate-updates", "pollinate-ray", "pollinate-cluster")
+# ``pollinate-stacked``: each node trains its sampled users as one stack of models
+# (``train.stack-users``, torch.func.vmap): the same updates up to float32 rounding.
+EXTRA_VARIANTS = ("pollinate-updates", "pollinate-ray", "pollinate-cluster", "pollinate-stacked")
+STACKED = {"train.stack-users": 4096}
 GiB = 2**30
 
 
@@ -72,6 +75,10 @@ class Job:
     lr: float = 0.05
     hidden: int = 64
     seed: int = 0
+    model: str = "mlp"
+
+    def model_kwargs(self) -> dict[str, Any]:
+        return {"hidden": self.hidden} if self.model == "mlp" else {}
 
     @property
     def sampled(self) -> int:
@@ -85,7 +92,7 @@ class Job:
             "synthetic-alpha": 1.0,
             "synthetic-beta": 1.0,
             "seed": self.seed,
-            "model": "mlp",
+            "model": self.model,
             "in-features": 60,
             "num-classes": 10,
             "hidden": self.hidden,
@@ -109,7 +116,7 @@ class Job:
                 "data.num-users": self.users,
                 "data.synthetic-alpha": 1.0,
                 "data.synthetic-beta": 1.0,
-                "model.name": "mlp",
+                "model.name": self.model,
                 "model.hidden": self.hidden,
                 "train.epochs": self.epochs,
                 "train.batch-size": self.batch_size,
@@ -147,7 +154,9 @@ def run_plain(job: Job, out: Path) -> dict[str, Any]:
             seed=job.seed,
         )
     )
-    model = create_model("mlp", in_features=60, num_classes=10, hidden=job.hidden, seed=job.seed)
+    model = create_model(
+        job.model, in_features=60, num_classes=10, seed=job.seed, **job.model_kwargs()
+    )
     weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
     cfg = TrainConfig(epochs=job.epochs, batch_size=job.batch_size, lr=job.lr)
     random.seed(job.seed)  # Flower's sampler draws from `random`, as Pollinate's server does
@@ -430,6 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fraction", type=float, default=0.1)
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--model", default="mlp", choices=("mlp", "logreg"))
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument(
         "--flower-max-users",
@@ -475,6 +485,7 @@ def main(argv: list[str] | None = None) -> int:
         fraction=args.fraction,
         epochs=args.epochs,
         batch_size=args.batch_size,
+        model=args.model,
     )
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     scales = [int(u) for u in args.users.split(",")]
@@ -482,6 +493,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     cluster = common.start_ray_cluster() if "pollinate-cluster" in variants else None
     extras = {v: extra if v.startswith("pollinate") else None for v in variants}
+    if "pollinate-stacked" in extras:
+        extras["pollinate-stacked"] = {**extra, **STACKED}
     if "pollinate-ray" in extras:
         extras["pollinate-ray"] = {**extra, "simulation.backend": "ray"}
     if cluster:
@@ -521,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
     common.write_csv(out / f"{args.name}.csv", rows)
     title = (
         f"{args.rounds} rounds, {args.fraction:.0%} of users per round, E={args.epochs}, "
-        f"B={args.batch_size}, MLP on Synthetic(1,1); {common.machine()['nproc']} cores"
+        f"B={args.batch_size}, {args.model} on Synthetic(1,1); {common.machine()['nproc']} cores"
     )
     plot(rows, out / f"{args.name}.png", title)
     md = f"{title}\n\n" + common.markdown_table(

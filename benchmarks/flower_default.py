@@ -61,7 +61,7 @@ def net(cfg: ConfigRecord) -> torch.nn.Module:
         str(cfg["model"]),
         in_features=_int(cfg["in-features"]),
         num_classes=_int(cfg["num-classes"]),
-        hidden=_int(cfg["hidden"]),
+        **({"hidden": _int(cfg["hidden"])} if cfg["model"] == "mlp" else {}),
     )
 
 

@@ -45,7 +45,7 @@ from pollinate.client.steps import (
     Workbench,
     evaluate_user,
     is_dropped,
-    train_user,
+    train_users,
 )
 from pollinate.client.store import ModelStore
 from pollinate.config import RunConfig, resolve
@@ -133,10 +133,9 @@ def train(msg: Message, context: Context) -> Message:
         _evaluate_into(content, evaluated, users, prefix="evaluate/")
     mean = WeightedMean() if config.get("node-mean", False) else None
     ids = []
-    for user in _sampled_users(msg, context, ctx.cfg):
-        if is_dropped(ctx, user.user_id):
-            continue
-        update, metrics = train_user(_BENCH, ctx, user)
+    sampled = _sampled_users(msg, context, ctx.cfg)
+    trainers = (user for user in sampled if not is_dropped(ctx, user.user_id))
+    for user, update, metrics in train_users(_BENCH, ctx, trainers):
         if mean is None:
             content[f"arrays/{user.user_id}"] = _weights_record(update)
         else:

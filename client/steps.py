@@ -17,8 +17,11 @@ calls these functions.
 from __future__ import annotations
 
 import json
+import logging
 import random
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from itertools import islice
 
 import torch
 
@@ -35,6 +38,9 @@ from pollinate.models import (
     head_keys,
     train,
 )
+from pollinate.models.batched import NotBatchable, StackedUser, train_stacked
+
+_log = logging.getLogger(__name__)
 
 StateDict = dict[str, torch.Tensor]
 
@@ -157,6 +163,108 @@ def train_user(
     elif method == "ditto":
         _train_ditto_personal(bench, ctx, user, x, y)
     return update, {"num-examples": stats.num_examples, "train-loss": stats.loss}
+
+
+def train_users(
+    bench: Workbench, ctx: RoundContext, users: Iterable[UserData]
+) -> Iterator[tuple[UserData, StateDict, dict[str, float]]]:
+    """:func:`train_user` for each user, ``train.stack-users`` of them at a time.
+
+    Each chunk of users is trained as one stack of models (:mod:`pollinate.models.batched`):
+    the same schedule per user, the same results up to float32 rounding. A model the stack
+    cannot train falls back to one user at a time, said once per process.
+    """
+    size = ctx.cfg.train.stack_users
+    it = iter(users)
+    while chunk := list(islice(it, max(size, 1))):
+        if size > 1:
+            try:
+                yield from _train_stack(bench, ctx, chunk)
+                continue
+            except NotBatchable as why:
+                _fall_back_once(str(why))
+        for user in chunk:
+            yield (user, *train_user(bench, ctx, user))
+
+
+_FELL_BACK: set[str] = set()
+
+
+def _fall_back_once(why: str) -> None:
+    if why not in _FELL_BACK:
+        _FELL_BACK.add(why)
+        _log.warning("train.stack-users: training one user at a time (%s)", why)
+
+
+def _train_stack(
+    bench: Workbench, ctx: RoundContext, users: list[UserData]
+) -> Iterator[tuple[UserData, StateDict, dict[str, float]]]:
+    """:func:`train_user` for ``users`` as one stack (and Ditto's personal models as another)."""
+    method = ctx.cfg.personalization.method
+    model = bench.model(ctx.spec)
+    mu = ctx.proximal_mu
+    data = [_tensors(u.x_train, u.y_train) for u in users]
+    starts = []
+    for user in users:
+        model.load_state_dict(ctx.global_weights)
+        if method == "fedper":
+            _with_own_head(model, ctx, user.user_id)
+        starts.append(_snapshot(model))
+    trained = train_stacked(
+        model,
+        [
+            StackedUser(
+                x=x,
+                y=y,
+                start=start,
+                epochs=local_epochs(ctx, user.user_id),
+                anchor=ctx.global_weights if mu > 0 else None,
+                generator=_generator(ctx, user.user_id, "train"),
+            )
+            for user, (x, y), start in zip(users, data, starts, strict=True)
+        ],
+        _train_config(ctx.cfg, epochs=ctx.cfg.train.epochs, proximal_mu=mu),
+    )
+    if method == "ditto":
+        _train_ditto_stack(bench, ctx, users, data)
+    for user, (update, stats) in zip(users, trained, strict=True):
+        if method == "fedper":
+            ctx.store.save(
+                user.user_id, "personal", spec=ctx.spec, state_dict=update, round=ctx.server_round
+            )
+        yield user, update, {"num-examples": stats.num_examples, "train-loss": stats.loss}
+
+
+def _train_ditto_stack(
+    bench: Workbench,
+    ctx: RoundContext,
+    users: list[UserData],
+    data: list[tuple[torch.Tensor, torch.Tensor]],
+) -> None:
+    """:func:`_train_ditto_personal` for ``users`` as one stack."""
+    lam = ctx.cfg.personalization.ditto_lambda
+    starts = []
+    for user in users:
+        stored = ctx.store.load(user.user_id, "personal")
+        starts.append(stored.state_dict if stored is not None else ctx.global_weights)
+    personal = train_stacked(
+        bench.model(ctx.spec, "personal"),
+        [
+            StackedUser(
+                x=x,
+                y=y,
+                start=start,
+                anchor=ctx.global_weights if lam > 0 else None,
+                generator=_generator(ctx, user.user_id, "ditto"),
+            )
+            for user, (x, y), start in zip(users, data, starts, strict=True)
+        ],
+        _train_config(ctx.cfg, epochs=ctx.cfg.personalization.ditto_epochs, proximal_mu=lam),
+    )
+    for user, (weights, _) in zip(users, personal, strict=True):
+        ctx.store.save(
+            user.user_id, "personal", spec=ctx.spec, state_dict=weights, round=ctx.server_round
+        )
 
 
 class WeightedMean:

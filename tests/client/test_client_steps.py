@@ -6,10 +6,17 @@ import dataclasses
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from pollinate import config
-from pollinate.client.steps import RoundContext, Workbench, evaluate_user, train_user
+from pollinate.client.steps import (
+    RoundContext,
+    Workbench,
+    evaluate_user,
+    train_user,
+    train_users,
+)
 from pollinate.client.store import ModelStore
 from pollinate.data import UserData
 from pollinate.models import body_keys, create_model, head_keys
@@ -154,3 +161,42 @@ def test_final_round_only_still_keeps_the_state_between_rounds(tmp_path: Path) -
     assert pers is not None
     model = create_model("mlp", in_features=6, num_classes=4)
     assert all(torch.equal(pers.state_dict[k], update[k]) for k in head_keys(model))
+
+
+def _cohort(size: int = 5) -> list[UserData]:
+    users = []
+    for i in range(size):
+        u = make_user(seed=i, n=20 + 12 * i)  # different sizes: ragged batches
+        users.append(dataclasses.replace(u, user_id=f"u-{i}"))
+    return users
+
+
+@pytest.mark.parametrize("method", ["none", "finetune", "fedper", "ditto"])
+def test_stacked_users_train_as_one_by_one(tmp_path: Path, method: str) -> None:
+    """train.stack-users: every user's update, and its stored personal model, as if alone."""
+    sets = {"train.batch-size": 8, "train.straggler-fraction": 0.5, "train.momentum": 0.5}
+    results = {}
+    for stack in (0, 3):
+        store_dir = tmp_path / f"stack-{stack}"
+        ctx = context(store_dir, method, mu=0.05, sets={**sets, "train.stack-users": stack})
+        if method in ("fedper", "ditto"):  # a personal model from an earlier round
+            for user in _cohort()[:2]:
+                start = {k: v + 0.1 for k, v in ctx.global_weights.items()}
+                ctx.store.save(user.user_id, "personal", spec=ctx.spec, state_dict=start, round=0)
+        trained = list(train_users(Workbench(), ctx, _cohort()))
+        personal = {u.user_id: ctx.store.load(u.user_id, "personal") for u, _, _ in trained}
+        results[stack] = (trained, personal)
+    (one, one_personal), (stacked, stacked_personal) = results[0], results[3]
+    assert [u.user_id for u, _, _ in one] == [u.user_id for u, _, _ in stacked]
+    assert len({float(m["train-loss"]) for _, _, m in one}) == 5  # the users really differ
+    for (_, w1, m1), (_, w2, m2) in zip(one, stacked, strict=True):
+        assert m1["num-examples"] == m2["num-examples"]
+        assert m2["train-loss"] == pytest.approx(m1["train-loss"], abs=1e-5)
+        for k in w1:
+            assert torch.allclose(w1[k], w2[k], atol=2e-5), k
+    for user_id, p1 in one_personal.items():
+        p2 = stacked_personal[user_id]
+        assert (p1 is None) == (p2 is None)
+        if p1 is not None and p2 is not None:
+            for k in p1.state_dict:
+                assert torch.allclose(p1.state_dict[k], p2.state_dict[k], atol=2e-5), k
