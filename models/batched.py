@@ -3,8 +3,9 @@
 For the small models of federated simulations, :func:`~pollinate.models.train.train` spends
 its time in Python and kernel launches, one user after another. :func:`train_stacked` runs
 the same SGD for a cohort in one pass per step: each user's parameters are one slice of a
-stacked tensor (U, ...), ``torch.func.functional_call`` under ``vmap`` evaluates every
-user's model on its own minibatch, and the update is applied to the whole stack.
+stacked tensor (U, ...), every user's model is evaluated on its own minibatch in one call
+(batched matmuls for models made of Linear/ReLU layers, ``torch.func.functional_call``
+under ``vmap`` for the rest, e.g. the CNN), and the update is applied to the whole stack.
 
 Every user gets exactly the schedule :func:`train` would give it alone — its own shuffle
 (the same ``randperm`` calls on its own generator), its own number of epochs (stragglers),
@@ -27,6 +28,7 @@ import torch
 from torch import nn
 from torch.func import functional_call, vmap
 
+from .registry import FedModel
 from .train import TrainConfig, TrainStats, _check_data, _device_of
 
 __all__ = ["NotBatchable", "StackedUser", "train_stacked"]
@@ -80,6 +82,66 @@ def _schedule(
         order = torch.randperm(n, generator=generator) if batch < n else torch.arange(n)
         steps.extend(order[start : start + batch] for start in range(0, n, batch))
     return steps
+
+
+def _step_rows(
+    schedules: list[list[torch.Tensor]], users: list[StackedUser]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every user's batches as rows of one concatenated dataset, padded.
+
+    Returns ``rows`` (U, S, B): user u's step s takes rows ``rows[u, s]`` of ``x_all``
+    (sum N + 1, F) and ``y_all``; the last row is all zeros and pads short batches and
+    finished schedules. One gather per step then builds every user's batch at once.
+    """
+    offsets = [0]
+    for u in users:
+        offsets.append(offsets[-1] + len(u.x))
+    pad = offsets[-1]
+    num_steps = max((len(s) for s in schedules), default=0)
+    width = max((len(b) for s in schedules for b in s), default=1)
+    rows = torch.full((len(users), num_steps, width), pad, dtype=torch.long)
+    for i, steps in enumerate(schedules):
+        for s, batch in enumerate(steps):
+            rows[i, s, : len(batch)] = batch + offsets[i]
+    num_features = users[0].x.shape[1]
+    x_all = torch.cat([u.x.to(torch.float32) for u in users] + [torch.zeros(1, num_features)])
+    y_all = torch.cat([u.y.to(torch.long) for u in users] + [torch.zeros(1, dtype=torch.long)])
+    return rows, x_all, y_all
+
+
+def _stacked_layers(model: nn.Module) -> list[tuple[str, nn.Module]] | None:
+    """The model as a chain of (parameter prefix, Linear/ReLU/Identity), or None.
+
+    Models built only of these (logreg, MLPs) are evaluated for the whole stack with one
+    batched matmul per layer, which costs far less per step than ``vmap``'s dispatch.
+    """
+    chain: list[tuple[str, nn.Module]] = []
+
+    def walk(module: nn.Module, prefix: str) -> bool:
+        if isinstance(module, nn.Linear | nn.ReLU | nn.Identity):
+            chain.append((prefix, module))
+            return True
+        if isinstance(module, nn.Sequential):
+            return all(walk(child, f"{prefix}{name}.") for name, child in module.named_children())
+        if isinstance(module, FedModel):  # forward = head(body(x))
+            return walk(module.body, f"{prefix}body.") and walk(module.head, f"{prefix}head.")
+        return False
+
+    return chain if walk(model, "") else None
+
+
+def _chain_forward(
+    chain: list[tuple[str, nn.Module]], weights: StateDict, x: torch.Tensor
+) -> torch.Tensor:
+    """Logits (A, B, K) of every user's model on its own batch x (A, B, F)."""
+    for prefix, layer in chain:
+        if isinstance(layer, nn.Linear):
+            w = weights[f"{prefix}weight"].transpose(1, 2)  # (A, in, out)
+            bias = weights.get(f"{prefix}bias")
+            x = torch.bmm(x, w) if bias is None else torch.baddbmm(bias.unsqueeze(1), x, w)
+        elif isinstance(layer, nn.ReLU):
+            x = torch.relu(x)
+    return x
 
 
 def _check_batchable(model: nn.Module, users: Sequence[StackedUser]) -> None:
@@ -139,23 +201,24 @@ def train_stacked(
         _schedule(n, e, cfg.batch_size, u.generator)
         for n, e, u in zip(sizes, epochs, users, strict=True)
     ]
-    num_users = len(users)
+    # Users sorted by their number of steps, longest first: at every step the users still
+    # training are a prefix of the stack, so a step computes on a view of just those users
+    # (no work for users whose schedule is over: with power-law dataset sizes most are).
+    order = sorted(range(len(users)), key=lambda i: -len(schedules[i]))
+    lengths = [len(schedules[i]) for i in order]
 
-    # (U, ...) per parameter; a user's slice starts at its own weights.
-    stacked = {
-        k: torch.stack([u.start[k].detach().to(device, torch.float32) for u in users])
-        for k in names
-    }
-    use_prox = users[0].anchor is not None and cfg.proximal_mu > 0
-    anchors = (
-        {
-            k: torch.stack([u.anchor[k].detach().to(device, torch.float32) for u in users])  # type: ignore[index]
-            for k in selected
-            if all(u.anchor is not None and k in u.anchor for u in users)
+    def stack(of: list[StateDict], keys: list[str]) -> StateDict:
+        return {
+            k: torch.stack([of[i][k].detach().to(device, torch.float32) for i in order])
+            for k in keys
         }
-        if use_prox
-        else {}
-    )
+
+    # (U, ...) per parameter, in `order`; a user's slice starts at its own weights.
+    stacked = stack([u.start for u in users], names)
+    anchors: StateDict = {}
+    if users[0].anchor is not None and cfg.proximal_mu > 0:
+        given = [u.anchor for u in users if u.anchor is not None]
+        anchors = stack(given, [k for k in selected if all(k in a for a in given)])
 
     def user_loss(
         weights: StateDict,
@@ -163,96 +226,93 @@ def train_stacked(
         yb: torch.Tensor,  # (L,)
         mask: torch.Tensor,  # (L,) 1 for real rows
     ) -> torch.Tensor:
-        logits = functional_call(model, weights, (xb,))  # (L, K)
-        # cross_entropy's own rule under vmap is a decomposition that imports sympy
-        # (about a second, once per process); this is the same log-softmax + NLL.
-        ce = -torch.log_softmax(logits, dim=-1).gather(-1, yb.unsqueeze(-1)).squeeze(-1)  # (L,)
-        return (ce * mask).sum() / mask.sum().clamp(min=1.0)
+        return _masked_mean_ce(functional_call(model, weights, (xb,)), yb, mask)
 
-    # vmap for the forward pass only: each user's slice of the stack sees only its own
-    # batch, so the gradient of the summed losses is every user's own gradient. (Not
-    # torch.func.grad: its first call imports torch._dynamo, seconds in every worker.)
-    losses_of = vmap(user_loss)
-    momentum: dict[str, torch.Tensor | None] = dict.fromkeys(selected)
-    started = torch.zeros(num_users, dtype=torch.bool, device=device)
-    loss_sum = torch.zeros(num_users, device=device)
-    steps_taken = [0] * num_users
-    xs = [u.x.to(device=device, dtype=torch.float32) for u in users]
-    ys = [u.y.to(device=device, dtype=torch.long) for u in users]
-    num_features = xs[0].shape[1]
+    chain = _stacked_layers(model)
+    # Other models: vmap for the forward pass. Either way each user's slice of the stack
+    # sees only its own batch, so the gradient of the summed losses is every user's own
+    # gradient. (Not torch.func.grad: its first call imports torch._dynamo, seconds.)
+    losses_of = (
+        vmap(user_loss)
+        if chain is None
+        else lambda w, xb, yb, mask: _masked_mean_ce(_chain_forward(chain, w, xb), yb, mask)
+    )
+    momentum = {k: torch.zeros_like(stacked[k]) for k in selected} if cfg.momentum else {}
+    loss_sum = torch.zeros(len(users), device=device)
+    rows, x_all, y_all = _step_rows([schedules[i] for i in order], [users[i] for i in order])
+    rows, x_all, y_all = rows.to(device), x_all.to(device), y_all.to(device)
+    pad = len(x_all) - 1
 
     was_training = model.training
     model.train()
     try:
-        for step in range(max((len(s) for s in schedules), default=0)):
-            active = [step < len(s) for s in schedules]
-            width = max(len(s[step]) for s, a in zip(schedules, active, strict=True) if a)
-            xb = torch.zeros(num_users, width, num_features, device=device)  # (U, L, F)
-            yb = torch.zeros(num_users, width, dtype=torch.long, device=device)  # (U, L)
-            mask = torch.zeros(num_users, width, device=device)  # (U, L)
-            for i, idx in enumerate(schedules):
-                if active[i]:
-                    rows = idx[step].to(device)
-                    xb[i, : len(rows)] = xs[i][rows]
-                    yb[i, : len(rows)] = ys[i][rows]
-                    mask[i, : len(rows)] = 1.0
-            on = torch.tensor(active, device=device)
-            trained = [stacked[k].requires_grad_() for k in selected]
+        active = len(users)
+        for step in range(lengths[0] if lengths else 0):
+            while lengths[active - 1] <= step:
+                active -= 1
+            at = rows[:active, step]  # (A, B) rows of the concatenated data, `pad` = none
+            xb, yb = x_all[at], y_all[at]  # (A, B, F), (A, B)
+            mask = (at != pad).to(torch.float32)  # (A, B)
+            live = {k: v[:active] for k, v in stacked.items()}  # views: updated in place
+            trained = {k: live[k].detach().requires_grad_() for k in selected}
             with torch.set_grad_enabled(bool(selected)):
-                losses = losses_of(stacked, xb, yb, mask)  # (U,)
-            loss_sum += torch.where(on, losses.detach() * mask.sum(dim=1), 0.0)
+                losses = losses_of({**live, **trained}, xb, yb, mask)  # (A,)
+            loss_sum[:active] += losses.detach() * mask.sum(dim=1)
             if not selected:
                 continue  # nothing to train (an empty parameter subset): loss only
             objective = losses.sum()
             if anchors:
-                sq = sum(((stacked[k] - a) ** 2).sum() for k, a in anchors.items())
+                sq = sum(((trained[k] - a[:active]) ** 2).sum() for k, a in anchors.items())
                 objective = objective + 0.5 * cfg.proximal_mu * sq
-            grads = dict(zip(selected, torch.autograd.grad(objective, trained), strict=True))
-            for k in selected:
-                stacked[k] = stacked[k].detach()
-            _sgd_step(stacked, grads, momentum, on, started, cfg)
-            started |= on
-            for i, a in enumerate(active):
-                steps_taken[i] += int(a)
+            grads = torch.autograd.grad(objective, list(trained.values()))
+            _sgd_step(live, dict(zip(trained, grads, strict=True)), momentum, step == 0, cfg)
     finally:
         model.train(was_training)
 
-    results: list[tuple[StateDict, TrainStats]] = []
-    for i, user in enumerate(users):
+    results: list[tuple[StateDict, TrainStats]] = [None] * len(users)  # type: ignore[list-item]
+    for p, i in enumerate(order):
         seen = sizes[i] * epochs[i]
         if seen == 0:
-            results.append(
-                ({k: v.detach().clone() for k, v in user.start.items()}, TrainStats(0.0, 0, 0))
-            )
+            start = {k: v.detach().clone() for k, v in users[i].start.items()}
+            results[i] = (start, TrainStats(0.0, 0, 0))
             continue
-        weights = {k: stacked[k][i].detach().clone() for k in names}
-        stats = TrainStats(
-            loss=float(loss_sum[i]) / seen, num_examples=sizes[i], steps=steps_taken[i]
-        )
-        results.append((weights, stats))
+        weights = {k: stacked[k][p].clone() for k in names}
+        steps = lengths[p] if selected else 0
+        results[i] = (weights, TrainStats(float(loss_sum[p]) / seen, sizes[i], steps))
     return results
+
+
+def _masked_mean_ce(logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the real rows (mask 1) along the last batch axis.
+
+    The same log-softmax + NLL as ``F.cross_entropy``, written out: cross_entropy's rule
+    under vmap is a decomposition that imports sympy (about a second, once per process).
+    """
+    ce = -torch.log_softmax(logits, dim=-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)  # (..., B)
+    return (ce * mask).sum(dim=-1) / mask.sum(dim=-1).clamp(min=1.0)
 
 
 @torch.no_grad()
 def _sgd_step(
-    stacked: StateDict,
+    live: StateDict,  # the training users' slices of the stack (A, ...), updated in place
     grads: StateDict,
-    momentum: dict[str, torch.Tensor | None],
-    active: torch.Tensor,  # (U,) bool: users whose schedule has this step
-    started: torch.Tensor,  # (U,) bool: users whose momentum buffer exists
+    momentum: StateDict,  # the whole stack's buffers (U, ...)
+    first: bool,
     cfg: TrainConfig,
 ) -> None:
-    """``torch.optim.SGD``'s update (dampening 0, no Nesterov) on the active users only."""
+    """``torch.optim.SGD``'s update (dampening 0, no Nesterov) on the training users.
+
+    Users train from step 0 until their schedule ends, so every buffer starts at step 0.
+    """
     for k, g in grads.items():
-        w = stacked[k]
-        on = active.view(-1, *([1] * (w.dim() - 1)))  # (U, 1, ...)
+        w = live[k]
         if cfg.weight_decay != 0:
-            g = g + cfg.weight_decay * w
+            g = g.add(w, alpha=cfg.weight_decay)
         if cfg.momentum != 0:
-            buf = momentum[k]
-            first = (~started).view_as(on)
-            # A user's first step seeds its buffer with the gradient, as torch's SGD does.
-            new = g.clone() if buf is None else torch.where(first, g, cfg.momentum * buf + g)
-            momentum[k] = new if buf is None else torch.where(on, new, buf)
-            g = new
-        stacked[k] = torch.where(on, w - cfg.lr * g, w)
+            buf = momentum[k][: len(w)]
+            if first:  # torch's SGD seeds the buffer with the first gradient
+                buf.copy_(g)
+            else:
+                buf.mul_(cfg.momentum).add_(g, alpha=1)
+            g = buf
+        w.add_(g, alpha=-cfg.lr)
