@@ -9,8 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pollinate.deploy.certs import DEFAULT_HOSTS, DeployError
+
+if TYPE_CHECKING:
+    from pollinate.deploy.stream import StreamSettings
 
 
 def _print(text: str) -> None:
@@ -126,6 +130,7 @@ def cmd_node_start(args: argparse.Namespace) -> int:
             f"{data.name} holds {len(users)} users; the inference service serves one: pick it "
             "with --user-id, or pass --serve none"
         )
+    stream = _node_start_stream(args, data, users, model_dir)
     opts = NodeOptions(
         server=args.server,
         data=data,
@@ -140,10 +145,82 @@ def cmd_node_start(args: argparse.Namespace) -> int:
         user_column=args.user_column,
         label_column=args.label_column,
         threads=args.threads,
+        stream=stream,
         echo=_print,
         verbose=args.verbose,
     )
     return start_node(opts)
+
+
+def _node_start_stream(
+    args: argparse.Namespace, data: Path, users: list[str], model_dir: Path
+) -> StreamSettings | None:
+    """``node start --stream-*``: the settings of the streaming child, checked (broker too)."""
+    from pollinate.deploy.stream import StreamSettings, check_settings, open_broker
+
+    flags = {
+        "--stream-requests": args.stream_requests,
+        "--stream-predictions": args.stream_predictions,
+    }
+    if args.stream_broker is None:
+        given = [flag for flag, value in flags.items() if value is not None]
+        if given:
+            raise DeployError(f"{given[0]} needs --stream-broker URL")
+        return None
+    missing = [flag for flag, value in flags.items() if value is None]
+    if missing:
+        raise DeployError(f"--stream-broker needs {' and '.join(missing)} NAME")
+    user = args.user_id or (users[0] if len(users) == 1 else None)
+    if user is None:
+        raise DeployError(
+            f"{data.name} holds {len(users)} users; streaming answers with one user's model: "
+            "pick it with --user-id"
+        )
+    settings = StreamSettings(
+        broker=args.stream_broker,
+        requests=args.stream_requests,
+        predictions=args.stream_predictions,
+        model_dir=model_dir,
+        model=args.stream_model,
+        user=user,
+    )
+    check_settings(settings)
+    open_broker(settings).close()  # unreachable or refusing: say so before anything starts
+    return settings
+
+
+def _stream_settings(args: argparse.Namespace) -> StreamSettings:
+    from pollinate.deploy.state import NodeDir, default_node_dir
+    from pollinate.deploy.stream import StreamSettings
+
+    state = Path(args.state_dir).expanduser() if args.state_dir else default_node_dir()
+    model_dir = Path(args.model_dir).expanduser() if args.model_dir else NodeDir(state).models
+    return StreamSettings(
+        broker=args.broker,
+        requests=args.requests,
+        predictions=args.predictions,
+        model_dir=model_dir,
+        model=args.model,
+        user=args.user,
+        group=args.group,
+        consumer=args.consumer,
+        dead_letter=args.dead_letter,
+        batch=args.batch,
+        maxlen=args.maxlen,
+        max_deliveries=args.max_deliveries,
+        claim_idle=args.claim_idle,
+        threads=args.threads,
+    )
+
+
+def cmd_node_stream(args: argparse.Namespace) -> int:
+    from pollinate.deploy.stream import stream_store
+
+    if args.exit_with_parent:
+        from pollinate.deploy.proc import watch_parent
+
+        watch_parent()
+    return stream_store(_stream_settings(args), _print)
 
 
 def cmd_node_serve(args: argparse.Namespace) -> int:
@@ -250,6 +327,19 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     nstart.add_argument("--user-column", help="user id column (default: the server's config)")
     nstart.add_argument("--label-column", help="label column (default: the server's config)")
     nstart.add_argument("--verbose", action="store_true", help="echo the children's logs")
+    nstart.add_argument(
+        "--stream-broker",
+        metavar="URL",
+        help="also answer prediction requests from this broker (e.g. redis://127.0.0.1:6379/0)",
+    )
+    nstart.add_argument("--stream-requests", metavar="NAME", help="stream of requests to read")
+    nstart.add_argument("--stream-predictions", metavar="NAME", help="stream to publish to")
+    nstart.add_argument(
+        "--stream-model",
+        choices=("global", "personal"),
+        default="personal",
+        help="default personal",
+    )
     nstart.set_defaults(func=cmd_node_start)
 
     nserve = node_sub.add_parser("serve", help="serve a model store without joining")
@@ -258,6 +348,60 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     nserve.add_argument("--port", type=int, default=8080, help="default 8080")
     nserve.add_argument("--user", help="which user's models (needed if the store has several)")
     nserve.set_defaults(func=cmd_node_serve)
+
+    nstream = node_sub.add_parser(
+        "stream", help="answer prediction requests from a message broker (Redis Streams)"
+    )
+    nstream.add_argument(
+        "--broker", required=True, metavar="URL", help="e.g. redis://127.0.0.1:6379/0"
+    )
+    nstream.add_argument("--requests", required=True, metavar="NAME", help="stream to read")
+    nstream.add_argument(
+        "--predictions", required=True, metavar="NAME", help="stream to publish to"
+    )
+    _add_stream_options(nstream, node_state)
+    nstream.set_defaults(func=cmd_node_stream)
+
+
+def _add_stream_options(p: argparse.ArgumentParser, node_state: str) -> None:
+    p.add_argument(
+        "--model", choices=("global", "personal"), default="personal", help="default personal"
+    )
+    p.add_argument("--model-dir", help="model store or one user's folder (default <state>/models)")
+    p.add_argument(
+        "--user", "--user-id", dest="user", help="whose models (needed if the store has several)"
+    )
+    p.add_argument("--state-dir", help=node_state)
+    p.add_argument("--group", help="consumer group (default pollinate-<model>)")
+    p.add_argument(
+        "--consumer",
+        help="this consumer's name in the group; keep it across restarts (default: the host name)",
+    )
+    p.add_argument("--dead-letter", metavar="NAME", help="default <requests>:dead-letter")
+    p.add_argument(
+        "--batch", type=int, default=100, help="most requests read at a time (default 100)"
+    )
+    p.add_argument(
+        "--maxlen",
+        type=int,
+        default=0,
+        help="keep about this many predictions and dead letters (default 0: all)",
+    )
+    p.add_argument(
+        "--max-deliveries",
+        type=int,
+        default=5,
+        help="dead-letter a request delivered this often without an answer (default 5)",
+    )
+    p.add_argument(
+        "--claim-idle",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="take over requests other consumers left unanswered this long (default 60)",
+    )
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--exit-with-parent", action="store_true", help=argparse.SUPPRESS)
 
 
 __all__ = ["add_commands"]

@@ -8,7 +8,9 @@
 - the warm ClientApp worker (:mod:`pollinate.deploy.worker`) that trains on the data file
   and writes the global and personal models to the model store;
 - the local inference service (``pollinate node serve``) on ``--serve`` (127.0.0.1:8080
-  by default; ``none`` skips it), which swaps in each new round's models as they land.
+  by default; ``none`` skips it), which swaps in each new round's models as they land;
+- with ``--stream-broker URL``, the streaming consumer (``pollinate node stream``), which
+  answers prediction requests from a broker's stream with the same models.
 
 The data file is checked with the same loader the ClientApp uses before anything starts.
 Ctrl-C / SIGTERM, or any child dying, stops all of them. Flower's failures become one
@@ -43,6 +45,7 @@ from pollinate.deploy.proc import (
     wait_for_port,
 )
 from pollinate.deploy.state import NodeDir, single_instance, write_json
+from pollinate.deploy.stream import StreamSettings, stream_argv
 
 DEFAULT_SERVE = "127.0.0.1:8080"
 # A node killed without saying goodbye stays "online" on the server for up to 2 heartbeat
@@ -73,6 +76,7 @@ class NodeOptions:
     user_column: str | None = None
     label_column: str | None = None
     threads: int = 0  # torch threads in the worker; 0: torch's default
+    stream: StreamSettings | None = None  # answer requests from a broker too
     echo: Callable[[str], None] = print
     verbose: bool = False
 
@@ -311,6 +315,12 @@ def _supervise(opts: NodeOptions, server_host: str, server_port: int, recovering
                     f"{tail[0] if tail else 'no output'}"
                 )
             echo(f"node: serving predictions on http://{format_address(host, port)}")
+        if opts.stream is not None:
+            sup.start("stream", stream_argv(opts.stream), env=env)
+            echo(
+                f"node: answering prediction requests from {opts.stream.requests!r} on "
+                f"{opts.stream.broker} (log: {opts.state.logs / 'stream.log'})"
+            )
         deadline = time.monotonic() + REJOIN_PATIENCE
         next_alive = 0.0
         said_unreachable = False

@@ -15,3 +15,16 @@ def task_identity() -> Iterator[None]:
     TaskIdentity.task_id = 1
     TaskIdentity.node_id = 1
     yield
+
+
+@pytest.fixture
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real redis-server on a free loopback port with its own folder; stopped afterwards.
+
+    Yields its URL (``redis://127.0.0.1:PORT/0``). No persistence: each test gets an empty
+    broker. ``.ci/run`` installs redis-server (Debian's package) where it is missing.
+    """
+    from redisserver import RedisServer
+
+    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+        yield server.url
