@@ -301,9 +301,7 @@ def test_two_consumers_holding_one_request_answer_it_once(
     slow = make_broker(redis_url, "slow")
     held = slow.read(5, 10)
     # Another consumer takes them over (the first looked dead) and answers.
-    other = StreamConsumer(
-        make_broker(redis_url, "other"), HotModel(store), fast(claim_idle_ms=1)
-    )
+    other = StreamConsumer(make_broker(redis_url, "other"), HotModel(store), fast(claim_idle_ms=1))
     time.sleep(0.01)
     drain(other, lambda: r.xlen(PRED) == 5)
     # The slow one comes back and answers the same requests: nothing is published twice.
