@@ -51,14 +51,14 @@ def make_broker(url: str, consumer: str = "c1", **kw: Any) -> RedisBroker:
     return broker
 
 
-def entries(r: redis.Redis, stream: str) -> list[dict[str, str]]:
+def entries(r: Any, stream: str) -> list[dict[str, str]]:
     return [
         {k.decode(): v.decode() for k, v in fields.items()}
         for _, fields in r.xrange(stream, "-", "+")
     ]
 
 
-def send(r: redis.Redis, n: int, start: int = 0, seed: int = 0) -> dict[str, list[float]]:
+def send(r: Any, n: int, start: int = 0, seed: int = 0) -> dict[str, list[float]]:
     rows = np.random.default_rng(seed).normal(size=(n, F)).round(4)
     sent = {}
     pipe = r.pipeline(transaction=False)
@@ -88,7 +88,7 @@ def one_torch_thread() -> Iterator[None]:
 
 
 @pytest.fixture
-def r(redis_url: str) -> Iterator[redis.Redis]:
+def r(redis_url: str) -> Iterator[Any]:
     client = redis.Redis.from_url(redis_url)
     yield client
     client.close()
@@ -109,7 +109,7 @@ def fast(**kw: Any) -> StreamOptions:
 
 
 def test_predictions_match_the_model_and_carry_its_version(
-    redis_url: str, r: redis.Redis, store: Path
+    redis_url: str, r: Any, store: Path
 ) -> None:
     sent = send(r, 5)
     batch = np.random.default_rng(9).normal(size=(3, F)).round(3).tolist()
@@ -166,7 +166,7 @@ MALFORMED: list[tuple[dict[str, Any], str]] = [
 
 @pytest.mark.parametrize(("fields", "reason"), MALFORMED, ids=[m[1] for m in MALFORMED])
 def test_a_malformed_request_is_dead_lettered_with_its_reason(
-    redis_url: str, r: redis.Redis, store: Path, fields: dict[str, Any], reason: str
+    redis_url: str, r: Any, store: Path, fields: dict[str, Any], reason: str
 ) -> None:
     entry = r.xadd(REQ, fields).decode()
     r.xadd(REQ, {"id": "good", "features": json.dumps([0.5] * F)})
@@ -183,7 +183,7 @@ def test_a_malformed_request_is_dead_lettered_with_its_reason(
 
 
 def test_a_thousand_malformed_requests_do_not_stop_the_good_ones(
-    redis_url: str, r: redis.Redis, store: Path
+    redis_url: str, r: Any, store: Path
 ) -> None:
     rng = np.random.default_rng(0)
     bad_kinds = [f for f, _ in MALFORMED[:-1]]  # not the 1 MB one, 1,000 times
@@ -215,7 +215,7 @@ def test_a_thousand_malformed_requests_do_not_stop_the_good_ones(
 
 
 def test_a_replaced_model_file_is_used_from_the_next_batch_on(
-    redis_url: str, r: redis.Redis, store: Path
+    redis_url: str, r: Any, store: Path
 ) -> None:
     consumer = StreamConsumer(make_broker(redis_url), HotModel(store), fast(batch=10))
     send(r, 10)
@@ -231,7 +231,7 @@ def test_a_replaced_model_file_is_used_from_the_next_batch_on(
 
 
 def test_a_corrupt_model_file_keeps_the_previous_model_answering(
-    redis_url: str, r: redis.Redis, store: Path
+    redis_url: str, r: Any, store: Path
 ) -> None:
     hot = HotModel(store)
     consumer = StreamConsumer(make_broker(redis_url), hot, fast())
@@ -246,7 +246,7 @@ def test_a_corrupt_model_file_keeps_the_previous_model_answering(
 
 
 def test_requests_wait_until_the_first_model_is_stored(
-    redis_url: str, r: redis.Redis, tmp_path: Path
+    redis_url: str, r: Any, tmp_path: Path
 ) -> None:
     root = tmp_path / "empty"
     consumer = StreamConsumer(make_broker(redis_url), HotModel(root), fast())
@@ -279,7 +279,7 @@ def test_model_file_takes_a_store_or_one_users_folder(store: Path, tmp_path: Pat
 
 
 def test_a_restarted_consumer_answers_what_it_had_taken(
-    redis_url: str, r: redis.Redis, store: Path
+    redis_url: str, r: Any, store: Path
 ) -> None:
     sent = send(r, 30)
     dead = make_broker(redis_url, "device")
@@ -295,7 +295,7 @@ def test_a_restarted_consumer_answers_what_it_had_taken(
 
 
 def test_two_consumers_holding_one_request_answer_it_once(
-    redis_url: str, r: redis.Redis, store: Path
+    redis_url: str, r: Any, store: Path
 ) -> None:
     send(r, 5)
     slow = make_broker(redis_url, "slow")
@@ -313,7 +313,7 @@ def test_two_consumers_holding_one_request_answer_it_once(
     assert r.xlen(PRED) == 5
 
 
-def test_answer_publishes_and_acknowledges_together(redis_url: str, r: redis.Redis) -> None:
+def test_answer_publishes_and_acknowledges_together(redis_url: str, r: Any) -> None:
     r.xadd(REQ, {"id": "a", "features": "[1]"})
     broker = make_broker(redis_url, maxlen=3)
     [d] = broker.read(1, 10)
@@ -324,7 +324,7 @@ def test_answer_publishes_and_acknowledges_together(redis_url: str, r: redis.Red
 
 
 def test_a_request_that_keeps_killing_the_consumer_is_dead_lettered(
-    redis_url: str, r: redis.Redis, store: Path
+    redis_url: str, r: Any, store: Path
 ) -> None:
     send(r, 1)
     crashing = make_broker(redis_url, "device")
@@ -340,7 +340,7 @@ def test_a_request_that_keeps_killing_the_consumer_is_dead_lettered(
 
 
 def test_a_request_trimmed_while_pending_is_dead_lettered(
-    redis_url: str, r: redis.Redis, store: Path
+    redis_url: str, r: Any, store: Path
 ) -> None:
     send(r, 2)
     make_broker(redis_url, "device").read(2, 10)
@@ -356,7 +356,7 @@ def test_a_request_trimmed_while_pending_is_dead_lettered(
 class CountingBroker:
     """The real broker, noting how many requests are pending on the server at each answer."""
 
-    def __init__(self, inner: RedisBroker, r: redis.Redis) -> None:
+    def __init__(self, inner: RedisBroker, r: Any) -> None:
         self.inner, self.r = inner, r
         self.read_sizes: list[int] = []
         self.pending_at_answer: list[int] = []
@@ -375,11 +375,11 @@ class CountingBroker:
 
 
 def test_a_large_backlog_is_taken_a_bounded_batch_at_a_time(
-    redis_url: str, r: redis.Redis, store: Path
+    redis_url: str, r: Any, store: Path
 ) -> None:
     send(r, 5000)
     broker = CountingBroker(make_broker(redis_url), r)
-    consumer = StreamConsumer(broker, HotModel(store), fast(batch=50))  # type: ignore[arg-type]
+    consumer = StreamConsumer(broker, HotModel(store), fast(batch=50))
     drain(consumer, lambda: r.xlen(PRED) == 5000, timeout=60)
     # Never more than one batch off the stream and unanswered: the rest waits in Redis.
     assert max(broker.pending_at_answer) <= 50 and max(broker.read_sizes) == 50
@@ -387,7 +387,7 @@ def test_a_large_backlog_is_taken_a_bounded_batch_at_a_time(
     assert r.xpending(REQ, GROUP)["pending"] == 0
 
 
-def test_maxlen_caps_the_predictions_stream(redis_url: str, r: redis.Redis, store: Path) -> None:
+def test_maxlen_caps_the_predictions_stream(redis_url: str, r: Any, store: Path) -> None:
     send(r, 2000)
     consumer = StreamConsumer(make_broker(redis_url, maxlen=100), HotModel(store), fast())
     drain(consumer, lambda: consumer.stats.answered == 2000)
@@ -401,7 +401,7 @@ def test_run_stops_when_asked_and_survives_a_broker_restart(tmp_path: Path, stor
     from redisserver import RedisServer
 
     with RedisServer(tmp_path / "redis-data", appendonly=True) as server:
-        r = redis.Redis.from_url(server.url)
+        r: Any = redis.Redis.from_url(server.url)
         consumer = StreamConsumer(make_broker(server.url), HotModel(store), fast())
         stop = threading.Event()
         thread = threading.Thread(target=consumer.run, args=(stop,))

@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -37,7 +38,7 @@ def stream_argv(url: str, model_dir: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def send(r: redis.Redis, ids: range, features: int = F) -> None:
+def send(r: Any, ids: range, features: int = F) -> None:
     rows = np.random.default_rng(ids.start).normal(size=(len(ids), features)).round(3)
     pipe = r.pipeline(transaction=False)
     for i, row in zip(ids, rows, strict=True):
@@ -45,7 +46,7 @@ def send(r: redis.Redis, ids: range, features: int = F) -> None:
     pipe.execute()
 
 
-def answered_ids(r: redis.Redis) -> list[str]:
+def answered_ids(r: Any) -> list[str]:
     return [f[b"id"].decode() for _, f in r.xrange("pr", "-", "+")]
 
 
@@ -107,7 +108,7 @@ def test_a_consumer_killed_mid_stream_and_restarted_answers_each_request_once(
     dep = deployment
     models = dep.root / "models"
     save_model(models)
-    r = redis.Redis.from_url(redis_url)
+    r: Any = redis.Redis.from_url(redis_url)
     total = 12_000
     send(r, range(0, 8000))  # a backlog: the consumer always holds a batch when killed
     held_at_kill = []
@@ -157,7 +158,7 @@ class Producer(threading.Thread):
             i += 1
 
 
-def check_stream(r: redis.Redis, sent: list[str], final_hash: str) -> list[int]:
+def check_stream(r: Any, sent: list[str], final_hash: str) -> list[int]:
     """Every request answered once; rounds never go back; the last answers use the final
     model. The rounds seen, in order."""
     answers = [{k.decode(): v.decode() for k, v in f.items()} for _, f in r.xrange("pr")]
@@ -196,7 +197,7 @@ def test_streaming_while_a_simulation_trains_and_swaps_the_models(
     time.sleep(1.0)  # a few requests for the final model
     producer.halt.set()
     producer.join(5)
-    r = redis.Redis.from_url(redis_url)
+    r: Any = redis.Redis.from_url(redis_url)
     wait_until(lambda: r.xlen("pr") >= len(producer.sent), 60, proc)
     assert proc.stop() == 0, proc.output
     final = load_artifact(ModelStore(store).path("user-0000", "personal"))
@@ -232,7 +233,7 @@ def test_node_start_streams_beside_training(
     time.sleep(2.0)
     producer.halt.set()
     producer.join(5)
-    r = redis.Redis.from_url(redis_url)
+    r: Any = redis.Redis.from_url(redis_url)
     wait_until(lambda: r.xlen("pr") >= len(producer.sent), 60, node)
     store = ModelStore(dep.root / "node0" / "models")
     final = load_artifact(store.path("user0", "global"))
