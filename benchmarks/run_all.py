@@ -30,6 +30,7 @@ SUITES: dict[str, tuple[list[str], list[str]]] = {
         ["--rounds", "20", "--lrs", "0.5", "--partitions", "iid"],
     ),
     "fidelity_personalization.py": ([], ["--rounds", "3", "--seeds", "0"]),
+    "bench_stream.py": ([], ["--quick"]),
 }
 
 
