@@ -45,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -238,7 +239,7 @@ def backlog(
     start = r.xlen(predictions)
     cpu0 = cpu_seconds(pid)
     pipe = r.pipeline(transaction=False)
-    first = None
+    first: bytes = b""
     for i in range(n):
         pipe.xadd(requests, {"id": f"t{i}", "features": features[i % len(features)]})
         if len(pipe) == 1000:
@@ -287,7 +288,7 @@ def parsing_cost(url: str) -> dict[str, Any]:
     return out
 
 
-def _q(values: list[float], q: float) -> float:
+def _q(values: Sequence[float], q: float) -> float:
     return statistics.quantiles(values, n=100)[round(q * 100) - 1] if q < 1 else max(values)
 
 
