@@ -443,3 +443,11 @@ def test_bad_broker_settings_are_one_line_errors(redis_url: str) -> None:
     )
     with pytest.raises(BrokerError, match="cannot reach the broker"):
         unreachable.check()
+
+
+def test_broker_urls_are_shown_without_their_password() -> None:
+    from pollinate.client.broker import redacted_url
+
+    assert redacted_url("redis://:s3cret@host:6379/0") == "redis://:***@host:6379/0"
+    assert redacted_url("redis://user:s3cret@host/0") == "redis://user:***@host/0"
+    assert redacted_url("redis://host:6379/0") == "redis://host:6379/0"
