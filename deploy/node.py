@@ -316,10 +316,12 @@ def _supervise(opts: NodeOptions, server_host: str, server_port: int, recovering
                 )
             echo(f"node: serving predictions on http://{format_address(host, port)}")
         if opts.stream is not None:
+            from pollinate.client.broker import redacted_url
+
             sup.start("stream", stream_argv(opts.stream), env=env)
             echo(
                 f"node: answering prediction requests from {opts.stream.requests!r} on "
-                f"{opts.stream.broker} (log: {opts.state.logs / 'stream.log'})"
+                f"{redacted_url(opts.stream.broker)} (log: {opts.state.logs / 'stream.log'})"
             )
         deadline = time.monotonic() + REJOIN_PATIENCE
         next_alive = 0.0
