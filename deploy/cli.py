@@ -391,7 +391,7 @@ def _add_stream_options(p: argparse.ArgumentParser, node_state: str) -> None:
         "--max-deliveries",
         type=int,
         default=5,
-        help="dead-letter a request delivered this often without an answer (default 5)",
+        help="dead-letter a request delivered more often than this without an answer (default 5)",
     )
     p.add_argument(
         "--claim-idle",
