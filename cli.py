@@ -182,6 +182,75 @@ def plot_rounds(rounds: pd.DataFrame, path: Path) -> None:
     tmp.replace(path)
 
 
+# ---------------------------------------------------------------------- report, data
+
+
+def _plot_path(path: str) -> Path:
+    if Path(path).suffix.lower() not in (".png", ".svg", ".pdf"):
+        raise InputError(f"--plot '{path}' must end in .png, .svg or .pdf")
+    return Path(path)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pollinate.server.report import load_run, run_labels, write_report
+
+    dirs = [Path(d) for d in args.run_dirs]
+    if args.plot:
+        from pollinate.server.report_static import plot_runs
+
+        runs = [load_run(d) for d in dirs]
+        for run, label in zip(runs, run_labels(runs), strict=True):
+            run.label = label
+        print(f"wrote {plot_runs(runs, _plot_path(args.plot))}")
+        if not args.output:
+            return 0
+    out = (
+        Path(args.output)
+        if args.output
+        else dirs[0] / "report.html"
+        if len(dirs) == 1
+        else Path("report.html")
+    )
+    print(f"wrote {write_report(dirs, out)}")
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from pollinate import config
+    from pollinate.data import load_federated_dataset
+    from pollinate.data.stats import label_counts
+
+    cfg = config.load(args.config, list(args.set or []))
+    dataset = load_federated_dataset(config.data_spec(cfg))
+    counts = label_counts(dataset)
+    table = counts.table()
+    if args.plot:
+        from pollinate.server.report_static import plot_data_split
+
+        plot_data_split(counts, _plot_path(args.plot), dataset.describe())
+        print(f"wrote {args.plot}")
+        return 0
+    if args.format == "json":
+        body = {
+            "dataset": dataset.describe(),
+            "users": len(counts.user_ids),
+            "num_classes": counts.num_classes,
+            "mean_tv_distance": counts.mean_tv,
+            "global_distribution": counts.global_distribution().tolist(),
+            "per_user": json.loads(table.to_json(orient="records")),
+        }
+        print(json.dumps(body, indent=1))
+        return 0
+    if args.format == "table":
+        print(dataset.describe())
+        print(
+            f"label heterogeneity: mean total-variation distance to the global label "
+            f"distribution {counts.mean_tv:.4f} (0 = iid, 1 = disjoint)\n"
+        )
+    print(render(table, args.format), end="")
+    return 0
+
+
 # --------------------------------------------------------------------------- predict
 
 
@@ -229,6 +298,28 @@ def build_parser() -> argparse.ArgumentParser:
     met.add_argument("--format", choices=("table", "csv", "json"), default="table")
     met.add_argument("--plot", metavar="FILE.png", help="write accuracy/loss curves to a file")
     met.set_defaults(func=cmd_metrics)
+
+    rep = sub.add_parser("report", help="write a run's HTML report (several runs: side by side)")
+    rep.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folder(s)")
+    rep.add_argument(
+        "-o",
+        "--output",
+        metavar="FILE.html",
+        help="where to write it (default RUN_DIR/report.html; with several runs report.html)",
+    )
+    rep.add_argument("--plot", metavar="FILE.png", help="a static image of the main charts")
+    rep.set_defaults(func=cmd_report)
+
+    dat = sub.add_parser(
+        "data", help="show a config's users, samples and label distribution, without training"
+    )
+    dat.add_argument("config", help="experiment TOML file, e.g. configs/quickstart.toml")
+    dat.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)"
+    )
+    dat.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    dat.add_argument("--plot", metavar="FILE.png", help="samples per user and labels per user")
+    dat.set_defaults(func=cmd_data)
 
     pred = sub.add_parser("predict", help="score a CSV/Parquet file with a stored model (batch)")
     pred.add_argument("input", metavar="IN", help="features file, .csv or .parquet")

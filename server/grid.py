@@ -110,6 +110,13 @@ def _guarded_pull_objects(
     return flower_pull_objects(object_ids, pull_object_fn=pull, **kwargs)
 
 
+def is_deployed(grid: Grid) -> bool:
+    """True for a grid that talks to a deployed SuperLink (the server then has no data)."""
+    from flwr.superlink.grid import http_grid
+
+    return isinstance(grid, http_grid.HttpGrid)
+
+
 def responsive(grid: Grid) -> Grid:
     """``grid``, polling for replies quickly if it talks to a SuperLink over HTTP."""
     from flwr.superlink.grid import http_grid

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 from flwr.supercore.task_identity import TaskIdentity
@@ -28,3 +32,51 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
     with RedisServer(tmp_path_factory.mktemp("redis")) as server:
         yield server.url
+
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's (.ci/run installs it); Playwright downloads none
+
+
+@pytest.fixture(scope="session")
+def open_report() -> Iterator[Callable[[Path], dict[str, Any]]]:
+    """Open an HTML report in headless Chromium; what rendered and what went wrong.
+
+    Returns a function ``path -> {"charts", "rendered", "errors", "requests", "sections"}``:
+    the Plotly divs, those with drawn SVG/canvas content, console errors and page errors,
+    every URL the page asked for (a self-contained file asks for none but itself).
+    """
+    if not os.path.exists(CHROMIUM):
+        if os.environ.get("CI"):
+            pytest.fail(f"{CHROMIUM} is missing: .ci/run installs Debian's chromium")
+        pytest.skip(f"no {CHROMIUM} (apt-get install chromium)")
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True)
+
+        def load(path: Path) -> dict[str, Any]:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            errors: list[str] = []
+            requests: list[str] = []
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
+            page.on("request", lambda r: requests.append(r.url))
+            page.goto(path.resolve().as_uri(), wait_until="load")
+            drawn = """() => [...document.querySelectorAll('.plotly-graph-div')].filter(
+                d => d.querySelector('.main-svg .plot *, canvas')).length"""
+            charts = page.locator(".plotly-graph-div").count()
+            with contextlib.suppress(PlaywrightTimeout):  # counted below, not waited for ever
+                page.wait_for_function(f"({drawn})() >= {charts}", timeout=15_000)
+            result = {
+                "charts": charts,
+                "rendered": page.evaluate(drawn),
+                "errors": errors,
+                "requests": requests,
+                "sections": page.eval_on_selector_all("section", "els => els.map(e => e.id)"),
+            }
+            page.close()
+            return result
+
+        yield load
+        browser.close()

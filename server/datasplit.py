@@ -1,0 +1,63 @@
+"""The run's data split, recorded at its start: ``<run dir>/data-split.json``.
+
+In a simulation the server knows every user's data (the ClientApps load the same
+``[data]`` spec), so it writes each user's train and test label counts before round 1;
+the report shows them (:mod:`pollinate.server.report`). A deployed server has no data and
+the devices are not asked for their label histograms: a label distribution is itself
+information about a user's data (e.g. which conditions a clinic sees), and the point of a
+deployment is that nothing about it leaves the device unasked. The file then says so.
+
+The file is written atomically, and removed at the start of every run so an earlier
+run's split never stands for this one's.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from pollinate.data import DataSpec, load_federated_dataset
+from pollinate.data.stats import LabelCounts, label_counts
+from pollinate.models import atomic_write
+
+DATA_SPLIT_NAME = "data-split.json"
+NOT_RECORDED_DEPLOYMENT = (
+    "not recorded for deployments: the server has no data, and devices do not report "
+    "their label counts"
+)
+
+
+def write_data_split(run_dir: Path, spec: DataSpec | None) -> Path:
+    """Write the split of ``spec``'s dataset, or (``spec=None``, a deployment) why there is none."""
+    body: dict[str, Any]
+    if spec is None:
+        body = {"recorded": False, "reason": NOT_RECORDED_DEPLOYMENT}
+    else:
+        dataset = load_federated_dataset(spec)
+        body = {
+            "recorded": True,
+            "dataset": dataset.name,
+            "detail": dataset.detail,
+            "central_test": None if dataset.central_test is None else len(dataset.central_test[1]),
+            **label_counts(dataset).to_dict(),
+        }
+    text = json.dumps(body, separators=(",", ":")).encode()
+    path = run_dir / DATA_SPLIT_NAME
+    atomic_write(path, lambda f: f.write(text), mode=0o644)
+    return path
+
+
+def read_data_split(run_dir: str | Path) -> tuple[LabelCounts | None, dict[str, Any]]:
+    """The recorded split and the file's other fields; ``(None, {"reason": ...})`` if none."""
+    path = Path(run_dir) / DATA_SPLIT_NAME
+    if not path.is_file():
+        return None, {"reason": f"not recorded ({DATA_SPLIT_NAME} is missing: an older run?)"}
+    try:
+        raw = json.loads(path.read_text())
+        if not raw.get("recorded"):
+            return None, {"reason": str(raw.get("reason", "not recorded"))}
+        meta = {k: v for k, v in raw.items() if k not in ("users", "train", "test")}
+        return LabelCounts.from_dict(raw), meta
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        return None, {"reason": f"unreadable {DATA_SPLIT_NAME}: {err}"}

@@ -1,0 +1,197 @@
+"""The HTML report (server/report.py) of real runs: its sections, numbers and comparisons.
+
+The runs are real federations in this process (digits, a few users, three rounds);
+the browser test (test_report_browser.py) opens the same kind of file in Chromium.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pollinate import config
+from pollinate.data import load_federated_dataset
+from pollinate.data.stats import label_counts
+from pollinate.server.datasplit import (
+    DATA_SPLIT_NAME,
+    NOT_RECORDED_DEPLOYMENT,
+    read_data_split,
+    write_data_split,
+)
+from pollinate.server.metrics import MetricsError, read_clients, read_rounds
+from pollinate.server.report import load_run, run_labels, user_gains, write_report
+from pollinate.server.report_static import plot_runs
+from pollinate.simulation.inprocess import run_in_process
+
+SECTIONS = [
+    "runs",
+    "summary",
+    "accuracy",
+    "loss",
+    "user-accuracy",
+    "gain",
+    "participation",
+    "cost",
+    "data",
+    "config",
+]
+CHARTS = ["accuracy", "loss", "user-accuracy", "gain", "participation", "cost", "samples", "labels"]
+
+
+def digits_config(run_dir: Path, **overrides: object) -> config.RunConfig:
+    flat: dict[str, object] = {
+        "run.dir": str(run_dir),
+        "run.num-rounds": 3,
+        "data.num-users": 6,
+        "data.alpha": 1.0,
+        "model.name": "mlp",
+        "model.hidden": 16,
+        "train.batch-size": 16,
+        "train.lr": 0.1,
+        "personalization.method": "finetune",
+    }
+    flat.update(overrides)
+    return config.resolve(flat)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("report")
+    fedavg = run_in_process(digits_config(root / "fedavg"), 2)
+    fedprox = run_in_process(
+        digits_config(
+            root / "fedprox", **{"strategy.name": "fedprox", "strategy.proximal-mu": 0.1}
+        ),
+        2,
+    )
+    return {"fedavg": fedavg, "fedprox": fedprox}
+
+
+def charts_of(page: str) -> list[str]:
+    return re.findall(r'<div class="chart" data-chart="([^"]+)">', page)
+
+
+def test_every_section_and_chart_of_a_digits_run(runs: dict[str, Path], tmp_path: Path) -> None:
+    out = write_report([runs["fedavg"]], tmp_path / "r.html")
+    page = out.read_text()
+    assert re.findall(r'<section id="([^"]+)">', page) == SECTIONS
+    assert charts_of(page) == CHARTS
+    assert f'<meta name="pollinate-charts" content="{len(CHARTS)}">' in page
+    # One Plotly.newPlot per chart, each with its own div.
+    assert page.count("Plotly.newPlot(") == len(CHARTS)
+    # The final-round table carries the stored numbers.
+    last = read_rounds(runs["fedavg"]).iloc[-1]
+    for column in ("global_accuracy", "personal_accuracy", "server_accuracy"):
+        assert f"<td>{last[column]:.4f}</td>" in page
+    # The config: keys that differ from the defaults are marked, the rest folded away.
+    assert "<tr class='changed'><td>data.num-users</td><td class='text'>6</td>" in page
+    assert "<tr class=''><td>train.momentum</td>" in page
+
+
+def test_html_needs_no_network(runs: dict[str, Path], tmp_path: Path) -> None:
+    page = write_report([runs["fedavg"]], tmp_path / "r.html").read_text()
+    tags = re.findall(r"<(?:script|link|img|iframe)\b[^>]*>", page)
+    assert tags  # the inline plotly.js and the chart scripts
+    assert not [t for t in tags if re.search(r"\b(?:src|href)\s*=", t)], tags
+    assert page.count("<script") == 1 + len(CHARTS)  # plotly.js once, then one per chart
+    assert len(page) > 3_000_000  # plotly.js itself is inside
+
+
+def test_data_split_is_what_the_users_trained_on(runs: dict[str, Path]) -> None:
+    split, meta = read_data_split(runs["fedavg"])
+    assert split is not None and meta["dataset"] == "digits" and meta["central_test"] > 0
+    cfg = digits_config(runs["fedavg"])
+    expected = label_counts(load_federated_dataset(config.data_spec(cfg)))
+    assert split.user_ids == expected.user_ids
+    assert np.array_equal(split.train, expected.train)
+    assert np.array_equal(split.test, expected.test)
+    # The ClientApps' own reports agree: each user's test examples are its split's.
+    clients = read_clients(runs["fedavg"])
+    evaluated = clients[clients["test_examples"].notna()]
+    tests = dict(zip(split.user_ids, split.test.sum(axis=1), strict=True))
+    assert len(evaluated) > 0
+    for user, n in zip(evaluated["user"], evaluated["test_examples"], strict=True):
+        assert n == tests[user]
+
+
+def test_compare_runs_side_by_side(runs: dict[str, Path], tmp_path: Path) -> None:
+    loaded = [load_run(runs["fedavg"]), load_run(runs["fedprox"])]
+    labels = run_labels(loaded)
+    assert labels == [
+        "strategy.name=fedavg, strategy.proximal-mu=0.01",
+        "strategy.name=fedprox, strategy.proximal-mu=0.1",
+    ]
+    page = write_report([runs["fedavg"], runs["fedprox"]], tmp_path / "ab.html").read_text()
+    # Both runs' curves in the shared charts, their final numbers in one table.
+    for label in labels:
+        assert f"{label}: global (mean over users)" in page
+        assert f"<tr><td>{label}</td>" in page
+    compare = page.split("<table class='compare'>")[1].split("</table>")[0]
+    assert compare.count("<tr><td>") == 2
+    for run in runs.values():
+        assert f"<td>{read_rounds(run).iloc[-1]['personal_accuracy']:.4f}</td>" in compare
+    # Same data split: shown once. Per-run charts: once per run.
+    assert "All runs have the same data split." in page
+    assert charts_of(page).count("labels") == 1
+    assert charts_of(page).count("gain") == 2
+    assert "<tr class='varies'><td>strategy.name</td>" in page
+
+
+def test_gain_is_personal_minus_global_in_the_last_evaluated_round(
+    runs: dict[str, Path],
+) -> None:
+    gains = user_gains(load_run(runs["fedavg"]))
+    clients = read_clients(runs["fedavg"])
+    last = clients[clients["round"] == clients["round"].max()].set_index("user")
+    assert len(gains) == len(last) == 6
+    assert list(gains["gain"]) == sorted(gains["gain"])
+    for row in gains.itertuples():
+        expected = last.loc[row.user, "personal_accuracy"] - last.loc[row.user, "global_accuracy"]
+        assert row.gain == pytest.approx(expected)
+
+
+def test_deployment_run_shows_the_split_is_not_recorded(
+    runs: dict[str, Path], tmp_path: Path
+) -> None:
+    run = tmp_path / "deployed"
+    shutil.copytree(runs["fedavg"], run)
+    write_data_split(run, None)  # what a deployed server writes
+    assert json.loads((run / DATA_SPLIT_NAME).read_text())["recorded"] is False
+    page = write_report([run], tmp_path / "d.html").read_text()
+    assert NOT_RECORDED_DEPLOYMENT in page
+    assert "samples" not in charts_of(page) and "labels" not in charts_of(page)
+    (run / DATA_SPLIT_NAME).unlink()  # a run from before the split was recorded
+    assert "is missing" in write_report([run], tmp_path / "d.html").read_text()
+
+
+def test_rejected_column_is_shown_when_the_rounds_table_has_it(
+    runs: dict[str, Path], tmp_path: Path
+) -> None:
+    run = tmp_path / "rejected"
+    shutil.copytree(runs["fedavg"], run)
+    assert "rejected updates" not in write_report([run], tmp_path / "a.html").read_text()
+    with sqlite3.connect(run / "metrics.db") as db:
+        db.execute("ALTER TABLE rounds ADD COLUMN rejected REAL")
+        db.execute("UPDATE rounds SET rejected = round % 2")
+    assert "rejected updates" in write_report([run], tmp_path / "b.html").read_text()
+
+
+def test_missing_or_non_run_folder_is_one_error(tmp_path: Path) -> None:
+    with pytest.raises(MetricsError, match="does not exist"):
+        write_report([tmp_path / "nope"], tmp_path / "r.html")
+    with pytest.raises(MetricsError, match="no metrics.db"):
+        write_report([tmp_path], tmp_path / "r.html")
+    assert not (tmp_path / "r.html").exists()
+
+
+def test_static_plot_of_two_runs(runs: dict[str, Path], tmp_path: Path) -> None:
+    loaded = [load_run(runs["fedavg"]), load_run(runs["fedprox"])]
+    out = plot_runs(loaded, tmp_path / "plot.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert out.stat().st_size > 50_000
