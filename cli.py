@@ -198,10 +198,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.plot:
         from pollinate.server.report_static import plot_runs
 
+        plot = _plot_path(args.plot)  # before any reading: a bad name fails at once
         runs = [load_run(d) for d in dirs]
         for run, label in zip(runs, run_labels(runs), strict=True):
             run.label = label
-        print(f"wrote {plot_runs(runs, _plot_path(args.plot))}")
+        print(f"wrote {plot_runs(runs, plot)}")
         if not args.output:
             return 0
     out = (
@@ -220,14 +221,15 @@ def cmd_data(args: argparse.Namespace) -> int:
     from pollinate.data import load_federated_dataset
     from pollinate.data.stats import label_counts
 
+    plot = _plot_path(args.plot) if args.plot else None
     cfg = config.load(args.config, list(args.set or []))
     dataset = load_federated_dataset(config.data_spec(cfg))
     counts = label_counts(dataset)
     table = counts.table()
-    if args.plot:
+    if plot is not None:
         from pollinate.server.report_static import plot_data_split
 
-        plot_data_split(counts, _plot_path(args.plot), dataset.describe())
+        plot_data_split(counts, plot, dataset.describe())
         print(f"wrote {args.plot}")
         return 0
     if args.format == "json":

@@ -63,8 +63,12 @@ def open_report() -> Iterator[Callable[[Path], dict[str, Any]]]:
             page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
             page.on("request", lambda r: requests.append(r.url))
             page.goto(path.resolve().as_uri(), wait_until="load")
-            drawn = """() => [...document.querySelectorAll('.plotly-graph-div')].filter(
-                d => d.querySelector('.main-svg .plot *, canvas')).length"""
+            # A chart is drawn when Plotly made its SVG and one layer per trace (heatmaps
+            # are a `g.hm` image, the others `g.trace`).
+            drawn = """() => [...document.querySelectorAll('.plotly-graph-div')].filter(d =>
+                d.querySelector('.main-svg') && d.data && d.data.length > 0 &&
+                d.querySelectorAll('.main-svg g.trace, .main-svg g.hm').length >= d.data.length
+            ).length"""
             charts = page.locator(".plotly-graph-div").count()
             with contextlib.suppress(PlaywrightTimeout):  # counted below, not waited for ever
                 page.wait_for_function(f"({drawn})() >= {charts}", timeout=15_000)

@@ -10,7 +10,9 @@ import json
 import re
 import shutil
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -185,7 +187,7 @@ def test_rejected_column_is_shown_when_the_rounds_table_has_it(
 def test_missing_or_non_run_folder_is_one_error(tmp_path: Path) -> None:
     with pytest.raises(MetricsError, match="does not exist"):
         write_report([tmp_path / "nope"], tmp_path / "r.html")
-    with pytest.raises(MetricsError, match="no metrics.db"):
+    with pytest.raises(MetricsError, match=r"no metrics\.db"):
         write_report([tmp_path], tmp_path / "r.html")
     assert not (tmp_path / "r.html").exists()
 
@@ -195,3 +197,17 @@ def test_static_plot_of_two_runs(runs: dict[str, Path], tmp_path: Path) -> None:
     out = plot_runs(loaded, tmp_path / "plot.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert out.stat().st_size > 50_000
+
+
+def test_report_renders_in_chromium(
+    runs: dict[str, Path], tmp_path: Path, open_report: Callable[[Path], dict[str, Any]]
+) -> None:
+    one = open_report(write_report([runs["fedavg"]], tmp_path / "one.html"))
+    assert one["errors"] == []
+    assert one["sections"] == SECTIONS
+    assert one["charts"] == one["rendered"] == len(CHARTS)
+    assert one["requests"] == [(tmp_path / "one.html").resolve().as_uri()]  # nothing else
+    two = open_report(write_report([runs["fedavg"], runs["fedprox"]], tmp_path / "two.html"))
+    assert two["errors"] == []
+    # Shared charts once, per-run charts (per-user, gain, participation) per run, split once.
+    assert two["charts"] == two["rendered"] == len(CHARTS) + 3
