@@ -25,7 +25,7 @@ from pollinate.config import RunConfig, data_spec, model_kwargs, resolve, to_tom
 from pollinate.data import load_federated_dataset
 from pollinate.models import ModelSpec, create_model, evaluate, save_artifact
 from pollinate.models.flat import flatten, unflatten
-from pollinate.server.datasplit import write_data_split
+from pollinate.server.datasplit import start_data_split
 from pollinate.server.grid import is_deployed, responsive
 from pollinate.server.metrics import MetricsRecorder
 from pollinate.server.strategy import build_strategy
@@ -82,7 +82,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
     (run_dir / "models").mkdir(parents=True, exist_ok=True)
     (run_dir / "config.toml").write_text(to_toml(cfg))
     # Who holds which labels, for the report; a deployed server has no data to count.
-    write_data_split(run_dir, None if is_deployed(grid) else data_spec(cfg))
+    split = start_data_split(run_dir, None if is_deployed(grid) else data_spec(cfg))
     recorder = MetricsRecorder(run_dir)
     recorder.start(config_toml=to_toml(cfg), num_rounds=cfg.run.num_rounds)
     strategy = build_strategy(cfg, recorder)
@@ -138,6 +138,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
         recorder.finish("finished")
     finally:
         recorder.close()
+        split.join()
     return run_dir
 
 

@@ -24,6 +24,7 @@ from pollinate.server.datasplit import (
     DATA_SPLIT_NAME,
     NOT_RECORDED_DEPLOYMENT,
     read_data_split,
+    start_data_split,
     write_data_split,
 )
 from pollinate.server.metrics import MetricsError, read_clients, read_rounds
@@ -211,3 +212,14 @@ def test_report_renders_in_chromium(
     assert two["errors"] == []
     # Shared charts once, per-run charts (per-user, gain, participation) per run, split once.
     assert two["charts"] == two["rendered"] == len(CHARTS) + 3
+
+
+def test_a_split_that_cannot_be_counted_says_why(tmp_path: Path) -> None:
+    (tmp_path / DATA_SPLIT_NAME).write_text('{"recorded": true}')  # an earlier run's
+    spec = config.data_spec(
+        digits_config(tmp_path, **{"data.dataset": "file", "data.path": str(tmp_path / "x.csv")})
+    )
+    start_data_split(tmp_path, spec).join()
+    split, meta = read_data_split(tmp_path)
+    assert split is None and meta["reason"].startswith("not recorded: ")
+    assert "x.csv" in meta["reason"]
