@@ -526,6 +526,7 @@ def _box(page: _Page, run: RunData) -> str:
             )
         )
     fig.update_layout(boxmode="group")
+    _round_ticks(fig, [run])
     return page.chart(fig, "user-accuracy")
 
 
