@@ -1,7 +1,7 @@
 """Make docs/report.png: the report of the quickstart run, as headless Chromium shows it.
 
-    make quickstart && .venv/bin/pollinate report runs/quickstart
-    .venv/bin/python docs/screenshot.py runs/quickstart/report.html docs/report.png
+make quickstart && .venv/bin/pollinate report runs/quickstart
+.venv/bin/python docs/screenshot.py runs/quickstart/report.html docs/report.png
 """
 
 from __future__ import annotations
