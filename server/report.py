@@ -596,10 +596,27 @@ def _participation(page: _Page, run: RunData) -> str:
     for column, name, color in series:
         if column in r:
             fig.add_trace(go.Bar(x=r["round"], y=r[column], name=name, marker_color=color))
+    cfg = run.config
+    sampled = sampled_for_training(run)
+    if sampled is not None:
+        fig.add_trace(
+            go.Scatter(
+                x=r["round"],
+                y=[sampled] * len(r),
+                mode="lines",
+                name="users sampled for training",
+                line={"color": "#222", "dash": "dash", "width": 1},
+            )
+        )
     fig.update_layout(barmode="group")
     _round_ticks(fig, [run])
-    cfg = run.config
     notes = []
+    if sampled is not None and run.split is not None:
+        notes.append(
+            f"{sampled} of {len(run.split.user_ids)} users are sampled for training each round "
+            "(strategy.fraction-train, strategy.min-train-users); those that send no update "
+            "are dropped stragglers or users on a failed node."
+        )
     if float(cfg.get("train.straggler-fraction", 0) or 0) > 0:
         how = (
             "send nothing, so they show as fewer users trained"
@@ -614,6 +631,21 @@ def _participation(page: _Page, run: RunData) -> str:
         "all the users it hosts for that round."
     )
     return page.chart(fig, "participation") + "".join(f"<p class='note'>{n}</p>" for n in notes)
+
+
+def sampled_for_training(run: RunData) -> int | None:
+    """Users Flower's strategy samples for training per round: ``max(int(U * fraction),
+    min-train-users)`` of the ``U`` users (as FedAvg's ``configure_train``, which every
+    Pollinate strategy uses, over users). ``None`` where ``U`` is unknown (deployments)."""
+    if run.split is None:
+        return None
+    users = len(run.split.user_ids)
+    try:
+        fraction = float(run.config["strategy.fraction-train"])
+        least = int(run.config["strategy.min-train-users"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return 0 if fraction == 0 else min(users, max(int(users * fraction), least))
 
 
 def _cost(page: _Page, runs: Sequence[RunData]) -> str:

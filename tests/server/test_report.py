@@ -27,8 +27,14 @@ from pollinate.server.datasplit import (
     start_data_split,
     write_data_split,
 )
-from pollinate.server.metrics import MetricsError, read_clients, read_rounds
-from pollinate.server.report import load_run, run_labels, user_gains, write_report
+from pollinate.server.metrics import MetricsError, MetricsRecorder, read_clients, read_rounds
+from pollinate.server.report import (
+    load_run,
+    run_labels,
+    sampled_for_training,
+    user_gains,
+    write_report,
+)
 from pollinate.server.report_static import plot_runs
 from pollinate.simulation.inprocess import run_in_process
 
@@ -58,6 +64,9 @@ def digits_config(run_dir: Path, **overrides: object) -> config.RunConfig:
         "train.batch-size": 16,
         "train.lr": 0.1,
         "personalization.method": "finetune",
+        # Some sampled users straggle and send nothing: fewer trained than sampled.
+        "train.straggler-fraction": 0.3,
+        "train.drop-stragglers": True,
     }
     flat.update(overrides)
     return config.resolve(flat)
@@ -159,6 +168,20 @@ def test_gain_is_personal_minus_global_in_the_last_evaluated_round(
         assert row.gain == pytest.approx(expected)
 
 
+def test_participation_shows_sampled_and_trained_users(runs: dict[str, Path]) -> None:
+    run = load_run(runs["fedavg"])
+    assert sampled_for_training(run) == 6  # fraction-train 1.0 of 6 users
+    trained = run.rounds["train_users"].iloc[1:]
+    assert (trained <= 6).all() and (trained < 6).any()  # the dropped stragglers
+    page = write_report([runs["fedavg"]], runs["fedavg"] / "r.html").read_text()
+    assert "users sampled for training" in page and "dropped stragglers" in page
+    half = load_run(runs["fedavg"])
+    half.config = {**half.config, "strategy.fraction-train": 0.5, "strategy.min-train-users": 4}
+    assert sampled_for_training(half) == 4
+    half.split = None  # a deployment: the users are not known
+    assert sampled_for_training(half) is None
+
+
 def test_deployment_run_shows_the_split_is_not_recorded(
     runs: dict[str, Path], tmp_path: Path
 ) -> None:
@@ -223,3 +246,14 @@ def test_a_split_that_cannot_be_counted_says_why(tmp_path: Path) -> None:
     split, meta = read_data_split(tmp_path)
     assert split is None and meta["reason"].startswith("not recorded: ")
     assert "x.csv" in meta["reason"]
+
+
+def test_a_run_that_just_started(tmp_path: Path) -> None:
+    recorder = MetricsRecorder(tmp_path / "run")
+    recorder.start(config_toml=config.to_toml(digits_config(tmp_path / "run")), num_rounds=3)
+    page = write_report([tmp_path / "run"], tmp_path / "r.html").read_text()
+    assert "status-running" in page and "no rounds" in page
+    recorder.end_round(0, {"loss": 2.3, "accuracy": 0.1})  # the initial model only
+    page = write_report([tmp_path / "run"], tmp_path / "r.html").read_text()
+    assert "<td>0.1000</td>" in page and "No per-user evaluations recorded." in page
+    recorder.close()
