@@ -84,3 +84,18 @@ def open_report() -> Iterator[Callable[[Path], dict[str, Any]]]:
 
         yield load
         browser.close()
+
+
+@pytest.fixture(scope="session")
+def report_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two real digits runs, FedAvg and FedProx (seconds), shared by the report tests."""
+    from runhelp import digits_config
+
+    from pollinate.simulation.inprocess import run_in_process
+
+    root = tmp_path_factory.mktemp("report")
+    fedavg = run_in_process(digits_config(root / "fedavg"), 2)
+    fedprox = digits_config(
+        root / "fedprox", **{"strategy.name": "fedprox", "strategy.proximal-mu": 0.1}
+    )
+    return {"fedavg": fedavg, "fedprox": run_in_process(fedprox, 2)}

@@ -9,9 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pollinate import config
 from pollinate.cli import main
-from pollinate.simulation.inprocess import run_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(ROOT / "configs" / "quickstart.toml")
@@ -32,18 +30,9 @@ def expect_bad_input(capsys: pytest.CaptureFixture[str], needle: str, *argv: str
     assert lines[0].startswith("error: ") and needle in lines[0], lines[0]
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cfg = config.resolve(
-        {
-            "run.dir": str(tmp_path_factory.mktemp("cli") / "run"),
-            "run.num-rounds": 2,
-            "data.num-users": 4,
-            "model.name": "logreg",
-            "personalization.method": "finetune",
-        }
-    )
-    return run_in_process(cfg, 1)
+@pytest.fixture
+def run_dir(report_runs: dict[str, Path]) -> Path:
+    return report_runs["fedavg"]
 
 
 # ------------------------------------------------------------------------------ data

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from runhelp import digits_config
 
 from pollinate import config
 from pollinate.data import load_federated_dataset
@@ -36,7 +37,6 @@ from pollinate.server.report import (
     write_report,
 )
 from pollinate.server.report_static import plot_runs
-from pollinate.simulation.inprocess import run_in_process
 
 SECTIONS = [
     "runs",
@@ -53,36 +53,9 @@ SECTIONS = [
 CHARTS = ["accuracy", "loss", "user-accuracy", "gain", "participation", "cost", "samples", "labels"]
 
 
-def digits_config(run_dir: Path, **overrides: object) -> config.RunConfig:
-    flat: dict[str, object] = {
-        "run.dir": str(run_dir),
-        "run.num-rounds": 3,
-        "data.num-users": 6,
-        "data.alpha": 1.0,
-        "model.name": "mlp",
-        "model.hidden": 16,
-        "train.batch-size": 16,
-        "train.lr": 0.1,
-        "personalization.method": "finetune",
-        # Some sampled users straggle and send nothing: fewer trained than sampled.
-        "train.straggler-fraction": 0.3,
-        "train.drop-stragglers": True,
-    }
-    flat.update(overrides)
-    return config.resolve(flat)
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("report")
-    fedavg = run_in_process(digits_config(root / "fedavg"), 2)
-    fedprox = run_in_process(
-        digits_config(
-            root / "fedprox", **{"strategy.name": "fedprox", "strategy.proximal-mu": 0.1}
-        ),
-        2,
-    )
-    return {"fedavg": fedavg, "fedprox": fedprox}
+@pytest.fixture
+def runs(report_runs: dict[str, Path]) -> dict[str, Path]:
+    return report_runs
 
 
 def charts_of(page: str) -> list[str]:

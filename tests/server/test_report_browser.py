@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import pytest
 from sklearn.datasets import load_digits
 
 from pollinate import config
@@ -31,6 +32,7 @@ def failing_user_file(path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow  # Flower's engine and worker processes: ~10 s on 2 cores
 def test_report_of_a_run_with_failures_renders(
     tmp_path: Path, open_report: Callable[[Path], dict[str, Any]]
 ) -> None:
