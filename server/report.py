@@ -46,6 +46,11 @@ if TYPE_CHECKING:
 
 # Keys that differ between any two runs by construction: never a run's label.
 _NOT_LABELS = ("run.dir", "store.dir", "run.name")
+# Above this many users the heatmap stops naming every one of them.
+HEATMAP_NAMED = 60
+# Above this many (round, user) evaluations the box plots carry quartiles, not every point
+# (a page stays a few MB for 10,000 users x 100 rounds).
+BOX_POINTS_MAX = 20_000
 # One colour per metric when one run is shown; one per run (and a dash per metric) otherwise.
 METRIC_COLORS = {"global": "#1f77b4", "personal": "#ff7f0e", "central": "#222222"}
 METRIC_DASH = {"global": "solid", "personal": "dash", "central": "dashdot"}
@@ -514,6 +519,9 @@ def _box(page: _Page, run: RunData) -> str:
         return "<p class='note'>No per-user evaluations recorded.</p>"
     fig = _figure("Accuracy of each user on its own test split", "round", "accuracy")
     for metric in ("global", "personal"):
+        if len(ev) > BOX_POINTS_MAX:
+            fig.add_trace(_quartile_box(ev, metric))
+            continue
         fig.add_trace(
             go.Box(
                 x=ev["round"],
@@ -528,6 +536,24 @@ def _box(page: _Page, run: RunData) -> str:
     fig.update_layout(boxmode="group")
     _round_ticks(fig, [run])
     return page.chart(fig, "user-accuracy")
+
+
+def _quartile_box(ev: pd.DataFrame, metric: str) -> go.Box:
+    """A box per round from precomputed quartiles (whiskers: min and max over users)."""
+    import plotly.graph_objects as go
+
+    q = ev.groupby("round")[f"{metric}_accuracy"].quantile([0.0, 0.25, 0.5, 0.75, 1.0])
+    q = q.unstack()
+    return go.Box(
+        x=list(q.index),
+        lowerfence=q[0.0],
+        q1=q[0.25],
+        median=q[0.5],
+        q3=q[0.75],
+        upperfence=q[1.0],
+        name=f"{metric} model",
+        marker_color=METRIC_COLORS[metric],
+    )
 
 
 def user_gains(run: RunData) -> pd.DataFrame:
@@ -753,11 +779,13 @@ def _data_split(page: _Page, run: RunData) -> str:
         )
     sizes.update_layout(barmode="stack")
     share = split.user_distributions()
+    # Every user named up to HEATMAP_NAMED users; beyond, a bounded height and Plotly's ticks.
+    named = len(users) <= HEATMAP_NAMED
     heat = _figure(
         "Labels per user (share of the user's samples)",
         "label",
         "user",
-        height=max(320, 60 + 16 * len(users)),
+        height=80 + 20 * len(users) if named else min(1400, 80 + 4 * len(users)),
     )
     heat.add_trace(
         go.Heatmap(
@@ -771,7 +799,9 @@ def _data_split(page: _Page, run: RunData) -> str:
             hovertemplate="%{y}<br>label %{x}: %{customdata} samples (%{z:.0%})<extra></extra>",
         )
     )
-    heat.update_yaxes(autorange="reversed", type="category")
+    heat.update_yaxes(autorange="reversed", type="category", tickfont={"size": 10})
+    if named:
+        heat.update_yaxes(tickmode="linear", dtick=1)
     return text + page.chart(sizes, "samples") + page.chart(heat, "labels")
 
 

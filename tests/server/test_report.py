@@ -230,3 +230,17 @@ def test_a_run_that_just_started(tmp_path: Path) -> None:
     page = write_report([tmp_path / "run"], tmp_path / "r.html").read_text()
     assert "<td>0.1000</td>" in page and "No per-user evaluations recorded." in page
     recorder.close()
+
+
+def test_many_evaluations_are_drawn_as_quartiles(
+    runs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ev = load_run(runs["fedavg"]).evaluated()
+    # The charts' data follow the head (plotly.js, which names every attribute, is in it).
+    points = write_report([runs["fedavg"]], tmp_path / "points.html").read_text()
+    assert '"q1"' not in points.split("</head>")[1]
+    monkeypatch.setattr("pollinate.server.report.BOX_POINTS_MAX", len(ev) - 1)
+    page = write_report([runs["fedavg"]], tmp_path / "q.html").read_text()
+    body = page.split("</head>")[1]
+    assert '"q1"' in body and '"lowerfence"' in body and "user-accuracy" in charts_of(page)
+    assert len(page) < len(points)  # no per-user points
