@@ -8,10 +8,10 @@ from pollinate import config
 
 
 def digits_config(run_dir: Path, **overrides: object) -> config.RunConfig:
-    """Six digits users, an MLP, three rounds; some stragglers drop out."""
+    """Six digits users, an MLP, two rounds; some stragglers drop out."""
     flat: dict[str, object] = {
         "run.dir": str(run_dir),
-        "run.num-rounds": 3,
+        "run.num-rounds": 2,
         "data.num-users": 6,
         "data.alpha": 1.0,
         "model.name": "mlp",
