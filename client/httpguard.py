@@ -176,7 +176,14 @@ class _Guarded(HttpToolsProtocol):
         self._arm(self.limits.header_timeout, self._headers_too_slow)
 
     def _headers_too_slow(self) -> None:
-        if self._awaiting_headers:
+        if not self._awaiting_headers:
+            return
+        if self._header_bytes == 0:
+            # Idle (nothing of a next request yet): close quietly, as uvicorn's keep-alive
+            # timeout does; an unasked-for 408 could be read as the answer to a request a
+            # client is just sending on its pooled connection.
+            self.transport.close()
+        else:
             self._refuse(
                 408,
                 f"request headers not received within {self.limits.header_timeout:g} s",

@@ -29,7 +29,7 @@ import ssl
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -411,7 +411,12 @@ def _supernode_failed(opts: NodeOptions, supernode: Child, events: _Events) -> i
 
 
 def serve_store(
-    model_dir: Path, host: str, port: int, user: str | None, echo: Callable[[str], None]
+    model_dir: Path,
+    host: str,
+    port: int,
+    user: str | None,
+    echo: Callable[[str], None],
+    allowed_hosts: Sequence[str] = (),
 ) -> int:
     """``pollinate node serve``: the inference service over an existing model store."""
     from pollinate.client.serving import ServingError, serve
@@ -419,7 +424,14 @@ def serve_store(
     if not model_dir.is_dir():
         raise DeployError(f"model store '{model_dir}' does not exist")
     try:
-        serve(model_dir, host, port, user=user, announce=lambda url: echo(f"serving {url}"))
+        serve(
+            model_dir,
+            host,
+            port,
+            user=user,
+            announce=lambda url: echo(f"serving {url}"),
+            allowed_hosts=allowed_hosts,
+        )
     except ServingError as err:
         raise DeployError(str(err)) from None
     return EXIT_OK
