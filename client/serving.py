@@ -25,6 +25,12 @@ Endpoints (every error is ``{"error": "<one line>"}``; bad input is always 4xx):
 - ``GET /metrics``: Prometheus text (requests, latency, errors, predicted classes, the
   served rounds, swaps and failed reloads), from a registry private to the app.
 
+Hardening: the ``Host`` header must name this service (DNS rebinding; 421 otherwise),
+bodies are capped for every route (``BodyLimit``), a client that disconnects mid-request
+is counted, not logged as an error, and outputs are finite or a 400. Below the app,
+:mod:`pollinate.client.httpguard` times out slow headers and bodies, caps connections and
+turns uvicorn's own error answers into JSON (``serve(..., limits=HttpLimits(...))``).
+
 Hot swap: a watcher thread polls the store files' (mtime, size, inode) every
 ``reload_interval`` seconds. A changed file is loaded and verified (content hash, architecture)
 off the request path, and only then is the model reference replaced, in one assignment. A
@@ -780,7 +786,7 @@ def _config(
     app: FastAPI,
     log_level: str,
     log_config: dict[str, Any] | None,
-    limits: HttpLimits | None,
+    limits: HttpLimits | None = None,
 ) -> uvicorn.Config:
     limits = limits or HttpLimits()
     try:
