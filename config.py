@@ -319,16 +319,17 @@ def _check(cfg: RunConfig) -> None:
     _check_model_size(cfg)
 
 
-def _check_model_size(cfg: RunConfig) -> None:
+def _check_model_size(cfg: RunConfig, in_features: int = 0, num_classes: int = 0) -> None:
     """Refuse an architecture too large to allocate, before anything is built.
 
-    Where the data decides the input/output sizes (``0``), the largest allowed ones are not
-    assumed: :func:`check_against_data` repeats this once they are known.
+    Sizes the data decides (``0`` in the config, and not given here) are taken as
+    digits-sized (64 features, 10 classes) for this early check; :func:`check_against_data`
+    repeats it with the data's own sizes.
     """
     from pollinate.models import MAX_PARAMETERS, parameter_count
 
-    features = cfg.model.in_features or 64
-    classes = cfg.model.num_classes or 10
+    features = cfg.model.in_features or in_features or 64
+    classes = cfg.model.num_classes or num_classes or 10
     try:
         n = parameter_count(
             cfg.model.name, in_features=features, num_classes=classes, **model_kwargs(cfg)
@@ -337,8 +338,9 @@ def _check_model_size(cfg: RunConfig) -> None:
         return
     if n > MAX_PARAMETERS:
         raise ConfigError(
-            f"model {cfg.model.name!r} with these sizes has {n:,} parameters, more than the "
-            f"{MAX_PARAMETERS:,} allowed; lower model.hidden / model.depth"
+            f"model {cfg.model.name!r} with {features} input features and {classes} classes "
+            f"has {n:,} parameters, more than the {MAX_PARAMETERS:,} allowed; lower "
+            "model.hidden / model.depth (or use fewer feature columns)"
         )
 
 
@@ -382,14 +384,7 @@ def check_against_data(
             f"strategy.min-nodes = {s.min_nodes} but this simulation runs {num_nodes} Flower "
             f"nodes ({num_users} users); set it to at most {num_nodes}"
         )
-    _check_model_size(
-        cfg.replace(
-            **{
-                "model.in-features": cfg.model.in_features or num_features,
-                "model.num-classes": cfg.model.num_classes or num_classes,
-            }
-        )
-    )
+    _check_model_size(cfg, num_features, num_classes)
 
 
 # ------------------------------------------------------------- derived specs
