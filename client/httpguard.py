@@ -152,7 +152,10 @@ class _Guarded(HttpToolsProtocol):
             self.cycle.send_500_response = _json_500(self.cycle)  # type: ignore[method-assign]
 
     def on_message_complete(self) -> None:
-        self._cancel_deadline()
+        # The body deadline ends here; a header deadline already armed (the app answered
+        # before the body was in, and the next request's headers are due) must stay.
+        if not self._awaiting_headers:
+            self._cancel_deadline()
         super().on_message_complete()
 
     def on_response_complete(self) -> None:

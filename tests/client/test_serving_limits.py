@@ -304,6 +304,19 @@ def closing(line: str, *headers: str, host: str = "localhost") -> bytes:
     return "\r\n".join(lines).encode()
 
 
+def test_a_body_sent_after_an_early_answer_does_not_lift_the_header_deadline(
+    service: ServingHandle,
+) -> None:
+    with connect(service) as sock:
+        sock.sendall(b"POST /nowhere HTTP/1.1\r\nHost: localhost\r\nContent-Length: 4\r\n\r\n")
+        sock.settimeout(5)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 404")  # answered before the body
+        sock.sendall(b"body")  # the body completes after the answer...
+        sock.sendall(b"GET /health HTTP/1.1\r\nHo")  # ...and the next request stalls
+        status, _, body = split_response(read_all(sock))
+    assert_json_error(status, body, 408, "request headers not received")
+
+
 @pytest.mark.parametrize(
     ("request_bytes", "status", "needle"),
     [
