@@ -148,6 +148,7 @@ def cmd_node_start(args: argparse.Namespace) -> int:
         stream=stream,
         echo=_print,
         verbose=args.verbose,
+        allow_hosts=tuple(args.allow_host or ()),
     )
     return start_node(opts)
 
@@ -312,6 +313,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="inference service address (default 127.0.0.1:8080), or none",
     )
     nstart.add_argument("--insecure", action="store_true", help="no TLS (--insecure servers)")
+    nstart.add_argument(
+        "--allow-host",
+        action="append",
+        metavar="NAME",
+        help="another Host name the inference service answers to (repeatable)",
+    )
     nstart.add_argument("--state-dir", help=node_state)
     nstart.add_argument(
         "--runtime-port",

@@ -79,6 +79,7 @@ class NodeOptions:
     stream: StreamSettings | None = None  # answer requests from a broker too
     echo: Callable[[str], None] = print
     verbose: bool = False
+    allow_hosts: tuple[str, ...] = ()  # more Host names the inference service answers to
 
     @property
     def insecure(self) -> bool:
@@ -307,6 +308,8 @@ def _supervise(opts: NodeOptions, server_host: str, server_port: int, recovering
             serve_user = opts.user_id or (opts.users[0] if len(opts.users) == 1 else None)
             if serve_user is not None:
                 serve_argv += ["--user", serve_user]
+            for name in opts.allow_hosts:
+                serve_argv += ["--allow-host", name]
             serving = sup.start("serve", serve_argv, env=env)
             if not wait_for_port(host, port, 60, serving.running):
                 tail = [ln for ln in serving.tail if ln.strip()][-1:]

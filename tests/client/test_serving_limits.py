@@ -11,6 +11,8 @@ import json
 import logging
 import selectors
 import socket
+import subprocess
+import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -380,3 +382,37 @@ def test_over_the_connection_cap_is_a_json_503(store: Path) -> None:
                 break
             time.sleep(0.05)
         assert r.status_code == 200
+
+
+@pytest.mark.slow  # a process that imports torch: seconds on a loaded machine
+def test_node_serve_allow_host_through_the_cli(store: Path) -> None:
+    """``pollinate node serve --allow-host NAME`` in a real process: NAME and localhost are
+    answered, any other Host is 421 JSON."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = [sys.executable, "-m", "pollinate", "node", "serve", "--model-dir", str(store)]
+    argv += ["--port", str(port), "--allow-host", "device-1.lan"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.communicate()[0].decode()[-2000:]
+            try:
+                httpx.get(f"{url}/health", timeout=1)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "the service did not come up"
+                time.sleep(0.1)
+        for host, status in [("device-1.lan:8080", 200), ("localhost", 200), ("evil.lan", 421)]:
+            r = httpx.get(f"{url}/health", headers={"host": host})
+            assert r.status_code == status, (host, r.text)
+        assert_json_error(421, r.text, 421, "device-1.lan")
+    finally:
+        proc.terminate()
+        try:
+            proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
