@@ -390,7 +390,7 @@ def create_app(
         openapi_url=None,
     )
     app.state.models = models  # for tests and embedding: app.state.models.poll() reloads now
-    # Outermost first: a foreign Host is refused before anything is read, then the body size.
+    # The last added runs first: a foreign Host is refused before the body is looked at.
     app.add_middleware(BodyLimit, limit=max_body_bytes)
     app.add_middleware(AllowedHosts, bound_host=host, extra=tuple(allowed_hosts))
     app.state.metrics_registry = metrics.registry
