@@ -22,6 +22,7 @@ from typing import Any, TypeAlias
 import tomllib
 
 from pollinate.data import DATASETS, PARTITIONERS, DataOptions, DataSpec
+from pollinate.data.spec import DATA_RANGES, MAX_CLASSES, Range
 
 Scalar = bool | int | float | str
 
@@ -144,6 +145,51 @@ class StoreSection:
     save_models: str = "every-round"
 
 
+# Allowed values of every numeric key (`Range`: ``lo..hi`` for ints, an interval for
+# floats; NaN and infinities are outside every range). Sizes are bounded here, before
+# anything is allocated; the `data.*` keys' ranges live beside their definition
+# (pollinate.data.spec.DATA_RANGES). A new numeric key needs a line here
+# (tests/test_config.py checks that every one has a range).
+DAY = 86_400.0
+RANGES: dict[str, Range] = {
+    "run.num-rounds": Range(1, 100_000),
+    "run.seed": DATA_RANGES["seed"],
+    "model.hidden": Range(1, 16_384),
+    "model.depth": Range(1, 64),
+    "model.in-features": Range(0, 1_000_000),  # 0 = from the data
+    "model.num-classes": Range(0, MAX_CLASSES),  # 0 = from the data
+    "train.epochs": Range(0, 10_000),
+    "train.batch-size": Range(-1, 1_000_000),  # <= 0: full batch
+    "train.lr": Range(0, 10, open_lo=True),
+    "train.momentum": Range(0, 1, open_hi=True),
+    "train.weight-decay": Range(0, 10),
+    "train.straggler-fraction": Range(0, 1),
+    "train.stack-users": Range(0, 4_096),  # 0 or 1 = one user at a time
+    "strategy.fraction-train": Range(0, 1, open_lo=True),
+    "strategy.fraction-evaluate": Range(0, 1),
+    "strategy.min-train-users": Range(1, 1_000_000),
+    "strategy.min-evaluate-users": Range(0, 1_000_000),
+    "strategy.min-nodes": Range(1, 100_000),
+    "strategy.proximal-mu": Range(0, 1_000),
+    "strategy.server-lr": Range(0, 10, open_lo=True),
+    "strategy.beta-1": Range(0, 1, open_hi=True),
+    "strategy.beta-2": Range(0, 1, open_hi=True),
+    "strategy.tau": Range(0, 10, open_lo=True),
+    # It trims this fraction at each end: 0.5 would trim every user.
+    "strategy.trim-beta": Range(0, 0.5, open_lo=True, open_hi=True),
+    "strategy.krum-byzantine": Range(0, 100_000),
+    "personalization.finetune-epochs": Range(0, 10_000),
+    "personalization.finetune-lr": Range(0, 10),  # 0 = train.lr
+    "personalization.ditto-lambda": Range(0, 1_000),
+    "personalization.ditto-epochs": Range(1, 10_000),
+    "simulation.num-nodes": Range(0, 100_000),  # 0 = auto
+    "simulation.cpus-per-node": Range(0, 1_024, open_lo=True),
+    "server.node-wait-timeout": Range(0, 30 * DAY, open_lo=True),
+    "server.round-timeout": Range(0, 30 * DAY, open_lo=True),
+    **{f"data.{name.replace('_', '-')}": r for name, r in DATA_RANGES.items() if name != "seed"},
+}
+
+
 @dataclass(frozen=True)
 class RunConfig:
     run: RunSection = field(default_factory=RunSection)
@@ -204,7 +250,10 @@ def _coerce(key: str, value: Any, default: Scalar) -> Scalar:
             return int(value)
     elif expected is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:  # an integer literal beyond any float
+                raise ConfigError(f"config key '{key}' = {value} is too large") from None
     elif isinstance(value, str):
         return value
     raise ConfigError(
@@ -246,21 +295,6 @@ def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
         )
 
 
-def _positive(key: str, value: float, *, allow_zero: bool = False) -> None:
-    if value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ConfigError(f"{key} must be {bound}, got {value}")
-
-
-def _fraction(key: str, value: float, *, allow_zero: bool = False, allow_one: bool = True) -> None:
-    lo_ok = value >= 0 if allow_zero else value > 0
-    hi_ok = value <= 1 if allow_one else value < 1
-    if not (lo_ok and hi_ok):
-        lo = "[0" if allow_zero else "(0"
-        hi = "1]" if allow_one else "1)"
-        raise ConfigError(f"{key} must be in {lo}, {hi}, got {value}")
-
-
 def _check(cfg: RunConfig) -> None:
     """Cross-field and range checks; the message names the key to change."""
     _choice("data.dataset", cfg.data.dataset, DATASETS)
@@ -275,49 +309,82 @@ def _check(cfg: RunConfig) -> None:
             "simulation.ray-address needs simulation.backend = 'ray' (or 'auto'); "
             "the 'local' backend runs on this machine only"
         )
-    _positive("run.num-rounds", cfg.run.num_rounds)
-    _positive("data.num-users", cfg.data.num_users)
-    _positive("data.alpha", cfg.data.alpha)
-    _positive("data.shards-per-user", cfg.data.shards_per_user)
-    _positive("data.min-samples", cfg.data.min_samples)
-    _fraction("data.test-fraction", cfg.data.test_fraction, allow_one=False)
-    _fraction("data.central-test-fraction", cfg.data.central_test_fraction, allow_one=False)
+    flat = cfg.to_flat()
+    for key, allowed in RANGES.items():
+        reason = allowed.problem(key, flat[key], integer=isinstance(flat[key], int))
+        if reason:
+            raise ConfigError(reason)
     if cfg.data.dataset == "file" and not cfg.data.path:
         raise ConfigError("data.dataset = 'file' needs data.path = 'your-users.csv' (or .parquet)")
-    _positive("model.hidden", cfg.model.hidden)
-    _positive("model.depth", cfg.model.depth)
-    _positive("model.in-features", cfg.model.in_features, allow_zero=True)
-    _positive("model.num-classes", cfg.model.num_classes, allow_zero=True)
-    _positive("train.epochs", cfg.train.epochs, allow_zero=True)
-    _positive("train.lr", cfg.train.lr)
-    _positive("train.momentum", cfg.train.momentum, allow_zero=True)
-    _positive("train.weight-decay", cfg.train.weight_decay, allow_zero=True)
-    _fraction("train.straggler-fraction", cfg.train.straggler_fraction, allow_zero=True)
-    _positive("train.stack-users", cfg.train.stack_users, allow_zero=True)
-    _fraction("strategy.fraction-train", cfg.strategy.fraction_train)
-    _fraction("strategy.fraction-evaluate", cfg.strategy.fraction_evaluate, allow_zero=True)
-    _positive("strategy.min-train-users", cfg.strategy.min_train_users)
-    _positive("strategy.min-evaluate-users", cfg.strategy.min_evaluate_users, allow_zero=True)
-    _positive("strategy.min-nodes", cfg.strategy.min_nodes)
-    _positive("strategy.proximal-mu", cfg.strategy.proximal_mu, allow_zero=True)
-    _positive("strategy.server-lr", cfg.strategy.server_lr)
-    _fraction("strategy.beta-1", cfg.strategy.beta_1, allow_zero=True, allow_one=False)
-    _fraction("strategy.beta-2", cfg.strategy.beta_2, allow_zero=True, allow_one=False)
-    _positive("strategy.tau", cfg.strategy.tau)
-    _fraction("strategy.trim-beta", cfg.strategy.trim_beta, allow_one=False)
-    if cfg.strategy.trim_beta >= 0.5:
-        raise ConfigError("strategy.trim-beta must be < 0.5 (it trims that fraction at each end)")
-    _positive("strategy.krum-byzantine", cfg.strategy.krum_byzantine, allow_zero=True)
-    _positive(
-        "personalization.finetune-epochs", cfg.personalization.finetune_epochs, allow_zero=True
-    )
-    _positive("personalization.finetune-lr", cfg.personalization.finetune_lr, allow_zero=True)
-    _positive("personalization.ditto-lambda", cfg.personalization.ditto_lambda, allow_zero=True)
-    _positive("personalization.ditto-epochs", cfg.personalization.ditto_epochs)
-    _positive("simulation.num-nodes", cfg.simulation.num_nodes, allow_zero=True)
-    _positive("simulation.cpus-per-node", cfg.simulation.cpus_per_node)
-    _positive("server.node-wait-timeout", cfg.server.node_wait_timeout)
-    _positive("server.round-timeout", cfg.server.round_timeout)
+    _check_model_size(cfg)
+
+
+def _check_model_size(cfg: RunConfig, in_features: int = 0, num_classes: int = 0) -> None:
+    """Refuse an architecture too large to allocate, before anything is built.
+
+    Sizes the data decides (``0`` in the config, and not given here) are taken as
+    digits-sized (64 features, 10 classes) for this early check; :func:`check_against_data`
+    repeats it with the data's own sizes.
+    """
+    from pollinate.models import MAX_PARAMETERS, parameter_count
+
+    features = cfg.model.in_features or in_features or 64
+    classes = cfg.model.num_classes or num_classes or 10
+    try:
+        n = parameter_count(
+            cfg.model.name, in_features=features, num_classes=classes, **model_kwargs(cfg)
+        )
+    except ValueError:  # e.g. a cnn with non-square in-features: the builder says so later
+        return
+    if n > MAX_PARAMETERS:
+        raise ConfigError(
+            f"model {cfg.model.name!r} with {features} input features and {classes} classes "
+            f"has {n:,} parameters, more than the {MAX_PARAMETERS:,} allowed; lower "
+            "model.hidden / model.depth (or use fewer feature columns)"
+        )
+
+
+def check_against_data(
+    cfg: RunConfig, *, num_users: int, num_features: int, num_classes: int, num_nodes: int
+) -> None:
+    """Refuse settings impossible for this data, once the users are known (one line each).
+
+    Parameters
+    ----------
+    cfg
+        A resolved config.
+    num_users, num_features, num_classes
+        What the dataset holds.
+    num_nodes
+        Flower nodes the simulation will host the users on.
+    """
+    s = cfg.strategy
+    if s.min_train_users > num_users:
+        raise ConfigError(
+            f"strategy.min-train-users = {s.min_train_users} but the data has {num_users} "
+            f"users; set it to at most {num_users}"
+        )
+    if s.fraction_evaluate > 0 and s.min_evaluate_users > num_users:
+        raise ConfigError(
+            f"strategy.min-evaluate-users = {s.min_evaluate_users} but the data has "
+            f"{num_users} users; set it to at most {num_users}"
+        )
+    # Flower samples max(int(fraction * users), minimum) users a round (FedAvg.configure_train).
+    sampled = min(max(int(s.fraction_train * num_users), s.min_train_users), num_users)
+    if s.name == "krum" and s.krum_byzantine and sampled < 2 * s.krum_byzantine + 3:
+        # Krum scores each update by its n - f - 2 nearest neighbours and needs n > 2f + 2
+        # (Blanchard et al. 2017); with fewer it cannot tell attackers from the rest.
+        raise ConfigError(
+            f"strategy.krum-byzantine = {s.krum_byzantine} needs at least "
+            f"{2 * s.krum_byzantine + 3} users per round (n > 2f + 2) but a round trains "
+            f"{sampled} of {num_users}; set it to at most {max((sampled - 3) // 2, 0)}"
+        )
+    if s.min_nodes > num_nodes:
+        raise ConfigError(
+            f"strategy.min-nodes = {s.min_nodes} but this simulation runs {num_nodes} Flower "
+            f"nodes ({num_users} users); set it to at most {num_nodes}"
+        )
+    _check_model_size(cfg, num_features, num_classes)
 
 
 # ------------------------------------------------------------- derived specs
@@ -362,6 +429,11 @@ def read_toml(path: str | Path) -> dict[str, Any]:
             return flatten(tomllib.load(fh))
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"config file '{p}' is not valid TOML: {err}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"config file '{p}' is not UTF-8 text (byte {err.start} is {err.object[err.start]:#x});"
+            " a config is a TOML text file like configs/quickstart.toml"
+        ) from None
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -407,8 +479,10 @@ def toml_value(value: Scalar) -> str:
 
 
 __all__ = [
+    "RANGES",
     "ConfigError",
     "RunConfig",
+    "check_against_data",
     "default_flat",
     "flatten",
     "load",

@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 
 from pollinate.client.store import KINDS, ModelStore, StoreError
-from pollinate.models import ModelArtifact, atomic_write, load_artifact
+from pollinate.models import ArtifactError, ModelArtifact, atomic_write, load_artifact
 
 __all__ = [
     "LoadedModel",
@@ -88,6 +88,14 @@ class LoadedModel:
         self.architecture: dict[str, Any] = artifact.spec.to_dict()
         self.created_at: float = artifact.created_at
         self.path = path
+        bad = [
+            k
+            for k, t in artifact.state_dict.items()
+            if t.is_floating_point() and not bool(torch.isfinite(t).all())
+        ]
+        if bad:  # it would answer NaN for every row: refuse it (the previous model keeps serving)
+            where = f"{path}: " if path else ""
+            raise ArtifactError(f"{where}weights {bad[0]!r} are not finite (NaN or infinite)")
         self._net = artifact.build()  # eval mode, CPU
         for p in self._net.parameters():
             p.requires_grad_(False)
@@ -109,7 +117,17 @@ class LoadedModel:
         with torch.inference_mode():
             logits = self._net(torch.from_numpy(batch))  # (B, C)
             proba = torch.softmax(logits, dim=1)
-        return proba.numpy()
+        out = proba.numpy()
+        finite = np.isfinite(out).all(axis=1)  # (B,)
+        if not finite.all():
+            # Finite but huge features overflow inside the network (inf - inf = NaN).
+            i = int(np.argmin(finite))
+            raise PredictError(
+                f"the {self.kind} model's output for row {i} is not finite: its features are "
+                f"too large in magnitude for this model (largest |x| = "
+                f"{float(np.abs(batch[i]).max()):.3g}); scale them like the training data"
+            )
+        return out
 
     def predict(self, x: np.ndarray | Sequence[Any]) -> np.ndarray:
         """Predicted class labels (B,) int64 for features (B, F)."""

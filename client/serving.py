@@ -25,6 +25,12 @@ Endpoints (every error is ``{"error": "<one line>"}``; bad input is always 4xx):
 - ``GET /metrics``: Prometheus text (requests, latency, errors, predicted classes, the
   served rounds, swaps and failed reloads), from a registry private to the app.
 
+Hardening: the ``Host`` header must name this service (DNS rebinding; 421 otherwise),
+bodies are capped for every route (``BodyLimit``), a client that disconnects mid-request
+is counted, not logged as an error, and outputs are finite or a 400. Below the app,
+:mod:`pollinate.client.httpguard` times out slow headers and bodies, caps connections and
+turns uvicorn's own error answers into JSON (``serve(..., limits=HttpLimits(...))``).
+
 Hot swap: a watcher thread polls the store files' (mtime, size, inode) every
 ``reload_interval`` seconds. A changed file is loaded and verified (content hash, architecture)
 off the request path, and only then is the model reference replaced, in one assignment. A
@@ -42,7 +48,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,12 +71,21 @@ from prometheus_client import (
 )
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from uvicorn.config import LOGGING_CONFIG
 
+from pollinate.client.httpguard import AllowedHosts, BodyLimit, HttpLimits, guarded_protocol
 from pollinate.client.predictor import LoadedModel, PredictError, resolve_user
 from pollinate.client.store import KINDS, ModelStore
 
-__all__ = ["ServingError", "ServingHandle", "create_app", "serve", "start_in_thread"]
+__all__ = [
+    "HttpLimits",
+    "ServingError",
+    "ServingHandle",
+    "create_app",
+    "serve",
+    "start_in_thread",
+]
 
 log = logging.getLogger("pollinate.serving")
 
@@ -82,7 +97,9 @@ _REASONS = {
     400: "bad_request",
     404: "not_found",
     405: "method_not_allowed",
+    408: "timeout",
     413: "too_large",
+    421: "wrong_host",
     503: "no_model",
     500: "internal",
 }
@@ -149,6 +166,12 @@ class _Metrics:
             "pollinate_serving_model_reload_failures",
             "Model files that failed to load or verify (the previous model kept serving)",
             ["model"],
+            registry=r,
+        )
+        self.disconnects = Counter(
+            "pollinate_serving_client_disconnects",
+            "Requests whose client closed the connection before they were answered",
+            ["endpoint"],
             registry=r,
         )
         for kind in KINDS:
@@ -306,6 +329,8 @@ def create_app(
     user: str | None = None,
     reload_interval: float = 0.5,
     max_body_bytes: int = 1_000_000,
+    host: str | None = None,
+    allowed_hosts: Iterable[str] = (),
 ) -> FastAPI:
     """The inference service as an ASGI app (see the module docstring for the endpoints).
 
@@ -320,7 +345,11 @@ def create_app(
         Seconds between polls of the store for newer model files (the watcher runs while the
         app's lifespan does, i.e. under uvicorn or ``with TestClient(app)``).
     max_body_bytes
-        Larger ``/predict`` bodies are refused with 413 before they are parsed.
+        Larger request bodies are refused with 413 before they are parsed.
+    host, allowed_hosts
+        DNS rebinding protection: requests must name ``localhost``, ``127.0.0.1``, ``::1``,
+        the bound ``host`` or one of ``allowed_hosts`` in their ``Host`` header (else 421).
+        Test clients: ``TestClient(app, base_url="http://localhost")``.
 
     Raises
     ------
@@ -361,6 +390,9 @@ def create_app(
         openapi_url=None,
     )
     app.state.models = models  # for tests and embedding: app.state.models.poll() reloads now
+    # The last added runs first: a foreign Host is refused before the body is looked at.
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
+    app.add_middleware(AllowedHosts, bound_host=host, extra=tuple(allowed_hosts))
     app.state.metrics_registry = metrics.registry
 
     def answer(body: bytes) -> tuple[int, dict[str, Any], str]:
@@ -396,13 +428,18 @@ def create_app(
         t0 = time.perf_counter()
         kind = "-"
         try:
-            body = await _read_body(request, max_body_bytes)
+            body = await _read_body(request)
             if len(body) <= _INLINE_BYTES:  # small: cheaper than a thread hop
                 status, payload, kind = answer(body)
             else:
                 status, payload, kind = await run_in_threadpool(answer, body)
         except _Reply as e:
             status, payload = e.status, {"error": e.message}
+        except ClientDisconnect:  # the client left mid-body: nobody to answer, not an error
+            metrics.disconnects.labels("/predict").inc()
+            return Response(status_code=204)
+        except StarletteHTTPException:  # e.g. BodyLimit's 413: answered by http_error
+            raise
         except Exception as e:  # a bug, not bad input: say so, keep serving
             log.exception("/predict failed")
             reason = " ".join(f"{type(e).__name__}: {e}".split())
@@ -480,6 +517,13 @@ def create_app(
         log.error("unhandled error on %s", request.url.path, exc_info=exc)
         return _json(500, {"error": f"internal error: {type(exc).__name__}"})
 
+    def client_left(request: Request, exc: Exception) -> Response:
+        # Any route's body read: counted, no traceback, no 500 (nobody is listening).
+        path = request.url.path
+        metrics.disconnects.labels(path if path in _ENDPOINTS else "other").inc()
+        return Response(status_code=204)
+
+    app.add_exception_handler(ClientDisconnect, client_left)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(Exception, internal_error)
@@ -487,30 +531,14 @@ def create_app(
 
 
 def _json(status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
-    body = json.dumps(payload, separators=(",", ":"))
+    # allow_nan=False: NaN/Infinity are not JSON; /predict checks outputs before this.
+    body = json.dumps(payload, separators=(",", ":"), allow_nan=False)
     return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 once it exceeds ``limit`` bytes."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise _Reply(
-            413,
-            f"request body is {int(declared)} bytes; the limit is {limit} "
-            "(send fewer rows per request)",
-        )
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _Reply(
-                413,
-                f"request body exceeds the limit of {limit} bytes (send fewer rows per request)",
-            )
-        chunks.append(chunk)
-    return b"".join(chunks)
+async def _read_body(request: Request) -> bytes:
+    """The request body; the app's `BodyLimit` refuses it with 413 beyond ``limit`` bytes."""
+    return b"".join([chunk async for chunk in request.stream()])
 
 
 def _parse_predict(body: bytes) -> tuple[str, list[Any]]:
@@ -633,6 +661,8 @@ def serve(
     reload_interval: float = 0.5,
     max_body_bytes: int = 1_000_000,
     announce: Callable[[str], None] | None = None,
+    allowed_hosts: Iterable[str] = (),
+    limits: HttpLimits | None = None,
 ) -> None:
     """Run the inference service in this process until SIGINT/SIGTERM (blocking).
 
@@ -649,6 +679,11 @@ def serve(
         uvicorn's log level; per-request access logs are off (``/metrics`` counts requests).
     announce
         Called with the URL once the socket is bound (e.g. ``print``).
+    allowed_hosts
+        More names the service answers to in the ``Host`` header (see :func:`create_app`).
+    limits
+        Header/body deadlines, connection cap and header size (:class:`HttpLimits`;
+        defaults: 10 s, 30 s, 256, 64 KiB).
 
     Raises
     ------
@@ -657,11 +692,16 @@ def serve(
     """
     set_torch_threads(threads)
     app = create_app(
-        model_dir, user=user, reload_interval=reload_interval, max_body_bytes=max_body_bytes
+        model_dir,
+        user=user,
+        reload_interval=reload_interval,
+        max_body_bytes=max_body_bytes,
+        host=host,
+        allowed_hosts=allowed_hosts,
     )
     sock = _bind(host, port)
     url = _url(host, sock.getsockname()[1])
-    server = uvicorn.Server(_config(app, log_level, log_config=LOGGING_CONFIG))
+    server = uvicorn.Server(_config(app, log_level, LOGGING_CONFIG, limits))
     if announce is not None:
         announce(url)
     try:
@@ -681,6 +721,8 @@ def start_in_thread(
     reload_interval: float = 0.5,
     max_body_bytes: int = 1_000_000,
     startup_timeout: float = 30.0,
+    allowed_hosts: Iterable[str] = (),
+    limits: HttpLimits | None = None,
 ) -> ServingHandle:
     """Start the inference service on a daemon thread; returns once it accepts requests.
 
@@ -696,11 +738,16 @@ def start_in_thread(
     if threads is not None:
         set_torch_threads(threads)
     app = create_app(
-        model_dir, user=user, reload_interval=reload_interval, max_body_bytes=max_body_bytes
+        model_dir,
+        user=user,
+        reload_interval=reload_interval,
+        max_body_bytes=max_body_bytes,
+        host=host,
+        allowed_hosts=allowed_hosts,
     )
     sock = _bind(host, port)
     bound = sock.getsockname()[1]
-    server = uvicorn.Server(_config(app, log_level, log_config=None))
+    server = uvicorn.Server(_config(app, log_level, None, limits))
 
     def run() -> None:
         try:
@@ -735,7 +782,17 @@ def set_torch_threads(threads: int) -> None:
         torch.set_num_interop_threads(threads)
 
 
-def _config(app: FastAPI, log_level: str, log_config: dict[str, Any] | None) -> uvicorn.Config:
+def _config(
+    app: FastAPI,
+    log_level: str,
+    log_config: dict[str, Any] | None,
+    limits: HttpLimits | None = None,
+) -> uvicorn.Config:
+    limits = limits or HttpLimits()
+    try:
+        protocol = guarded_protocol(limits)
+    except ValueError as e:
+        raise ServingError(f"bad service limits: {e}") from None
     return uvicorn.Config(
         app,
         log_level=log_level,
@@ -743,6 +800,10 @@ def _config(app: FastAPI, log_level: str, log_config: dict[str, Any] | None) -> 
         access_log=False,
         lifespan="on",
         ws="none",
+        # Slow clients, connection cap and uvicorn's own errors as JSON (client/httpguard.py);
+        # uvicorn's limit_concurrency would answer plain text, and only after the headers.
+        http=protocol,
+        timeout_keep_alive=5,
         timeout_graceful_shutdown=5,
         server_header=False,
     )

@@ -12,12 +12,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .spec import DataError
+from .spec import MAX_CLASSES, DataError
 
 if TYPE_CHECKING:  # imported where used: a simulation worker never reads a file
     import pandas as pd
 
 SUFFIXES = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def load_user_file(
@@ -133,6 +135,14 @@ def _features(df: pd.DataFrame, columns: list[str], name: str) -> np.ndarray:
                 f"feature column {column!r} in {name!r} has {int(bad.sum())} missing or "
                 f"infinite values (first at {_row(df, bad)}); fill or drop those rows"
             )
+        # Checked in float64: cast to float32, such a value would silently become inf.
+        huge = np.abs(col) > _FLOAT32_MAX
+        if huge.any():
+            raise DataError(
+                f"feature column {column!r} in {name!r} has {int(huge.sum())} values beyond "
+                f"float32 range (e.g. {col[int(np.argmax(huge))]:g} at {_row(df, huge)}; "
+                f"|x| must be <= {_FLOAT32_MAX:.4g}); rescale the column"
+            )
         out[:, j] = col
     return out
 
@@ -162,6 +172,14 @@ def _labels(df: pd.DataFrame, column: str, name: str) -> np.ndarray:
         raise DataError(
             f"label column {column!r} in {name!r} has {_example(raw, bad)} at {_row(df, bad)}; "
             "labels must be integer class indices 0..C-1 (map class names to 0, 1, ...)"
+        )
+    # Bounded before anything is sized by the number of classes (the model's head).
+    big = values >= MAX_CLASSES
+    if big.any():
+        raise DataError(
+            f"label column {column!r} in {name!r} has {_example(raw, big)} at {_row(df, big)}; "
+            f"labels must be class indices 0..C-1 with at most {MAX_CLASSES} classes "
+            "(map class ids to 0, 1, ...)"
         )
     return values.astype(np.int64)
 

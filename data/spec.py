@@ -14,6 +14,10 @@ from dataclasses import dataclass
 DATASETS = ("digits", "synthetic", "synthetic-iid", "file")
 PARTITIONERS = ("iid", "dirichlet", "shards")
 
+#: Most classes a dataset may have (labels 0..C-1): the model's head is (D, C) and
+#: confusion counts are (C,), so a label like 10**12 would be a multi-terabyte allocation.
+MAX_CLASSES = 10_000
+
 
 class DataError(ValueError):
     """Bad data or data settings; the message is one line that says how to fix it."""
@@ -22,6 +26,42 @@ class DataError(ValueError):
 def config_key(field_name: str) -> str:
     """The run-config key of a `DataSpec` field: ``min_samples`` -> ``data.min-samples``."""
     return "data." + field_name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class Range:
+    """The allowed values of one numeric setting: ``lo..hi``, each end closed unless open.
+
+    Every value must also be finite (NaN and infinities are outside every range). Printed as
+    ``1..1000`` for integer settings and as an interval, e.g. ``(0, 1]``, for float ones.
+    """
+
+    lo: float
+    hi: float
+    open_lo: bool = False
+    open_hi: bool = False
+
+    def __contains__(self, value: object) -> bool:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return False
+        if not math.isfinite(value):
+            return False
+        above = value > self.lo if self.open_lo else value >= self.lo
+        below = value < self.hi if self.open_hi else value <= self.hi
+        return above and below
+
+    def describe(self, integer: bool) -> str:
+        if integer:
+            return f"an integer in {int(self.lo)}..{int(self.hi)}"
+        lo, hi = "(" if self.open_lo else "[", ")" if self.open_hi else "]"
+        return f"a finite number in {lo}{self.lo:g}, {self.hi:g}{hi}"
+
+    def problem(self, key: str, value: object, integer: bool) -> str | None:
+        """The one-line error for ``value``, or None if it is allowed."""
+        is_int = isinstance(value, int) and not isinstance(value, bool)
+        if value in self and (is_int or not integer):
+            return None
+        return f"{key} must be {self.describe(integer)}, got {value!r}"
 
 
 @dataclass(frozen=True)
@@ -41,6 +81,21 @@ class DataOptions:
     test_fraction: float = 0.2
     central_test_fraction: float = 0.2
     min_samples: int = 4
+
+
+#: Allowed values of every numeric `DataSpec` field (the ``data.*`` config keys and the seed).
+#: Sizes are bounded before anything is allocated; floats must be finite.
+DATA_RANGES: dict[str, Range] = {
+    "num_users": Range(1, 1_000_000),
+    "alpha": Range(0, 1e6, open_lo=True),
+    "shards_per_user": Range(1, 10_000),
+    "synthetic_alpha": Range(0, 100),
+    "synthetic_beta": Range(0, 100),
+    "test_fraction": Range(0, 1, open_lo=True, open_hi=True),
+    "central_test_fraction": Range(0, 1, open_lo=True, open_hi=True),
+    "min_samples": Range(2, 1_000_000),  # 1 train + 1 test sample at least
+    "seed": Range(0, 2**32 - 1),  # numpy's and torch's seeds stay in range
+}
 
 
 @dataclass(frozen=True)
@@ -89,15 +144,11 @@ class DataSpec(DataOptions):
                 raise DataError(f"{config_key(name)} must be a string, got {value!r}")
         _choice("dataset", self.dataset, DATASETS)
         _choice("partitioner", self.partitioner, PARTITIONERS)
-        _int_at_least("num_users", self.num_users, 1)
-        _int_at_least("shards_per_user", self.shards_per_user, 1)
-        _int_at_least("min_samples", self.min_samples, 2, why=" (1 train + 1 test sample)")
-        _int_at_least("seed", self.seed, 0)
-        _positive("alpha", self.alpha)
-        _non_negative("synthetic_alpha", self.synthetic_alpha)
-        _non_negative("synthetic_beta", self.synthetic_beta)
-        _fraction("test_fraction", self.test_fraction)
-        _fraction("central_test_fraction", self.central_test_fraction)
+        for name, allowed in DATA_RANGES.items():
+            integer = isinstance(getattr(DataSpec, name), int)  # the default's type
+            reason = allowed.problem(config_key(name), getattr(self, name), integer)
+            if reason:
+                raise DataError(reason)
         if self.dataset == "file" and not self.path:
             raise DataError(
                 "data.dataset is 'file' but data.path is empty; "
@@ -117,32 +168,4 @@ def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise DataError(
             f"unknown {config_key(name)} {value!r}; choose one of: {', '.join(choices)}"
-        )
-
-
-def _int_at_least(name: str, value: object, low: int, why: str = "") -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise DataError(f"{config_key(name)} must be an integer >= {low}{why}, got {value!r}")
-
-
-def _number(name: str, value: object, rule: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise DataError(f"{config_key(name)} must be a number {rule}, got {value!r}")
-    return float(value)
-
-
-def _positive(name: str, value: object) -> None:
-    if _number(name, value, "> 0") <= 0:
-        raise DataError(f"{config_key(name)} must be a number > 0, got {value!r}")
-
-
-def _non_negative(name: str, value: object) -> None:
-    if _number(name, value, ">= 0") < 0:
-        raise DataError(f"{config_key(name)} must be a number >= 0, got {value!r}")
-
-
-def _fraction(name: str, value: object) -> None:
-    if not 0 < _number(name, value, "strictly between 0 and 1") < 1:
-        raise DataError(
-            f"{config_key(name)} must be a number strictly between 0 and 1, got {value!r}"
         )

@@ -148,6 +148,7 @@ def cmd_node_start(args: argparse.Namespace) -> int:
         stream=stream,
         echo=_print,
         verbose=args.verbose,
+        allow_hosts=tuple(args.allow_host or ()),
     )
     return start_node(opts)
 
@@ -226,7 +227,9 @@ def cmd_node_stream(args: argparse.Namespace) -> int:
 def cmd_node_serve(args: argparse.Namespace) -> int:
     from pollinate.deploy.node import serve_store
 
-    return serve_store(Path(args.model_dir), args.host, args.port, args.user, _print)
+    return serve_store(
+        Path(args.model_dir), args.host, args.port, args.user, _print, args.allow_host or ()
+    )
 
 
 # ----------------------------------------------------------------------------- parser
@@ -310,6 +313,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="inference service address (default 127.0.0.1:8080), or none",
     )
     nstart.add_argument("--insecure", action="store_true", help="no TLS (--insecure servers)")
+    nstart.add_argument(
+        "--allow-host",
+        action="append",
+        metavar="NAME",
+        help="another Host name the inference service answers to (repeatable)",
+    )
     nstart.add_argument("--state-dir", help=node_state)
     nstart.add_argument(
         "--runtime-port",
@@ -347,6 +356,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     nserve.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this device)")
     nserve.add_argument("--port", type=int, default=8080, help="default 8080")
     nserve.add_argument("--user", help="which user's models (needed if the store has several)")
+    nserve.add_argument(
+        "--allow-host",
+        action="append",
+        metavar="NAME",
+        help="another name clients may use in the Host header (repeatable; localhost, "
+        "127.0.0.1, ::1 and --host are always allowed)",
+    )
     nserve.set_defaults(func=cmd_node_serve)
 
     nstream = node_sub.add_parser(

@@ -29,7 +29,7 @@ import ssl
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,6 +79,7 @@ class NodeOptions:
     stream: StreamSettings | None = None  # answer requests from a broker too
     echo: Callable[[str], None] = print
     verbose: bool = False
+    allow_hosts: tuple[str, ...] = ()  # more Host names the inference service answers to
 
     @property
     def insecure(self) -> bool:
@@ -307,6 +308,8 @@ def _supervise(opts: NodeOptions, server_host: str, server_port: int, recovering
             serve_user = opts.user_id or (opts.users[0] if len(opts.users) == 1 else None)
             if serve_user is not None:
                 serve_argv += ["--user", serve_user]
+            for name in opts.allow_hosts:
+                serve_argv += ["--allow-host", name]
             serving = sup.start("serve", serve_argv, env=env)
             if not wait_for_port(host, port, 60, serving.running):
                 tail = [ln for ln in serving.tail if ln.strip()][-1:]
@@ -411,7 +414,12 @@ def _supernode_failed(opts: NodeOptions, supernode: Child, events: _Events) -> i
 
 
 def serve_store(
-    model_dir: Path, host: str, port: int, user: str | None, echo: Callable[[str], None]
+    model_dir: Path,
+    host: str,
+    port: int,
+    user: str | None,
+    echo: Callable[[str], None],
+    allowed_hosts: Sequence[str] = (),
 ) -> int:
     """``pollinate node serve``: the inference service over an existing model store."""
     from pollinate.client.serving import ServingError, serve
@@ -419,7 +427,14 @@ def serve_store(
     if not model_dir.is_dir():
         raise DeployError(f"model store '{model_dir}' does not exist")
     try:
-        serve(model_dir, host, port, user=user, announce=lambda url: echo(f"serving {url}"))
+        serve(
+            model_dir,
+            host,
+            port,
+            user=user,
+            announce=lambda url: echo(f"serving {url}"),
+            allowed_hosts=allowed_hosts,
+        )
     except ServingError as err:
         raise DeployError(str(err)) from None
     return EXIT_OK

@@ -19,6 +19,7 @@ from .artifact import (
     weights_hash,
 )
 from .registry import (
+    MAX_PARAMETERS,
     FedModel,
     ModelSpec,
     UnknownModelError,
@@ -26,12 +27,15 @@ from .registry import (
     body_keys,
     create_model,
     head_keys,
+    parameter_count,
     register_model,
+    state_shapes,
 )
 from .train import EvalStats, TrainConfig, TrainStats, evaluate, predict_proba, train
 
 __all__ = [
     "FORMAT",
+    "MAX_PARAMETERS",
     "ArtifactError",
     "EvalStats",
     "FedModel",
@@ -47,9 +51,11 @@ __all__ = [
     "evaluate",
     "head_keys",
     "load_artifact",
+    "parameter_count",
     "predict_proba",
     "register_model",
     "save_artifact",
+    "state_shapes",
     "train",
     "weights_hash",
 ]

@@ -16,6 +16,7 @@ the architecture, and reports any problem as a one-line :class:`ArtifactError`.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import tempfile
 import time
@@ -26,7 +27,7 @@ from typing import Any, BinaryIO
 
 import torch
 
-from .registry import FedModel, ModelSpec, create_model
+from .registry import MAX_PARAMETERS, FedModel, ModelSpec, create_model, state_shapes
 
 __all__ = [
     "FORMAT",
@@ -39,6 +40,10 @@ __all__ = [
 
 #: Value of the ``"format"`` key; bump the suffix on incompatible layout changes.
 FORMAT = "pollinate-model/1"
+
+#: Largest model file read: MAX_PARAMETERS float64 values plus room for metadata. Bigger
+#: files are refused before torch reads them.
+MAX_FILE_BYTES = 8 * MAX_PARAMETERS + (16 << 20)
 
 
 class ArtifactError(ValueError):
@@ -215,6 +220,12 @@ def load_artifact(path: str | os.PathLike[str]) -> ModelArtifact:
     if not path.is_file():
         what = "is not a file" if path.exists() else "does not exist"
         raise ArtifactError(f"{path}: model file {what}")
+    size = path.stat().st_size
+    if size > MAX_FILE_BYTES:
+        raise ArtifactError(
+            f"{path} is {size:,} bytes, larger than any allowed model "
+            f"({MAX_PARAMETERS:,} parameters, {MAX_FILE_BYTES:,} bytes)"
+        )
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types (UnpicklingError, RuntimeError, EOFError, ...)
@@ -275,10 +286,15 @@ def _from_payload(payload: dict[str, Any]) -> ModelArtifact:
 
 def _misfit(spec: ModelSpec, state_dict: Mapping[str, torch.Tensor]) -> str | None:
     """Why ``state_dict`` cannot load into ``spec``'s architecture, or None if it can."""
+    # Shapes only (meta device): a spec declaring a huge model is refused without
+    # allocating it; only a file whose tensors fit is ever built for real.
     try:
-        expected = create_model(spec.name, seed=0, **spec.kwargs).state_dict()
+        expected = state_shapes(spec.name, **spec.kwargs)
     except Exception as e:  # a tampered spec may fail anywhere in a builder
         return f"invalid model spec: {_one_line(e)}"
+    declared = sum(math.prod(shape) for shape in expected.values())
+    if declared > MAX_PARAMETERS:
+        return f"it declares {declared:,} parameters, more than the {MAX_PARAMETERS:,} allowed"
 
     def more(names: list[str]) -> str:
         return f"{names[0]!r}" + (f" (+{len(names) - 1} more)" if len(names) > 1 else "")
@@ -291,8 +307,8 @@ def _misfit(spec: ModelSpec, state_dict: Mapping[str, torch.Tensor]) -> str | No
         return f"unexpected {more(unexpected)}"
     for key, want in expected.items():
         got = state_dict[key]
-        if got.shape != want.shape:
-            return f"{key!r} has shape {tuple(got.shape)}, expected {tuple(want.shape)}"
+        if tuple(got.shape) != want:
+            return f"{key!r} has shape {tuple(got.shape)}, expected {want}"
     return None
 
 

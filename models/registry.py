@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "MAX_PARAMETERS",
     "FedModel",
     "ModelSpec",
     "UnknownModelError",
@@ -36,8 +37,14 @@ __all__ = [
     "body_keys",
     "create_model",
     "head_keys",
+    "parameter_count",
     "register_model",
+    "state_shapes",
 ]
+
+#: Most parameters (and buffer elements) a model may have: 400 MB as float32 per copy,
+#: and a run keeps several copies per user. Checked before any weight is allocated.
+MAX_PARAMETERS = 100_000_000
 
 #: A builder takes keyword-only ``in_features``, ``num_classes`` and its own options, and
 #: returns ``(body, head)``.
@@ -224,6 +231,23 @@ def create_model(
             torch.manual_seed(seed)
             body, head = builder(**spec_kwargs)
     return FedModel(body, head, ModelSpec(name=name, kwargs=spec_kwargs))
+
+
+def state_shapes(name: str, **kwargs: Any) -> dict[str, tuple[int, ...]]:
+    """State-dict key -> shape of an architecture, without allocating its weights.
+
+    The model is built on PyTorch's ``meta`` device (shapes only, no storage), so a spec
+    that declares billions of parameters costs microseconds, not gigabytes. Raises what
+    :func:`create_model` raises for bad arguments.
+    """
+    with torch.device("meta"):
+        model = create_model(name, **kwargs)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def parameter_count(name: str, **kwargs: Any) -> int:
+    """Elements in the state dict of an architecture (counted on the meta device)."""
+    return sum(math.prod(shape) for shape in state_shapes(name, **kwargs).values())
 
 
 def head_keys(model: FedModel) -> list[str]:

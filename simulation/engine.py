@@ -40,7 +40,7 @@ from pathlib import Path
 from queue import Empty
 from typing import TYPE_CHECKING, Any
 
-from pollinate.config import RunConfig, data_spec
+from pollinate.config import RunConfig, check_against_data, data_spec
 from pollinate.data import load_federated_dataset
 
 if TYPE_CHECKING:
@@ -56,7 +56,17 @@ os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 
 def count_users(cfg: RunConfig) -> int:
-    return len(load_federated_dataset(data_spec(cfg)).user_ids)
+    """The run's number of users; refuses settings impossible for its data (ConfigError)."""
+    dataset = load_federated_dataset(data_spec(cfg))
+    num_users = len(dataset.user_ids)
+    check_against_data(
+        cfg,
+        num_users=num_users,
+        num_features=dataset.num_features,
+        num_classes=dataset.num_classes,
+        num_nodes=plan_nodes(cfg, num_users),
+    )
+    return num_users
 
 
 def worker_slots(cfg: RunConfig, cpus: int) -> int:

@@ -34,6 +34,7 @@ with warnings.catch_warnings():  # starlette suggests httpx2; httpx is what is i
 
 F, C = 8, 3
 FAST = 0.05  # reload interval in tests, seconds
+LOCAL = "http://localhost"  # the service answers only to its own host names
 
 
 def save(
@@ -79,7 +80,7 @@ def store(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def client(store: Path) -> Iterator[TestClient]:
-    with TestClient(create_app(store, reload_interval=FAST)) as c:
+    with TestClient(create_app(store, reload_interval=FAST), base_url=LOCAL) as c:
         yield c
 
 
@@ -153,7 +154,10 @@ def metric_values(text: str) -> dict[tuple[str, ...], float]:
 
 
 def test_each_app_has_its_own_metrics(store: Path) -> None:
-    with TestClient(create_app(store)) as a, TestClient(create_app(store)) as b:
+    with (
+        TestClient(create_app(store), base_url=LOCAL) as a,
+        TestClient(create_app(store), base_url=LOCAL) as b,
+    ):
         a.post("/predict", json={"rows": rows()})
         key = ("pollinate_serving_requests_total", "/predict", "personal", "200")
         assert metric_values(a.get("/metrics").text)[key] == 1
@@ -213,7 +217,7 @@ def test_bad_input_is_a_one_line_4xx(
 
 
 def test_oversized_bodies_are_refused_before_parsing(store: Path) -> None:
-    with TestClient(create_app(store, max_body_bytes=1000)) as client:
+    with TestClient(create_app(store, max_body_bytes=1000), base_url=LOCAL) as client:
         big = json.dumps({"rows": rows(100)}).encode()
         assert_error(client.post("/predict", content=big), 413, "limit is 1000")
 
@@ -227,7 +231,7 @@ def test_oversized_bodies_are_refused_before_parsing(store: Path) -> None:
 
 def test_large_batches_are_scored(store: Path) -> None:
     x = rows(5000)  # > 64 KiB: parsed and scored on a worker thread
-    with TestClient(create_app(store, max_body_bytes=10_000_000)) as client:
+    with TestClient(create_app(store, max_body_bytes=10_000_000), base_url=LOCAL) as client:
         r = client.post("/predict", json={"rows": x})
     assert r.status_code == 200
     assert r.json()["predictions"] == load_model(store).predict(x).tolist()
@@ -240,7 +244,7 @@ def test_unknown_paths_methods_and_validation_errors_are_one_line(store: Path) -
     def typed(n: int) -> dict[str, int]:  # a pydantic-validated route, to see the 422 shape
         return {"n": n}
 
-    with TestClient(app) as client:
+    with TestClient(app, base_url=LOCAL) as client:
         assert_error(client.get("/nowhere"), 404, "no endpoint GET /nowhere", "/predict")
         assert_error(client.get("/predict"), 405, "method GET is not allowed on /predict")
         assert_error(client.delete("/models"), 405, "DELETE")
@@ -266,7 +270,7 @@ def test_a_bug_answers_500_and_the_service_keeps_going(
 
 def test_empty_store_answers_503_until_a_model_lands(tmp_path: Path) -> None:
     root = tmp_path / "not-yet"
-    with TestClient(create_app(root, reload_interval=FAST)) as client:
+    with TestClient(create_app(root, reload_interval=FAST), base_url=LOCAL) as client:
         assert_error(
             client.post("/predict", json={"rows": rows()}),
             503,
@@ -296,7 +300,7 @@ def test_several_users_need_a_choice(tmp_path: Path) -> None:
     save(tmp_path, "bob", round=7)
     with pytest.raises(ServingError, match=r"holds 2 users \(alice, bob\).*--user"):
         create_app(tmp_path)
-    with TestClient(create_app(tmp_path, user="bob")) as client:
+    with TestClient(create_app(tmp_path, user="bob"), base_url=LOCAL) as client:
         assert client.post("/predict", json={"rows": rows()}).json()["version"]["round"] == 7
 
 
@@ -395,7 +399,7 @@ def test_hot_swap_under_load_fails_no_request(store: Path) -> None:
 
 def test_a_corrupt_file_at_startup_is_not_served(store: Path) -> None:
     write_garbage(ModelStore(store).path("alice", "personal"))
-    with TestClient(create_app(store)) as client:
+    with TestClient(create_app(store), base_url=LOCAL) as client:
         assert_error(client.post("/predict", json={"rows": rows()}), 503, "no personal model")
         assert client.post("/predict", json={"rows": rows(), "model": "global"}).status_code == 200
         personal = client.get("/models").json()["models"][1]
@@ -464,6 +468,6 @@ def test_the_library_leaves_torch_threads_alone(store: Path) -> None:
     before = torch.get_num_threads()
     app = create_app(store)
     assert isinstance(app, FastAPI)
-    with TestClient(app) as client:
+    with TestClient(app, base_url=LOCAL) as client:
         client.post("/predict", json={"rows": rows()})
     assert torch.get_num_threads() == before  # only serve(threads=...) sets them

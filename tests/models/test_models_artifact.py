@@ -213,3 +213,65 @@ def test_artifact_build_keeps_global_rng(saved: Path) -> None:
     rng_before = torch.get_rng_state()
     artifact.build()
     assert torch.equal(torch.get_rng_state(), rng_before)
+
+
+# ------------------------------------------------------------------- declared model size
+
+
+@pytest.mark.parametrize(
+    ("hidden", "reason"),
+    [
+        (20_000, "declares 800,240,010 parameters, more than"),  # the parameter cap
+        (6_000, "has shape (16, 16), expected (6000, 6000)"),  # under the cap, not in the file
+    ],
+)
+def test_a_declared_huge_model_is_refused_before_it_is_built(
+    tmp_path: Path, hidden: int, reason: str
+) -> None:
+    """A small file whose spec declares a huge MLP: rejected from its spec and tensor shapes,
+    without building the model (the process's peak memory does not grow by its size)."""
+    import resource
+
+    small = create_model("mlp", in_features=16, num_classes=10, hidden=16, depth=2, seed=0)
+    weights = small.state_dict()
+    path = tmp_path / "liar.pt"
+    spec = {
+        "name": "mlp",
+        "kwargs": {"in_features": hidden, "num_classes": 10, "hidden": hidden, "depth": 2},
+    }
+    payload = {
+        "format": FORMAT,
+        "spec": spec,
+        "state_dict": weights,
+        "round": 1,
+        "metrics": {},
+        "hash": weights_hash(weights),
+        "kind": "global",
+        "user": None,
+        "created_at": 0.0,
+    }
+    torch.save(payload, path)
+    assert path.stat().st_size < 100_000
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
+    with pytest.raises(ArtifactError, match="do not fit the architecture") as info:
+        load_artifact(path)
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert reason in str(info.value)
+    # Building it would allocate >= 6000*6000*2*4 bytes = 275 MiB (20000: 3 GiB).
+    assert grown_mib < 100, grown_mib
+
+
+def test_a_file_larger_than_any_allowed_model_is_not_read(
+    saved: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(artifact_module, "MAX_FILE_BYTES", 1000)
+    with pytest.raises(ArtifactError, match="larger than any allowed model"):
+        load_artifact(saved)
+
+
+def test_parameter_count_matches_a_built_model(name: str) -> None:
+    from pollinate.models import parameter_count
+
+    kwargs = {"in_features": 64, "num_classes": 10}
+    built = create_model(name, seed=0, **kwargs)
+    assert parameter_count(name, **kwargs) == sum(t.numel() for t in built.state_dict().values())

@@ -26,8 +26,10 @@ CASES = [
         "fedprox", 1, {"strategy.proximal-mu": 0.1}, id="fedprox-1-node", marks=pytest.mark.slow
     ),
     pytest.param("fedmedian", 2, {}, id="fedmedian-2-nodes", marks=pytest.mark.slow),
+    # f = 0: with 3 users a round Krum cannot assume an attacker (it needs n > 2f + 2,
+    # refused by the config check); the case is about the cohort layout, not about f.
     pytest.param(
-        "krum", 2, {"strategy.krum-byzantine": 1}, id="krum-2-nodes", marks=pytest.mark.slow
+        "krum", 2, {"strategy.krum-byzantine": 0}, id="krum-2-nodes", marks=pytest.mark.slow
     ),
 ]
 
