@@ -28,6 +28,7 @@ from pollinate.models.flat import flatten, unflatten
 from pollinate.server.grid import responsive
 from pollinate.server.metrics import MetricsRecorder
 from pollinate.server.strategy import build_strategy
+from pollinate.server.tracking import open_tracking
 
 app = ServerApp()
 
@@ -80,6 +81,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
     start_fresh(run_dir, cfg.store_dir)
     (run_dir / "models").mkdir(parents=True, exist_ok=True)
     (run_dir / "config.toml").write_text(to_toml(cfg))
+    tracker = open_tracking(cfg)  # TensorBoard / MLflow if [tracking] asks; else a no-op
     recorder = MetricsRecorder(run_dir)
     recorder.start(config_toml=to_toml(cfg), num_rounds=cfg.run.num_rounds)
     strategy = build_strategy(cfg, recorder)
@@ -107,6 +109,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
             run_dir / "models" / "global.pt", model, round=server_round, metrics=artifact_metrics
         )
         row = recorder.end_round(server_round, server)
+        tracker.log_round(server_round, row)
         logger.info(
             "round %3d | server acc %s | global acc %s | personal acc %s | %6.2f s",
             server_round,
@@ -114,6 +117,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
             _fmt(row["global_accuracy"]),
             _fmt(row["personal_accuracy"]),
             time.perf_counter() - started,
+            extra={"round_row": row, "num_rounds": cfg.run.num_rounds},  # the live display's
         )
         return MetricRecord(dict(server)) if server else None
 
@@ -130,9 +134,11 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
         )
     except BaseException as err:
         recorder.finish("failed", error=f"{type(err).__name__}: {err}")
+        tracker.close("failed")
         raise
     else:
         recorder.finish("finished")
+        tracker.close("finished")
     finally:
         recorder.close()
     return run_dir
