@@ -69,6 +69,8 @@ def round_fields(row: Mapping[str, Any]) -> dict[str, str]:
     users = row.get("train_users", 0)
     failures = int(row.get("failures", 0) or 0)
     trained = f"{int(users)} users trained" + (f", {failures} failed" if failures else "")
+    if int(row.get("round", 0)) == 0:
+        trained = "initial model"  # round 0 evaluates the starting point, no one trains
     accs = (
         f"global {_accuracy(row.get('global_accuracy'))} | "
         f"personal {_accuracy(row.get('personal_accuracy'))}"

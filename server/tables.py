@@ -138,16 +138,17 @@ def _span(block: list[str], widths: dict[str, int]) -> int:
     return sum(widths[c] for c in block) + len(GAP) * (len(block) - 1)
 
 
-# The round columns a narrow terminal gets when following a run without --columns.
+# The round columns a narrow terminal gets when following a run without --columns: as
+# many as fit, in this order of importance (shown in the table's own order).
 FOLLOW_COLUMNS = (
     "round",
-    "train_users",
-    "eval_users",
-    "failures",
-    "server_accuracy",
     "global_accuracy",
     "personal_accuracy",
+    "server_accuracy",
+    "train_users",
+    "failures",
     "round_seconds",
+    "eval_users",
 )
 
 
@@ -198,9 +199,20 @@ def _follow_columns(columns: str | None, width: int | None) -> list[str]:
             raise ColumnError(f"{what}; choose from: {', '.join(ROUND_COLUMNS)}")
         return names
     full = list(ROUND_COLUMNS)
+    if width is None or _stream_span(full) <= width:
+        return full
+    chosen: list[str] = []
+    for c in FOLLOW_COLUMNS:
+        if not chosen or _stream_span([*chosen, c]) <= width:
+            chosen.append(c)
+    return [c for c in full if c in chosen]
+
+
+def _stream_span(names: list[str]) -> int:
     # A number cell is at least 6 wide ("0.1234"), a time 25; names are usually wider.
-    span = sum(max(len(c), 25 if c in TIME_COLUMNS else 6) for c in full) + len(GAP) * len(full)
-    return full if width is None or span <= width else list(FOLLOW_COLUMNS)
+    return sum(max(len(c), 25 if c in TIME_COLUMNS else 6) for c in names) + len(GAP) * (
+        len(names) - 1
+    )
 
 
 def _missing(value: object) -> bool:

@@ -14,7 +14,8 @@ imports ``tensorboard`` or ``mlflow``. The metric names are the ``rounds`` table
   ``MLFLOW_ALLOW_FILE_STORE=true mlflow ui --backend-store-uri runs/NAME/mlruns``):
   params = the whole config, metrics per round, artifacts = ``config.toml``,
   ``models/global.pt`` and the users' models (``users/<user>/{global,personal}.pt``)
-  when the store is in the run folder; the MLflow run ends FINISHED or FAILED with the Pollinate run.
+  when the store is in the run folder; the MLflow run ends FINISHED or FAILED with the
+  Pollinate run.
 
 A tracker that fails mid-run (an MLflow server gone away) logs one warning and is dropped:
 the run and its ``metrics.db`` go on.
