@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -70,7 +71,14 @@ def cmd_server_start(args: argparse.Namespace) -> int:
         verbose=args.verbose,
         memory_state=args.memory_state,
     )
-    return start_server(opts)
+    if not sys.stdout.isatty():
+        return start_server(opts)
+    from pollinate.server.progress import LiveProgress
+
+    with LiveProgress(cfg.run.num_rounds) as live:  # a terminal: a progress bar under the lines
+        opts.echo = lambda text: live.console.print(text, markup=False, highlight=False)
+        opts.on_round = live.update
+        return start_server(opts)
 
 
 def cmd_server_status(args: argparse.Namespace) -> int:

@@ -105,8 +105,8 @@ class LiveProgress(logging.Handler):
         self.task = self.progress.add_task(
             "run", total=num_rounds, trained="starting", accs="", eta_at=None
         )
-        self.started = time.monotonic()
         self.first_round_at: float | None = None
+        self.round_seconds: list[float] = []
 
     def __enter__(self) -> LiveProgress:
         self.progress.start()
@@ -128,11 +128,20 @@ class LiveProgress(logging.Handler):
         """Show the metrics row of a finished round."""
         done = int(row.get("round", 0))
         now = time.monotonic()
-        # Round 0 is the initial evaluation, after start-up: time rounds from there.
+        # Round 0 is the initial evaluation, after start-up: time rounds from there. Where
+        # no round 0 was seen (a deployment's console), the rounds' own durations.
         if done == 0:
             self.first_round_at = now
-        origin = self.started if self.first_round_at is None else self.first_round_at
-        eta = estimate_eta(now - origin, done, self.num_rounds)
+        seconds = float(row.get("round_seconds", math.nan))
+        if done > 0 and not math.isnan(seconds):
+            self.round_seconds.append(seconds)
+        if self.first_round_at is not None:
+            eta = estimate_eta(now - self.first_round_at, done, self.num_rounds)
+        elif self.round_seconds:
+            mean = sum(self.round_seconds) / len(self.round_seconds)
+            eta = mean * max(0, self.num_rounds - done)
+        else:
+            eta = None
         fields: dict[str, Any] = {"eta_at": None if eta is None else now + eta}
         fields.update(round_fields(row))
         self.progress.update(self.task, completed=min(done, self.num_rounds), **fields)

@@ -92,10 +92,14 @@ def terminal_width() -> int | None:
 
 
 def format_table(df: pd.DataFrame, width: int | None = None) -> str:
-    """``df`` as aligned text, wrapped into column blocks no wider than ``width``."""
+    """``df`` as aligned text, wrapped into column blocks no wider than ``width``.
+
+    Text columns (user ids, a sweep's grid values) are left-aligned, numbers right-aligned.
+    """
     if df.empty:
         return "(no rows yet)\n"
     columns = [str(c) for c in df.columns]
+    left = {str(c) for c in df.columns if df[c].dtype == object and not _numeric(df[c].tolist())}
     cells = {c: [format_cell(c, v) for v in df[c].tolist()] for c in columns}
     widths = {c: max(len(c), *(len(s) for s in cells[c])) for c in columns}
     blocks = _blocks(columns, widths, width)
@@ -103,18 +107,30 @@ def format_table(df: pd.DataFrame, width: int | None = None) -> str:
     for i, block in enumerate(blocks):
         if i:
             out.append("")
-        out.append(_line(block, widths, {c: c for c in block}))
+        out.append(_line(block, widths, {c: c for c in block}, left))
         for r in range(len(df)):
-            out.append(_line(block, widths, {c: cells[c][r] for c in block}))
+            out.append(_line(block, widths, {c: cells[c][r] for c in block}, left))
     return "\n".join(out) + "\n"
 
 
-def _line(block: list[str], widths: dict[str, int], values: dict[str, str]) -> str:
-    # Text (user ids, column names of text columns) left-aligned, numbers right-aligned.
-    parts = [
-        values[c].ljust(widths[c]) if c == "user" else values[c].rjust(widths[c]) for c in block
-    ]
+def _line(
+    block: list[str],
+    widths: dict[str, int],
+    values: dict[str, str],
+    left: frozenset[str] | set[str] = frozenset({"user"}),
+) -> str:
+    parts = [values[c].ljust(widths[c]) if c in left else values[c].rjust(widths[c]) for c in block]
     return GAP.join(parts).rstrip()
+
+
+def _numeric(values: list[object]) -> bool:
+    """Whether text cells hold numbers (``0.1``), as a sweep's grid values may."""
+    try:
+        for v in values:
+            float(v)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def _blocks(columns: list[str], widths: dict[str, int], width: int | None) -> list[list[str]]:

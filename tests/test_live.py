@@ -15,7 +15,9 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -48,12 +50,12 @@ print(json.dumps({"code": code, "loaded": loaded}), flush=True)
 class Lines:
     """A process's output lines with the time each arrived."""
 
-    def __init__(self, stream) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, stream: IO[str]) -> None:
         self.lines: list[tuple[float, str]] = []
         self.thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
         self.thread.start()
 
-    def _read(self, stream) -> None:  # type: ignore[no-untyped-def]
+    def _read(self, stream: IO[str]) -> None:
         for line in iter(stream.readline, ""):
             self.lines.append((time.monotonic(), line.rstrip("\n")))
 
@@ -75,8 +77,19 @@ def stop(proc: subprocess.Popen[str]) -> None:
     proc.wait(10)
 
 
+@dataclass
+class Followed:
+    run_dir: Path
+    run_out: Lines
+    run_ended: float
+    follow_out: Lines
+    follow_err: list[str]
+    follow_code: int | None
+    follow_ended: float
+
+
 @pytest.fixture(scope="module")
-def followed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+def followed(tmp_path_factory: pytest.TempPathFactory) -> Followed:
     run_dir = tmp_path_factory.mktemp("live") / "run"
     follow = subprocess.Popen(
         [sys.executable, "-m", "pollinate", "metrics", str(run_dir), "--follow", "--format", "csv"],
@@ -85,6 +98,7 @@ def followed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
         text=True,
         env=ENV,
     )
+    assert follow.stdout is not None and follow.stderr is not None
     follow_out, follow_err = Lines(follow.stdout), Lines(follow.stderr)
     time.sleep(0.5)  # the follower is waiting for a metrics.db that does not exist yet
     run = subprocess.Popen(
@@ -94,6 +108,7 @@ def followed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
         text=True,
         env=ENV,
     )
+    assert run.stdout is not None
     run_out = Lines(run.stdout)
     try:
         run.wait(300)
@@ -103,53 +118,40 @@ def followed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     finally:
         stop(run)
         stop(follow)
-    return {
-        "run_dir": run_dir,
-        "run_out": run_out,
-        "run_ended": run_ended,
-        "follow_out": follow_out,
-        "follow_err": follow_err.text(),
-        "follow_code": follow.returncode,
-        "follow_ended": follow_ended,
-    }
+    return Followed(
+        run_dir, run_out, run_ended, follow_out, follow_err.text(), follow.returncode, follow_ended
+    )
 
 
-def test_follow_prints_each_round_as_it_lands_and_exits_with_the_run(
-    followed: dict[str, object],
-) -> None:
-    follow_out, run_out = followed["follow_out"], followed["run_out"]
-    assert isinstance(follow_out, Lines) and isinstance(run_out, Lines)
-    lines = follow_out.text()
+def test_follow_prints_each_round_as_it_lands_and_exits_with_the_run(followed: Followed) -> None:
+    lines = followed.follow_out.text()
     assert lines[0].split(",")[:2] == ["round", "server_loss"]
     rows = [line.split(",") for line in lines[1:]]
     assert [int(r[0]) for r in rows] == list(range(ROUNDS + 1))
     # Each row is what the run wrote ...
-    stored = read_rounds(followed["run_dir"])  # type: ignore[arg-type]
+    stored = read_rounds(followed.run_dir)
     assert [float(r[5]) for r in rows[1:]] == pytest.approx(stored["global_accuracy"][1:].tolist())
     # ... and it came while the run was going: within a few polls of the run's own line.
     printed_by_run = {
         int(m.group(1)): t
-        for t, line in run_out.lines
+        for t, line in followed.run_out.lines
         if (m := re.match(r"round\s+(\d+) \|", line))
     }
-    followed_at = [t for t, _ in follow_out.lines[1:]]
+    followed_at = [t for t, _ in followed.follow_out.lines[1:]]
     for r, t in enumerate(followed_at):
         assert t - printed_by_run[r] < 5.0, (r, t - printed_by_run[r])
-    assert followed_at[0] < followed["run_ended"]  # type: ignore[operator]
+    assert followed_at[0] < followed.run_ended
     # It stops by itself once the run is no longer running.
-    assert followed["follow_code"] == 0
-    assert followed["follow_ended"] - followed["run_ended"] < 10  # type: ignore[operator]
-    err = followed["follow_err"]
-    assert isinstance(err, list)
+    assert followed.follow_code == 0
+    assert followed.follow_ended - followed.run_ended < 10
+    err = followed.follow_err
     assert any("waiting for" in line for line in err) and err[-1] == "run finished"
 
 
 def test_off_a_terminal_the_run_prints_plain_lines_and_imports_no_tracker(
-    followed: dict[str, object],
+    followed: Followed,
 ) -> None:
-    run_out = followed["run_out"]
-    assert isinstance(run_out, Lines)
-    lines = run_out.text()
+    lines = followed.run_out.text()
     assert not any("\x1b" in line for line in lines)  # no escape codes in a pipe
     round_lines = [line for line in lines if re.match(r"round\s+\d+ \| server acc", line)]
     assert len(round_lines) == ROUNDS + 1
