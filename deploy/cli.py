@@ -54,6 +54,9 @@ def cmd_server_start(args: argparse.Namespace) -> int:
 
     state = _server_dir(args)
     cfg = deployment_config(config.load(args.config, list(args.set or [])), args.run_dir)
+    from pollinate.server.tracking import check_tracking
+
+    check_tracking(cfg)  # [tracking] on without its package: one line before anything starts
     try:
         host, port = parse_address(args.address)
     except ValueError as err:

@@ -86,3 +86,23 @@ def test_an_unusable_mlflow_uri_is_one_line_and_exit_2(
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert len(err) == 1 and "tracking.mlflow-uri 'nope://x'" in err[0], err
+
+
+@pytest.mark.parametrize(
+    ("name", "package"), [("tensorboard", "tensorboard"), ("mlflow", "mlflow-skinny")]
+)
+def test_tracking_without_its_package_is_one_line_before_anything_runs(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    name: str,
+    package: str,
+) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, name, None)  # as if not installed: find_spec says None
+    code = run(tmp_path / "r", f"tracking.{name}=true")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert f"tracking.{name} = true needs the {package} package" in err[0]
+    assert not (tmp_path / "r").exists()
