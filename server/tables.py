@@ -99,7 +99,7 @@ def format_table(df: pd.DataFrame, width: int | None = None) -> str:
     if df.empty:
         return "(no rows yet)\n"
     columns = [str(c) for c in df.columns]
-    left = {str(c) for c in df.columns if df[c].dtype == object and not _numeric(df[c].tolist())}
+    left = {str(c) for c in df.columns if _is_text(df[c].tolist())}
     cells = {c: [format_cell(c, v) for v in df[c].tolist()] for c in columns}
     widths = {c: max(len(c), *(len(s) for s in cells[c])) for c in columns}
     blocks = _blocks(columns, widths, width)
@@ -123,14 +123,14 @@ def _line(
     return GAP.join(parts).rstrip()
 
 
-def _numeric(values: list[object]) -> bool:
-    """Whether text cells hold numbers (``0.1``), as a sweep's grid values may."""
+def _is_text(values: list[object]) -> bool:
+    """Whether a column holds words (user ids), not numbers or numbers as text (``"0.1"``)."""
     try:
         for v in values:
             float(v)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        return False
-    return True
+        return True
+    return False
 
 
 def _blocks(columns: list[str], widths: dict[str, int], width: int | None) -> list[list[str]]:

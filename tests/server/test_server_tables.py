@@ -120,3 +120,11 @@ def test_follow_table_on_a_narrow_terminal_keeps_the_compact_columns(
     emit({c: row.get(c, 0.5) for c in ROUND_COLUMNS})
     header = capsys.readouterr().out.splitlines()[0]
     assert len(header) <= 80 and header.split()[0] == "round"
+
+
+def test_words_are_left_aligned_and_numbers_right_aligned() -> None:
+    df = pd.DataFrame({"user": ["a", "bbbbbb"], "grid": ["0.1", "10"], "acc": [0.5, 0.25]})
+    lines = format_table(df).splitlines()
+    assert lines[0].startswith("user  ") and lines[1].startswith("a     ")
+    assert lines[1].split("  ")[-1] == "0.5000"
+    assert "   0.1" in lines[1] and "    10" in lines[2]  # numbers as text: right-aligned
