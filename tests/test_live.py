@@ -10,6 +10,7 @@ import json
 import os
 import pty
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -178,8 +179,12 @@ def test_on_a_terminal_the_run_shows_live_progress_and_ends_cleanly(tmp_path: Pa
     )
     os.close(slave)
     chunks: list[bytes] = []
+    deadline = time.monotonic() + 300
     try:
-        while True:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 1.0)
+            if not ready:
+                continue
             try:
                 data = os.read(master, 65536)
             except OSError:  # EIO: the process closed the terminal
