@@ -1,7 +1,8 @@
-"""A run in progress: `metrics --follow`, the live display on a terminal, plain lines off one.
+"""A run in progress: `metrics --follow` and the live display on a terminal.
 
-The run and the follower are real processes; the follower starts before the run has
-written anything, and must print each round while the run goes on and stop when it ends.
+The run (on a pseudo-terminal) and the follower are real processes; the follower starts
+before the run has written anything, and must print each round while the run goes on and
+stop when it ends. Plain lines off a terminal: tests/server/test_server_tracking.py.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import os
 import pty
 import re
 import select
-import signal
 import subprocess
 import sys
 import threading
@@ -32,8 +32,8 @@ SETS = [
     "data.num-users=4",
     f"run.num-rounds={ROUNDS}",
     "model.name=mlp",
-    "train.epochs=10",
-    "personalization.finetune-epochs=5",
+    "train.epochs=2",
+    "personalization.finetune-epochs=1",
 ]
 ENV = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 
@@ -72,16 +72,16 @@ def run_argv(run_dir: Path) -> list[str]:
     return argv
 
 
-def stop(proc: subprocess.Popen[str]) -> None:
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait(10)
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\r")
 
 
 @dataclass
 class Followed:
     run_dir: Path
-    run_out: Lines
+    run_code: int | None
+    raw: str  # what the run wrote to its terminal, escape codes and all
+    text: str  # the same without escape codes
+    printed_at: dict[int, float]  # when the run's own line for each round appeared
     run_ended: float
     follow_out: Lines
     follow_err: list[str]
@@ -89,8 +89,38 @@ class Followed:
     follow_ended: float
 
 
+def read_terminal(
+    master: int, proc: subprocess.Popen[bytes], printed_at: dict[int, float]
+) -> list[bytes]:
+    """Everything the process writes to its terminal, noting when each round line shows."""
+    chunks: list[bytes] = []
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([master], [], [], 0.5)
+        if not ready:
+            if proc.poll() is not None:
+                break  # it exited and said all (its forked workers may hold the tty longer)
+            continue
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: the process closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+        text = ANSI.sub("", b"".join(chunks).decode(errors="replace"))
+        for m in re.finditer(r"round\s+(\d+) \| server acc", text):
+            printed_at.setdefault(int(m.group(1)), time.monotonic())
+    return chunks
+
+
 @pytest.fixture(scope="module")
 def followed(tmp_path_factory: pytest.TempPathFactory) -> Followed:
+    """A run on a terminal (a pty), followed from another process started before it."""
+    import fcntl
+    import struct
+    import termios
+
     run_dir = tmp_path_factory.mktemp("live") / "run"
     follow = subprocess.Popen(
         [sys.executable, "-m", "pollinate", "metrics", str(run_dir), "--follow", "--format", "csv"],
@@ -102,25 +132,42 @@ def followed(tmp_path_factory: pytest.TempPathFactory) -> Followed:
     assert follow.stdout is not None and follow.stderr is not None
     follow_out, follow_err = Lines(follow.stdout), Lines(follow.stderr)
     time.sleep(0.5)  # the follower is waiting for a metrics.db that does not exist yet
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
     run = subprocess.Popen(
         [sys.executable, "-c", RUN_SCRIPT, *run_argv(run_dir)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=ENV,
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env={k: v for k, v in ENV.items() if k not in ("COLUMNS", "LINES", "NO_COLOR")},
+        close_fds=True,
     )
-    assert run.stdout is not None
-    run_out = Lines(run.stdout)
+    os.close(slave)
+    printed_at: dict[int, float] = {}
     try:
-        run.wait(300)
+        chunks = read_terminal(master, run, printed_at)
+        run.wait(60)
         run_ended = time.monotonic()
         follow.wait(60)
         follow_ended = time.monotonic()
     finally:
-        stop(run)
-        stop(follow)
+        os.close(master)
+        for proc in (run, follow):
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(10)
+    raw = b"".join(chunks).decode(errors="replace")
     return Followed(
-        run_dir, run_out, run_ended, follow_out, follow_err.text(), follow.returncode, follow_ended
+        run_dir,
+        run.returncode,
+        raw,
+        ANSI.sub("", raw),
+        printed_at,
+        run_ended,
+        follow_out,
+        follow_err.text(),
+        follow.returncode,
+        follow_ended,
     )
 
 
@@ -133,14 +180,9 @@ def test_follow_prints_each_round_as_it_lands_and_exits_with_the_run(followed: F
     stored = read_rounds(followed.run_dir)
     assert [float(r[5]) for r in rows[1:]] == pytest.approx(stored["global_accuracy"][1:].tolist())
     # ... and it came while the run was going: within a few polls of the run's own line.
-    printed_by_run = {
-        int(m.group(1)): t
-        for t, line in followed.run_out.lines
-        if (m := re.match(r"round\s+(\d+) \|", line))
-    }
     followed_at = [t for t, _ in followed.follow_out.lines[1:]]
     for r, t in enumerate(followed_at):
-        assert t - printed_by_run[r] < 5.0, (r, t - printed_by_run[r])
+        assert t - followed.printed_at[r] < 5.0, (r, t - followed.printed_at[r])
     assert followed_at[0] < followed.run_ended
     # It stops by itself once the run is no longer running.
     assert followed.follow_code == 0
@@ -149,65 +191,18 @@ def test_follow_prints_each_round_as_it_lands_and_exits_with_the_run(followed: F
     assert any("waiting for" in line for line in err) and err[-1] == "run finished"
 
 
-def test_off_a_terminal_the_run_prints_plain_lines_and_imports_no_tracker(
-    followed: Followed,
-) -> None:
-    lines = followed.run_out.text()
-    assert not any("\x1b" in line for line in lines)  # no escape codes in a pipe
-    round_lines = [line for line in lines if re.match(r"round\s+\d+ \| server acc", line)]
-    assert len(round_lines) == ROUNDS + 1
-    assert json.loads(lines[-1]) == {"code": 0, "loaded": []}  # [tracking] off: not imported
-
-
-ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\r")
-
-
-def test_on_a_terminal_the_run_shows_live_progress_and_ends_cleanly(tmp_path: Path) -> None:
-    master, slave = pty.openpty()
-    import fcntl
-    import struct
-    import termios
-
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pollinate", *run_argv(tmp_path / "run")],
-        stdin=slave,
-        stdout=slave,
-        stderr=slave,
-        env={k: v for k, v in ENV.items() if k not in ("COLUMNS", "LINES", "NO_COLOR")},
-        close_fds=True,
-    )
-    os.close(slave)
-    chunks: list[bytes] = []
-    deadline = time.monotonic() + 300
-    try:
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([master], [], [], 1.0)
-            if not ready:
-                continue
-            try:
-                data = os.read(master, 65536)
-            except OSError:  # EIO: the process closed the terminal
-                break
-            if not data:
-                break
-            chunks.append(data)
-        code = proc.wait(60)
-    finally:
-        os.close(master)
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
-    raw = b"".join(chunks).decode(errors="replace")
-    text = ANSI.sub("", raw)
-    assert code == 0, text[-3000:]
+def test_on_a_terminal_the_run_shows_live_progress_and_ends_cleanly(followed: Followed) -> None:
+    raw, text = followed.raw, followed.text
+    assert followed.run_code == 0, text[-3000:]
     assert "\x1b[?25l" in raw and raw.rfind("\x1b[?25h") > raw.rfind("\x1b[?25l")  # cursor back
     bars = re.findall(r"round (\d+)/(\d+)", text)
     assert (str(ROUNDS), str(ROUNDS)) in bars and ("1", str(ROUNDS)) in bars
     assert re.search(r"ETA \d+:\d\d", text)
     assert "4 users trained" in text and "global 0." in text and "personal 0." in text
-    assert re.search(r"round\s+2 \| server acc", text)  # the round lines scroll above the bar
+    assert sorted(followed.printed_at) == list(range(ROUNDS + 1))  # lines scroll above the bar
     assert "final round 4" in text.split(f"round {ROUNDS}/{ROUNDS}")[-1]  # summary after it
+    # [tracking] is off: the run's process never imported TensorBoard or MLflow.
+    assert json.loads(text.strip().splitlines()[-1]) == {"code": 0, "loaded": []}
 
 
 def test_follow_gives_up_when_the_writer_is_gone(

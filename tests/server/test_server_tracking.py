@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import re
 from pathlib import Path
 
 import pytest
@@ -24,8 +27,19 @@ def run(run_dir: Path, *sets: str) -> int:
 @pytest.fixture(scope="module")
 def tracked_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("tracking") / "run"
-    assert run(run_dir, "tracking.tensorboard=true", "tracking.mlflow=true") == 0
+    out = io.StringIO()  # not a terminal, as in CI or a pipe
+    with contextlib.redirect_stdout(out):
+        assert run(run_dir, "tracking.tensorboard=true", "tracking.mlflow=true") == 0
+    (run_dir.parent / "stdout.txt").write_text(out.getvalue())
     return run_dir
+
+
+def test_off_a_terminal_the_run_prints_plain_lines(tracked_run: Path) -> None:
+    text = (tracked_run.parent / "stdout.txt").read_text()
+    assert "\x1b" not in text  # no progress bar, no escape codes
+    lines = [ln for ln in text.splitlines() if re.match(r"round\s+\d+ \| server acc", ln)]
+    assert [int(ln.split()[1]) for ln in lines] == [0, 1, 2]
+    assert "final round 2" in text
 
 
 def test_tensorboard_has_every_round_and_the_config(tracked_run: Path) -> None:
