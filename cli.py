@@ -6,12 +6,13 @@ Exit codes: 0 success, 1 the run itself failed, 2 bad input (config, data, files
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -54,6 +55,7 @@ def _bad_input_types() -> tuple[type[BaseException], ...]:
 def cmd_run(args: argparse.Namespace) -> int:
     from pollinate import config
     from pollinate.server.metrics import read_rounds
+    from pollinate.server.tracking import check_tracking
     from pollinate.simulation.engine import count_users, run_simulation
 
     overrides = list(args.set or [])
@@ -61,6 +63,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides.append(f"run.dir={json.dumps(args.run_dir)}")
     cfg = config.load(args.config, overrides)
     num_users = count_users(cfg)  # data errors surface here, before any process starts
+    check_tracking(cfg)
     print(
         f"pollinate run: {cfg.run.name} | {cfg.data.dataset}, {num_users} users | "
         f"{cfg.strategy.name} + {cfg.personalization.method} | {cfg.run.num_rounds} rounds "
@@ -68,7 +71,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         flush=True,
     )
     _live_lines()
-    run_dir = run_simulation(cfg, verbose=args.verbose, num_users=num_users)
+    with _round_display(cfg.run.num_rounds):
+        run_dir = run_simulation(cfg, verbose=args.verbose, num_users=num_users)
     print()
     print(summary_table(read_rounds(run_dir)))
     print(f"\nmetrics: pollinate metrics {run_dir}")
@@ -82,6 +86,24 @@ def _live_lines() -> None:
     log.handlers = [handler]
     log.setLevel(logging.INFO)
     log.propagate = False
+
+
+@contextlib.contextmanager
+def _round_display(num_rounds: int) -> Iterator[None]:
+    """On a terminal, a live progress bar under the round lines; elsewhere the lines only."""
+    if not sys.stdout.isatty():
+        yield
+        return
+    from pollinate.server.progress import LiveProgress
+
+    log = logging.getLogger("pollinate")
+    saved = log.handlers
+    with LiveProgress(num_rounds) as live:
+        log.handlers = [live]
+        try:
+            yield
+        finally:
+            log.handlers = saved
 
 
 def summary_table(rounds: pd.DataFrame) -> str:
@@ -112,25 +134,49 @@ def summary_table(rounds: pd.DataFrame) -> str:
 
 def cmd_metrics(args: argparse.Namespace) -> int:
     from pollinate.server.metrics import read_clients, read_rounds
+    from pollinate.server.tables import select_columns
 
+    if args.follow:
+        return cmd_follow(args)
     df = read_clients(args.run_dir) if args.clients else read_rounds(args.run_dir)
     if args.plot:
         plot_rounds(read_rounds(args.run_dir), Path(args.plot))
         print(f"wrote {args.plot}")
         return 0
-    print(render(df, args.format), end="")
+    print(render(select_columns(df, args.columns), args.format), end="")
     return 0
 
 
 def render(df: pd.DataFrame, fmt: str) -> str:
+    from pollinate.server.tables import format_table, terminal_width
+
     if fmt == "csv":
         return str(df.to_csv(index=False))
     if fmt == "json":
         records = json.loads(df.to_json(orient="records"))
         return json.dumps(records, indent=1) + "\n"
-    if df.empty:
-        return "(no rows yet)\n"
-    return str(df.to_string(index=False, float_format=lambda v: f"{v:.4f}")) + "\n"
+    return format_table(df, terminal_width())
+
+
+def cmd_follow(args: argparse.Namespace) -> int:
+    from pollinate.server.follow import follow_rounds
+    from pollinate.server.tables import follow_printer
+
+    if args.clients or args.plot:
+        raise InputError("--follow prints round rows as they land; drop --clients / --plot")
+    printer = follow_printer(args.format, args.columns)
+    end = follow_rounds(
+        args.run_dir, printer, on_wait=lambda m: print(m, file=sys.stderr, flush=True)
+    )
+    if end.writer_gone:
+        print(
+            f"error: the run in {args.run_dir} stopped writing: its process is gone but its "
+            "status is still 'running' (killed?)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    print(f"run {end.status}" + (f": {end.error}" if end.error else ""), file=sys.stderr)
+    return 0 if end.status == "finished" else EXIT_FAILED
 
 
 def plot_rounds(rounds: pd.DataFrame, path: Path) -> None:
@@ -253,6 +299,51 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- sweep
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from pollinate import config
+    from pollinate.simulation.sweep import (
+        format_comparison,
+        parse_grid,
+        plan_sweep,
+        run_sweep,
+        write_tables,
+    )
+
+    if args.parallel < 1:
+        raise InputError(f"--parallel must be >= 1, got {args.parallel}")
+    axes = parse_grid(args.grid or [])
+    base = config.load(args.config, list(args.set or []))
+    name = args.name or f"{base.run.name}-sweep"
+    out_dir = Path(args.out) if args.out else Path("runs") / name
+    runs = plan_sweep(
+        args.config, axes, seeds=args.seeds, sets=list(args.set or []), out_dir=out_dir, name=name
+    )
+    print(
+        f"pollinate sweep: {name} | {len(runs) // args.seeds} grid points x {args.seeds} "
+        f"seed(s) = {len(runs)} runs, {args.parallel} at a time -> {out_dir}",
+        flush=True,
+    )
+    run_sweep(args.config, runs, parallel=args.parallel, echo=lambda m: print(m, flush=True))
+    keys = [a.key for a in axes]
+    sweep_csv, runs_csv, table = write_tables(runs, keys, out_dir)
+    print()
+    print(format_comparison(table, keys), end="")
+    print(f"\ntables: {sweep_csv} (per grid point), {runs_csv} (per run)")
+    finished = [r.run_dir for r in runs if r.status == "finished"]
+    if finished:
+        from pollinate.server.report import write_report
+
+        print(f"report: {write_report(finished, out_dir / 'report.html')}")
+    failed = [r for r in runs if r.status != "finished"]
+    if failed:
+        print(f"error: {len(failed)} of {len(runs)} runs failed", file=sys.stderr)
+        return EXIT_FAILED
+    return 0
+
+
 # --------------------------------------------------------------------------- predict
 
 
@@ -299,6 +390,14 @@ def build_parser() -> argparse.ArgumentParser:
     met.add_argument("--clients", action="store_true", help="per-client rows")
     met.add_argument("--format", choices=("table", "csv", "json"), default="table")
     met.add_argument("--plot", metavar="FILE.png", help="write accuracy/loss curves to a file")
+    met.add_argument(
+        "--columns", metavar="A,B,C", help="only these columns, in this order (e.g. round,failures)"
+    )
+    met.add_argument(
+        "--follow",
+        action="store_true",
+        help="for a run in progress: print each round as it lands, until the run ends",
+    )
     met.set_defaults(func=cmd_metrics)
 
     rep = sub.add_parser("report", help="write a run's HTML report (several runs: side by side)")
@@ -322,6 +421,24 @@ def build_parser() -> argparse.ArgumentParser:
     dat.add_argument("--format", choices=("table", "csv", "json"), default="table")
     dat.add_argument("--plot", metavar="FILE.png", help="samples per user and labels per user")
     dat.set_defaults(func=cmd_data)
+
+    sw = sub.add_parser("sweep", help="run a grid of configs x seeds and compare them")
+    sw.add_argument("config", help="the base experiment TOML file")
+    sw.add_argument(
+        "--grid",
+        action="append",
+        metavar="KEY=V1,V2",
+        help="a key and the values to try, e.g. --grid train.lr=0.1,0.01 (repeatable: the "
+        "grid is every combination)",
+    )
+    sw.add_argument("--seeds", type=int, default=1, help="seeds per grid point (run.seed + i)")
+    sw.add_argument("--parallel", type=int, default=1, help="runs at once on this machine")
+    sw.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override a key in every run"
+    )
+    sw.add_argument("--name", help="sweep name (default <run.name>-sweep)")
+    sw.add_argument("--out", help="sweep folder (default runs/<sweep name>)")
+    sw.set_defaults(func=cmd_sweep)
 
     pred = sub.add_parser("predict", help="score a CSV/Parquet file with a stored model (batch)")
     pred.add_argument("input", metavar="IN", help="features file, .csv or .parquet")

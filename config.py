@@ -191,6 +191,22 @@ RANGES: dict[str, Range] = {
 
 
 @dataclass(frozen=True)
+class TrackingSection:
+    # Opt-in export of every round's metrics, the config and the final models
+    # (server/tracking.py); needs `pip install 'pollinate[tracking]'`. Nothing is imported
+    # while both are off.
+    tensorboard: bool = False
+    # TensorBoard event files; empty means <run dir>/tensorboard.
+    tensorboard_dir: str = ""
+    mlflow: bool = False
+    # An MLflow tracking URI (http://HOST:5000, file:///PATH); empty means a file store
+    # in <run dir>/mlruns.
+    mlflow_uri: str = ""
+    # The MLflow experiment the run is logged under; empty means "pollinate".
+    mlflow_experiment: str = ""
+
+
+@dataclass(frozen=True)
 class RunConfig:
     run: RunSection = field(default_factory=RunSection)
     data: DataSection = field(default_factory=DataSection)
@@ -201,6 +217,7 @@ class RunConfig:
     simulation: SimulationSection = field(default_factory=SimulationSection)
     server: ServerSection = field(default_factory=ServerSection)
     store: StoreSection = field(default_factory=StoreSection)
+    tracking: TrackingSection = field(default_factory=TrackingSection)
 
     def to_flat(self) -> dict[str, Scalar]:
         """The flat ``section.key`` mapping (Flower's run-config shape)."""

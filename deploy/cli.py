@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -53,6 +54,9 @@ def cmd_server_start(args: argparse.Namespace) -> int:
 
     state = _server_dir(args)
     cfg = deployment_config(config.load(args.config, list(args.set or [])), args.run_dir)
+    from pollinate.server.tracking import check_tracking
+
+    check_tracking(cfg)  # [tracking] on without its package: one line before anything starts
     try:
         host, port = parse_address(args.address)
     except ValueError as err:
@@ -70,7 +74,14 @@ def cmd_server_start(args: argparse.Namespace) -> int:
         verbose=args.verbose,
         memory_state=args.memory_state,
     )
-    return start_server(opts)
+    if not sys.stdout.isatty():
+        return start_server(opts)
+    from pollinate.server.progress import LiveProgress
+
+    with LiveProgress(cfg.run.num_rounds) as live:  # a terminal: a progress bar under the lines
+        opts.echo = lambda text: live.console.print(text, markup=False, highlight=False)
+        opts.on_round = live.update
+        return start_server(opts)
 
 
 def cmd_server_status(args: argparse.Namespace) -> int:

@@ -103,6 +103,8 @@ class ServerOptions:
     verbose: bool = False
     memory_state: bool = False  # see MEMORY_STATE
     extra_env: dict[str, str] = field(default_factory=dict)
+    # Called with each round's metrics row as it lands (the live display on a terminal).
+    on_round: Callable[[dict[str, Any]], None] | None = None
 
     @property
     def address(self) -> str:
@@ -164,6 +166,8 @@ class _RunWatch:
             if int(row.round) >= 1 and int(row.round) > self.printed:
                 self.printed = int(row.round)
                 self.opts.echo(_round_line(row, self.opts.cfg.run.num_rounds))
+                if self.opts.on_round is not None:
+                    self.opts.on_round(row._asdict())
         return info
 
 

@@ -29,6 +29,7 @@ from pollinate.server.datasplit import start_data_split
 from pollinate.server.grid import is_deployed, responsive
 from pollinate.server.metrics import MetricsRecorder
 from pollinate.server.strategy import build_strategy
+from pollinate.server.tracking import open_tracking
 
 app = ServerApp()
 
@@ -83,6 +84,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
     (run_dir / "config.toml").write_text(to_toml(cfg))
     # Who holds which labels, for the report; a deployed server has no data to count.
     split = start_data_split(run_dir, None if is_deployed(grid) else data_spec(cfg))
+    tracker = open_tracking(cfg)  # TensorBoard / MLflow if [tracking] asks; else a no-op
     recorder = MetricsRecorder(run_dir)
     recorder.start(config_toml=to_toml(cfg), num_rounds=cfg.run.num_rounds)
     strategy = build_strategy(cfg, recorder)
@@ -110,6 +112,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
             run_dir / "models" / "global.pt", model, round=server_round, metrics=artifact_metrics
         )
         row = recorder.end_round(server_round, server)
+        tracker.log_round(server_round, row)
         logger.info(
             "round %3d | server acc %s | global acc %s | personal acc %s | %6.2f s",
             server_round,
@@ -117,6 +120,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
             _fmt(row["global_accuracy"]),
             _fmt(row["personal_accuracy"]),
             time.perf_counter() - started,
+            extra={"round_row": row, "num_rounds": cfg.run.num_rounds},  # the live display's
         )
         return MetricRecord(dict(server)) if server else None
 
@@ -133,9 +137,11 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
         )
     except BaseException as err:
         recorder.finish("failed", error=f"{type(err).__name__}: {err}")
+        tracker.close("failed")
         raise
     else:
         recorder.finish("finished")
+        tracker.close("finished")
     finally:
         recorder.close()
         split.join()

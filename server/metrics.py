@@ -23,12 +23,14 @@ Tables (documented in README.md, "Metrics"):
     test_examples, global_loss, global_accuracy, personal_loss, personal_accuracy
 
 ``run``     — key/value: status (running|finished|failed), error, started_at, finished_at,
-config (resolved, TOML), num_rounds.
+config (resolved, TOML), num_rounds, pid and host (the writing process).
 """
 
 from __future__ import annotations
 
 import math
+import os
+import socket
 import sqlite3
 import time
 from collections.abc import Iterable
@@ -135,6 +137,9 @@ class MetricsRecorder:
                 config=config_toml,
                 num_rounds=num_rounds,
                 error="",
+                # Who writes: `pollinate metrics --follow` stops when this process is gone.
+                pid=os.getpid(),
+                host=socket.gethostname(),
             )
 
     def finish(self, status: str = "finished", error: str = "") -> None:
