@@ -27,13 +27,14 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
 from flwr.app import Message
 
 from pollinate.deploy.appdir import APP_NAME, PUBLISHER
-from pollinate.deploy.proc import poll_interval, watch_parent
+from pollinate.deploy.proc import guard_tree, poll_interval
 
 log = logging.getLogger("pollinate.worker")
 
@@ -99,7 +100,7 @@ def run_task(runtime_api_address: str, token: str, client_app: object) -> str:
     """
     from flwr.app.error import Error
     from flwr.common.constant import ErrorCode, SubStatus
-    from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+    from flwr.supercore.heartbeat import HeartbeatSender
     from flwr.supercore.interceptors import (
         RuntimeTokenHttpInterceptor,
         RuntimeVersionHttpInterceptor,
@@ -118,7 +119,7 @@ def run_task(runtime_api_address: str, token: str, client_app: object) -> str:
         ],
         retry_invoker=make_simple_http_retry_invoker(),
     )
-    heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+    heartbeat = HeartbeatSender(task_heartbeat(client))
     message = reply = context = None
     sub_status, details = SubStatus.FAILED, "ClientApp task failed"
     try:
@@ -154,6 +155,35 @@ def run_task(runtime_api_address: str, token: str, client_app: object) -> str:
     if message is None:
         return "task failed before its message arrived"
     return f"{_what(message)} {'done' if sub_status == SubStatus.COMPLETED else 'failed'}"
+
+
+def task_heartbeat(client: Any) -> Callable[[], bool]:
+    """Flower's task heartbeat (``make_task_heartbeat_fn_http``) minus its SIGINT.
+
+    When the SuperNode has dropped the task (its run ended on the server mid-download),
+    Flower's heartbeat signals SIGINT to end the one-task ``flwr-clientapp`` process;
+    here that would stop the warm worker for good. The task itself then fails on its own
+    (its message is gone) and the worker takes the next one.
+    """
+    import httpx
+    from flwr.proto.runtime_pb2 import SendTaskHeartbeatRequest
+
+    request = SendTaskHeartbeatRequest()
+
+    def beat() -> bool:
+        try:
+            res = client.SendTaskHeartbeat(request)
+        except httpx.TransportError:
+            return False
+        except httpx.HTTPStatusError as err:
+            if err.response.status_code in (503, 504):
+                return False
+            raise
+        if not res.success:
+            log.warning("the SuperNode dropped this task (its run ended)")
+        return True
+
+    return beat
 
 
 def _what(message: Message) -> str:
@@ -239,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     signal.signal(signal.SIGTERM, _raise_stop)
     signal.signal(signal.SIGINT, _raise_stop)
-    watch_parent()
+    guard_tree()
     with contextlib.suppress(_Stop):
         run_worker(args.runtime_api_address)
     return 0
