@@ -245,7 +245,8 @@ def start_node(opts: NodeOptions) -> int:
     opts.state.root.mkdir(parents=True, exist_ok=True)
     opts.model_dir.mkdir(parents=True, exist_ok=True)
     with single_instance(opts.state.info_file, "node", server=opts.server) as previous:
-        recovering = previous.get("clean_exit") is False
+        # An --insecure node is a new node (a fresh key) every time: nothing to wait out.
+        recovering = previous.get("clean_exit") is False and not opts.insecure
         if recovering:
             _wait_out_previous_session(opts, previous)
         return _supervise(opts, server_host, server_port, recovering)

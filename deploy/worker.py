@@ -44,6 +44,7 @@ FAB_ID = f"{PUBLISHER}/{APP_NAME}"
 POLL_MIN = 0.01
 POLL_MAX = 0.5
 POLL_SHARE = 0.1
+LOCAL_RETRY_MAX = 1  # s between tries while the SuperNode's local API is down
 
 
 class _Stop(BaseException):
@@ -60,7 +61,6 @@ def run_worker(runtime_api_address: str, *, max_tasks: int | None = None) -> int
     from flwr.proto.runtime_pb2 import AcquireTaskRequest
     from flwr.supercore.constant import TaskType
     from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
-    from flwr.supercore.retry import make_simple_http_retry_invoker
     from flwr.supercore.runtime import RuntimeHttpClient
 
     from pollinate.client.app import app as client_app
@@ -71,7 +71,7 @@ def run_worker(runtime_api_address: str, *, max_tasks: int | None = None) -> int
         insecure=True,
         root_certificates=None,
         interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
-        retry_invoker=make_simple_http_retry_invoker(),
+        retry_invoker=local_retry_invoker(),
     )
     served = 0
     idle_since = time.monotonic()
@@ -105,7 +105,6 @@ def run_task(runtime_api_address: str, token: str, client_app: object) -> str:
         RuntimeTokenHttpInterceptor,
         RuntimeVersionHttpInterceptor,
     )
-    from flwr.supercore.retry import make_simple_http_retry_invoker
     from flwr.supercore.runtime import RuntimeHttpClient
     from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
@@ -117,7 +116,7 @@ def run_task(runtime_api_address: str, token: str, client_app: object) -> str:
             RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
             RuntimeTokenHttpInterceptor(token),
         ],
-        retry_invoker=make_simple_http_retry_invoker(),
+        retry_invoker=local_retry_invoker(),
     )
     heartbeat = HeartbeatSender(task_heartbeat(client))
     message = reply = context = None
@@ -157,6 +156,30 @@ def run_task(runtime_api_address: str, token: str, client_app: object) -> str:
     return f"{_what(message)} {'done' if sub_status == SubStatus.COMPLETED else 'failed'}"
 
 
+def local_retry_invoker() -> Any:
+    """Flower's retries for the local Runtime API, fit for a worker that outlives tasks.
+
+    ``make_simple_http_retry_invoker`` with two changes: a 401 (this task's token is
+    void: the SuperNode restarted, e.g. to rejoin a restarted server as a new node) fails
+    the *task* instead of signalling SIGINT to end the process, and a SuperNode that is
+    restarting is retried at most ``LOCAL_RETRY_MAX`` s apart instead of 20 s.
+    """
+    import httpx
+    from flwr.supercore.retry import exponential, make_simple_http_retry_invoker
+
+    invoker = make_simple_http_retry_invoker()
+    flower_should_giveup = invoker.should_giveup
+
+    def should_giveup(exc: Exception) -> bool:
+        if isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code == 401:
+            return True
+        return bool(flower_should_giveup(exc)) if flower_should_giveup else False
+
+    invoker.should_giveup = should_giveup
+    invoker.wait_gen_factory = lambda: exponential(max_delay=LOCAL_RETRY_MAX)
+    return invoker
+
+
 def task_heartbeat(client: Any) -> Callable[[], bool]:
     """Flower's task heartbeat (``make_task_heartbeat_fn_http``) minus its SIGINT.
 
@@ -178,6 +201,8 @@ def task_heartbeat(client: Any) -> Callable[[], bool]:
         except httpx.HTTPStatusError as err:
             if err.response.status_code in (503, 504):
                 return False
+            if err.response.status_code == 401:  # a restarted SuperNode: the task is void
+                return True
             raise
         if not res.success:
             log.warning("the SuperNode dropped this task (its run ended)")
