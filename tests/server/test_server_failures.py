@@ -45,7 +45,7 @@ def test_a_lost_folded_exchange_fails_the_run_at_its_evaluation() -> None:
     list(s.configure_train(1, start_arrays(), ConfigRecord(), grid))
     assert s.aggregate_train(1, [node_reply(11, ["a", "b"]), node_reply(22, ["c"])])[0]
     pushed(list(s.configure_evaluate(1, start_arrays(), ConfigRecord(), grid)))
-    with pytest.raises(RoundFailed, match="round 1: all 2 node.*no reply within 7 s"):
+    with pytest.raises(RoundFailed, match=r"round 1: all 2 node.*no reply within 7 s"):
         s.aggregate_evaluate(1, [])  # every device gone: nothing came back in time
 
 
