@@ -121,6 +121,7 @@ def run_task(runtime_api_address: str, token: str, client_app: object) -> str:
     heartbeat = HeartbeatSender(task_heartbeat(client))
     message = reply = context = None
     sub_status, details = SubStatus.FAILED, "ClientApp task failed"
+    dropped = False
     try:
         heartbeat.start()
         message, context, run = pull_task_input(client)
@@ -133,6 +134,11 @@ def run_task(runtime_api_address: str, token: str, client_app: object) -> str:
     except _Stop:
         raise
     except Exception as ex:  # the ClientApp's failure becomes the reply, as in Flower
+        if _token_void(ex):
+            # The SuperNode restarted (a new node for a restarted server): nobody waits
+            # for this task any more, and every request for it would be refused.
+            log.warning("task dropped: the SuperNode restarted while it ran")
+            dropped = True
         log.exception("ClientApp task failed")
         details = f"{type(ex)}:<'{ex}'>"
         if message is not None:
@@ -142,18 +148,27 @@ def run_task(runtime_api_address: str, token: str, client_app: object) -> str:
             )
     finally:
         try:
-            if reply is not None and context is not None:
+            if reply is not None and context is not None and not dropped:
                 push_message(client, reply, context)
-            push_task_output(client, context=context, sub_status=sub_status, details=details)
+            if not dropped:
+                push_task_output(client, context=context, sub_status=sub_status, details=details)
         except Exception:
             log.exception("could not hand the reply back to the SuperNode")
         finally:
             if heartbeat.is_running:
                 heartbeat.stop()
             client.close()
+    if dropped:
+        return "task dropped"
     if message is None:
         return "task failed before its message arrived"
     return f"{_what(message)} {'done' if sub_status == SubStatus.COMPLETED else 'failed'}"
+
+
+def _token_void(error: BaseException) -> bool:
+    """A 401 from the local Runtime API: this task's token is no longer valid."""
+    response = getattr(error, "response", None)
+    return getattr(response, "status_code", None) == 401
 
 
 def local_retry_invoker() -> Any:
