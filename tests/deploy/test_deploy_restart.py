@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from deployhelp import TAG, Deployment, Proc, tagged_pids, write_device_files
@@ -46,7 +47,7 @@ def server_side_pids(dep: Deployment) -> list[str]:
     return found
 
 
-def rounds_of(dep: Deployment) -> list[dict[str, object]]:
+def rounds_of(dep: Deployment) -> list[dict[str, Any]]:
     out = pollinate(dep, "metrics", str(dep.root / "run"), "--format", "json")
     assert out.returncode == 0, out.stderr
     return list(json.loads(out.stdout))
@@ -164,8 +165,7 @@ def test_losing_every_device_fails_the_run_with_the_reason(
     server = dep.start(*dep.server_argv(config, port, "--insecure"), name="server")
     server.wait_for(r"run \d+ 'lost'", 60)
     nodes: list[Proc] = [
-        dep.start(*dep.node_argv(i, port, key=None, serve=None), name=f"node{i}")
-        for i in range(2)
+        dep.start(*dep.node_argv(i, port, key=None, serve=None), name=f"node{i}") for i in range(2)
     ]
     server.wait_for(r"round 1/50", 120)
     for node in nodes:
