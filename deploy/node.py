@@ -23,6 +23,7 @@ server refused this node.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import socket
 import ssl
@@ -31,20 +32,23 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from pollinate.deploy.certs import DeployError, check_node_private_key, private_key_fingerprint
 from pollinate.deploy.proc import (
+    SUPERVISOR_ENV,
     Child,
     Supervisor,
     child_env,
     format_address,
     free_port,
+    guard_tree,
     parse_address,
     port_in_use,
     wait_for_port,
 )
-from pollinate.deploy.state import NodeDir, single_instance, write_json
+from pollinate.deploy.state import NodeDir, record_children, single_instance, write_json
 from pollinate.deploy.stream import StreamSettings, stream_argv
 
 DEFAULT_SERVE = "127.0.0.1:8080"
@@ -241,7 +245,8 @@ def start_node(opts: NodeOptions) -> int:
     opts.state.root.mkdir(parents=True, exist_ok=True)
     opts.model_dir.mkdir(parents=True, exist_ok=True)
     with single_instance(opts.state.info_file, "node", server=opts.server) as previous:
-        recovering = previous.get("clean_exit") is False
+        # An --insecure node is a new node (a fresh key) every time: nothing to wait out.
+        recovering = previous.get("clean_exit") is False and not opts.insecure
         if recovering:
             _wait_out_previous_session(opts, previous)
         return _supervise(opts, server_host, server_port, recovering)
@@ -281,7 +286,8 @@ def _supervise(opts: NodeOptions, server_host: str, server_port: int, recovering
         f"node: connecting to {opts.server} ({mode}) to train on {opts.data.name} ({who}); "
         f"models in {opts.model_dir}"
     )
-    with Supervisor(opts.state.logs, echo=echo_raw) as sup:
+    record = partial(record_children, opts.state.info_file)
+    with Supervisor(opts.state.logs, echo=echo_raw, record=record) as sup:
         runtime_port = opts.runtime_port or free_port()
         supernode = sup.start(
             "supernode", _supernode_argv(opts, runtime_port), env=env, on_line=events.supernode
@@ -424,6 +430,8 @@ def serve_store(
     """``pollinate node serve``: the inference service over an existing model store."""
     from pollinate.client.serving import ServingError, serve
 
+    if SUPERVISOR_ENV in os.environ:  # started by `node start`: die with it
+        guard_tree()
     if not model_dir.is_dir():
         raise DeployError(f"model store '{model_dir}' does not exist")
     try:

@@ -12,8 +12,12 @@ every child and every process those children started:
   exits first, so none can be orphaned and missed;
 - stopping is SIGTERM to each child's group, a grace period, then SIGKILL to every
   descendant still alive;
-- children started by Pollinate's own launchers call :func:`watch_parent`, so they exit
-  when the supervisor is killed with SIGKILL and cannot clean up.
+- every child Pollinate starts calls :func:`guard_tree` first thing: it becomes a subreaper
+  too, so nothing it starts can leave its subtree, and once the supervisor is gone — even
+  killed with SIGKILL, when it cannot clean up — it SIGKILLs its whole subtree, then itself.
+  So ``kill -9`` of ``pollinate server start`` leaves no SuperLink, ``flower-superexec``
+  or ``flwr-serverapp`` behind (left alone, the ServerApp outlived it by minutes, then
+  reached the *next* server's SuperLink and wrote its failure into the new run's folder).
 """
 
 from __future__ import annotations
@@ -132,6 +136,18 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def start_time(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks since boot, Linux), None if it is not running.
+
+    A pid and its start time name one process: pids are recycled, the pair is not.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat[stat.rfind(")") + 2 :].split()[19])
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -155,8 +171,61 @@ def poll_interval(waited: float, share: float, low: float, high: float) -> float
     return min(max(low, waited * share), high)
 
 
+# The supervisor's pid, in the environment of each child it starts: a child that finds
+# another parent (the supervisor died before the child could look) knows it is orphaned.
+SUPERVISOR_ENV = "POLLINATE_SUPERVISOR_PID"
+GUARD_POLL = 0.2
+
+
+def kill_tree(pids: list[int] | None = None) -> None:
+    """SIGKILL ``pids`` (default: every descendant of this process) until none is alive."""
+    for _ in range(20):
+        victims = [p for p in (pids if pids is not None else descendants(os.getpid())) if alive(p)]
+        victims = [p for p in victims if p != os.getpid()]
+        if not victims:
+            return
+        for pid in victims:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.05)
+
+
+def guard_tree(interval: float = GUARD_POLL) -> bool:
+    """Die with the supervisor, and take every process this one started along.
+
+    Call it before starting anything. This process becomes a subreaper (processes it
+    starts, detached or not, stay in its subtree), and a thread checks every ``interval``
+    s that the parent is still the supervisor; when it is not, every descendant gets
+    SIGKILL, then this process. The supervisor is the pid in ``POLLINATE_SUPERVISOR_PID``
+    (set by :class:`Supervisor`; else the parent at the time of the call). Returns
+    whether the subreaper could be set (Linux only; elsewhere only this process exits).
+    """
+    expected = os.environ.pop(SUPERVISOR_ENV, None)
+    supervisor = int(expected) if expected and expected.isdigit() else os.getppid()
+    subreaper = become_subreaper()
+
+    def orphaned() -> None:
+        kill_tree()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    if os.getppid() != supervisor:
+        orphaned()
+
+    def watch() -> None:
+        while os.getppid() == supervisor:
+            time.sleep(interval)
+        orphaned()
+
+    threading.Thread(target=watch, name="guard-tree", daemon=True).start()
+    return subreaper
+
+
 def watch_parent(interval: float = 0.5) -> None:
-    """Exit (SIGTERM to self) when this process's parent goes away."""
+    """Exit (SIGTERM to self) when this process's parent goes away.
+
+    For a child that starts nothing and wants to stop gracefully (the streaming
+    consumer); a child that starts processes calls :func:`guard_tree` instead.
+    """
     parent = os.getppid()
 
     def watch() -> None:
@@ -203,8 +272,17 @@ class Child:
 class Supervisor:
     """Starts children, tees their output to log files, and stops all of them on exit."""
 
-    def __init__(self, log_dir: Path, *, echo: Callable[[str, str], None] | None = None) -> None:
+    def __init__(
+        self,
+        log_dir: Path,
+        *,
+        echo: Callable[[str, str], None] | None = None,
+        record: Callable[[list[tuple[int, int | None]]], None] | None = None,
+    ) -> None:
+        """``record`` is told (pid, start time) of every child whenever one starts, so a
+        successor can kill what survived this process (see ``state.single_instance``)."""
         self.log_dir = log_dir
+        self.record = record
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.children: list[Child] = []
         self.echo = echo
@@ -241,12 +319,14 @@ class Supervisor:
         on_line: Callable[[str], None] | None = None,
     ) -> Child:
         log_path = self.log_dir / f"{name}.log"
+        env = dict(env if env is not None else child_env())
+        env[SUPERVISOR_ENV] = str(os.getpid())
         popen = subprocess.Popen(
             list(argv),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
-            env=env if env is not None else child_env(),
+            env=env,
             cwd=cwd,
             start_new_session=True,
         )
@@ -256,6 +336,8 @@ class Supervisor:
         )
         child._reader.start()
         self.children.append(child)
+        if self.record is not None:
+            self.record([(c.pid, start_time(c.pid)) for c in self.children])
         return child
 
     def _pump(self, child: Child) -> None:

@@ -30,6 +30,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -45,12 +46,17 @@ from pollinate.deploy.certs import (
 )
 from pollinate.deploy.proc import (
     Supervisor,
-    alive,
     format_address,
     port_in_use,
     wait_for_port,
 )
-from pollinate.deploy.state import ServerDir, single_instance, write_json
+from pollinate.deploy.state import (
+    ServerDir,
+    instance_running,
+    record_children,
+    single_instance,
+    write_json,
+)
 from pollinate.deploy.superlink import ADMIN_REFUSED, KEY_REFUSED, TLS_REFUSED, parse_refusal
 
 DEFAULT_ADDRESS = "127.0.0.1:9092"
@@ -69,6 +75,9 @@ LINK_POLL_RUNNING = 60.0
 MEMORY_STATE = ":flwr-in-memory:"
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+# After a predecessor killed with SIGKILL: its SuperLink dies with it (proc.guard_tree)
+# but may hold the port a moment longer.
+PORT_FREED_WITHIN = 10.0
 
 
 def deployment_config(cfg: RunConfig, run_dir: str | None = None) -> RunConfig:
@@ -231,13 +240,37 @@ def refusal_message(line: str, state: ServerDir) -> str | None:
 def start_server(opts: ServerOptions) -> int:
     """Run the coordinator in the foreground until the run ends; returns the exit status."""
     cfg, state = opts.cfg, opts.state
-    if port_in_use(opts.host, opts.port):
-        raise DeployError(
-            f"{opts.address} is already in use (another server?); pick another --address"
-        )
     state.root.mkdir(parents=True, exist_ok=True)
-    with single_instance(state.info_file, "server", address=opts.address):
-        return _run(opts, cfg, state)
+    with single_instance(state.info_file, "server", address=opts.address) as previous:
+        stale_run = _after_unclean_exit(opts, previous)
+        if not _port_freed(opts.host, opts.port, PORT_FREED_WITHIN if stale_run else 0.0):
+            raise DeployError(
+                f"{opts.address} is already in use (another server?); pick another --address"
+            )
+        return _run(opts, cfg, state, stale_run)
+
+
+def _after_unclean_exit(opts: ServerOptions, previous: dict[str, Any]) -> int | None:
+    """Say so if the previous server died without cleaning up; the Flower run it left."""
+    if previous.get("clean_exit") is not False:
+        return None
+    leftovers = int(previous.get("leftovers") or 0)
+    killed = f"; stopped {leftovers} of its processes that were still running" if leftovers else ""
+    opts.echo(
+        f"server: the previous server (pid {previous.get('pid')}) ended without cleaning up{killed}"
+    )
+    run_id = previous.get("run_id")
+    return int(run_id) if isinstance(run_id, int) else -1
+
+
+def _port_freed(host: str, port: int, within: float) -> bool:
+    """True once nothing listens on ``host:port`` (a killed predecessor's port frees late)."""
+    deadline = time.monotonic() + within
+    while port_in_use(host, port):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+    return True
 
 
 def superlink_argv(opts: ServerOptions, state: ServerDir) -> list[str]:
@@ -259,7 +292,21 @@ def superlink_argv(opts: ServerOptions, state: ServerDir) -> list[str]:
     ]  # fmt: skip
 
 
-def _run(opts: ServerOptions, cfg: RunConfig, state: ServerDir) -> int:
+def _stop_stale_run(state: ServerDir, run_id: int, echo: Callable[[str], None]) -> None:
+    """End the Flower run a killed server left "running" in the state database.
+
+    Otherwise it stays running in ``flwr ls`` and the messages it had queued for the
+    devices are still delivered: each surviving device would train once more for a run
+    nobody waits on before it gets to this server's run.
+    """
+    try:
+        link.stop_run(state.flwr_home, run_id)
+    except DeployError:
+        return  # already ended, or never stored (--memory-state)
+    echo(f"server: stopped run {run_id}, left running by the previous server")
+
+
+def _run(opts: ServerOptions, cfg: RunConfig, state: ServerDir, stale_run: int | None) -> int:
     echo = opts.echo
     root_cert = opts.certs.ca_cert if opts.certs else None
     link.write_connection(state.flwr_home, opts.control, root_cert)
@@ -282,7 +329,8 @@ def _run(opts: ServerOptions, cfg: RunConfig, state: ServerDir) -> int:
             echo(f"server: {message}")
 
     echo_raw = (lambda name, line: echo(f"[{name}] {line}")) if opts.verbose else None
-    with Supervisor(state.logs, echo=echo_raw) as sup:
+    record = partial(record_children, state.info_file)
+    with Supervisor(state.logs, echo=echo_raw, record=record) as sup:
         superlink = sup.start("superlink", argv, env=env, on_line=on_line)
         host, port = opts.control.rsplit(":", 1)
         if not wait_for_port(host.strip("[]"), int(port), 60, superlink.running):
@@ -295,6 +343,8 @@ def _run(opts: ServerOptions, cfg: RunConfig, state: ServerDir) -> int:
         echo(f"pollinate server: listening on {opts.address} ({mode}); state in {state.root}")
         if opts.certs is not None:
             _register_saved_keys(state, echo)
+        if stale_run is not None and stale_run >= 0:
+            _stop_stale_run(state, stale_run, echo)
         submitted_at = time.time()
         run_id = link.submit_run(state.flwr_home, app_dir, state.run_config)
         write_json(
@@ -405,10 +455,18 @@ def _finish(opts: ServerOptions, info: dict[str, str]) -> int:
         echo(f"\nrun finished; metrics: pollinate metrics {cfg.run_dir}")
         return EXIT_OK
     error = info.get("error", "") or "no reason recorded"
-    error = error.split(": ", 1)[1] if error.startswith("NodeWaitTimeout: ") else error
+    error = _own_error(error)
     echo(f"error: the run {status}: {error}")
     echo(f"  metrics so far: pollinate metrics {cfg.run_dir}")
     return EXIT_FAILED
+
+
+def _own_error(error: str) -> str:
+    """A recorded error without the type name where it is one of Pollinate's own reasons."""
+    for own in ("NodeWaitTimeout: ", "RoundFailed: "):
+        if error.startswith(own):
+            return error.removeprefix(own)
+    return error
 
 
 def _stop_run(state: ServerDir, run_id: int, run_dir: Path, reason: str) -> None:
@@ -441,8 +499,7 @@ def server_status(state: ServerDir) -> dict[str, Any]:
     from pollinate.server.metrics import MetricsError, read_rounds, read_run_info
 
     info = state.info()
-    pid = info.get("pid")
-    running = isinstance(pid, int) and alive(pid)
+    running = instance_running(state.info_file)
     out: dict[str, Any] = {
         "state_dir": str(state.root),
         "running": running,
@@ -480,9 +537,7 @@ def server_status(state: ServerDir) -> dict[str, Any]:
             out["round"] = int(rounds["round"].max()) if len(rounds) else 0
             if run_info.get("error"):
                 error = run_info["error"]
-                out["error"] = (
-                    error.split(": ", 1)[1] if error.startswith("NodeWaitTimeout") else error
-                )
+                out["error"] = _own_error(error)
             if out["run_status"] == "running" and not running:
                 out["run_status"] = "interrupted"
         except (MetricsError, Exception):
@@ -538,8 +593,7 @@ def register_node(state: ServerDir, public_key: Path) -> str:
     if not saved.exists():
         shutil.copyfile(public_key, saved)
     info = state.info()
-    pid = info.get("pid")
-    if not (isinstance(pid, int) and alive(pid)):
+    if not instance_running(state.info_file):
         return f"saved key {fingerprint} as {saved}; it is registered when the server starts"
     if info.get("insecure"):
         return f"saved key {fingerprint}; the running server is --insecure and admits any node"

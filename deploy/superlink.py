@@ -13,7 +13,9 @@ stop runs) and Runtime API (the ServerApp) on one port. This launcher runs Flowe
   and a node key that is not registered, produce one ``pollinate:`` log line each (once a
   minute per peer), which ``pollinate server start`` turns into a message;
 - log lines carry timestamps and no colour codes (they go to a file);
-- it exits when its parent (``pollinate server start``) dies.
+- it dies when its parent (``pollinate server start``) dies, however that dies, and takes
+  the ``flower-superexec`` and ``flwr-serverapp`` it started along
+  (:func:`pollinate.deploy.proc.guard_tree`).
 """
 
 from __future__ import annotations
@@ -190,10 +192,10 @@ def parse_refusal(line: str) -> tuple[str, dict[str, str]] | None:
 
 
 def main(argv: list[str]) -> None:
-    from pollinate.deploy.proc import watch_parent
+    from pollinate.deploy.proc import guard_tree
 
+    guard_tree()  # before anything is started: nothing outlives `pollinate ... start`
     patch_flower()
-    watch_parent()
     from flwr.superlink.cli.flower_superlink import flower_superlink
 
     sys.argv = ["flower-superlink", *argv]

@@ -27,13 +27,14 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
 from flwr.app import Message
 
 from pollinate.deploy.appdir import APP_NAME, PUBLISHER
-from pollinate.deploy.proc import poll_interval, watch_parent
+from pollinate.deploy.proc import guard_tree, poll_interval
 
 log = logging.getLogger("pollinate.worker")
 
@@ -43,6 +44,7 @@ FAB_ID = f"{PUBLISHER}/{APP_NAME}"
 POLL_MIN = 0.01
 POLL_MAX = 0.5
 POLL_SHARE = 0.1
+LOCAL_RETRY_MAX = 1  # s between tries while the SuperNode's local API is down
 
 
 class _Stop(BaseException):
@@ -59,7 +61,6 @@ def run_worker(runtime_api_address: str, *, max_tasks: int | None = None) -> int
     from flwr.proto.runtime_pb2 import AcquireTaskRequest
     from flwr.supercore.constant import TaskType
     from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
-    from flwr.supercore.retry import make_simple_http_retry_invoker
     from flwr.supercore.runtime import RuntimeHttpClient
 
     from pollinate.client.app import app as client_app
@@ -70,7 +71,7 @@ def run_worker(runtime_api_address: str, *, max_tasks: int | None = None) -> int
         insecure=True,
         root_certificates=None,
         interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
-        retry_invoker=make_simple_http_retry_invoker(),
+        retry_invoker=local_retry_invoker(),
     )
     served = 0
     idle_since = time.monotonic()
@@ -99,12 +100,11 @@ def run_task(runtime_api_address: str, token: str, client_app: object) -> str:
     """
     from flwr.app.error import Error
     from flwr.common.constant import ErrorCode, SubStatus
-    from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+    from flwr.supercore.heartbeat import HeartbeatSender
     from flwr.supercore.interceptors import (
         RuntimeTokenHttpInterceptor,
         RuntimeVersionHttpInterceptor,
     )
-    from flwr.supercore.retry import make_simple_http_retry_invoker
     from flwr.supercore.runtime import RuntimeHttpClient
     from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
@@ -116,11 +116,12 @@ def run_task(runtime_api_address: str, token: str, client_app: object) -> str:
             RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
             RuntimeTokenHttpInterceptor(token),
         ],
-        retry_invoker=make_simple_http_retry_invoker(),
+        retry_invoker=local_retry_invoker(),
     )
-    heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+    heartbeat = HeartbeatSender(task_heartbeat(client))
     message = reply = context = None
     sub_status, details = SubStatus.FAILED, "ClientApp task failed"
+    dropped = False
     try:
         heartbeat.start()
         message, context, run = pull_task_input(client)
@@ -133,6 +134,11 @@ def run_task(runtime_api_address: str, token: str, client_app: object) -> str:
     except _Stop:
         raise
     except Exception as ex:  # the ClientApp's failure becomes the reply, as in Flower
+        if _token_void(ex):
+            # The SuperNode restarted (a new node for a restarted server): nobody waits
+            # for this task any more, and every request for it would be refused.
+            log.warning("task dropped: the SuperNode restarted while it ran")
+            dropped = True
         log.exception("ClientApp task failed")
         details = f"{type(ex)}:<'{ex}'>"
         if message is not None:
@@ -142,18 +148,82 @@ def run_task(runtime_api_address: str, token: str, client_app: object) -> str:
             )
     finally:
         try:
-            if reply is not None and context is not None:
+            if reply is not None and context is not None and not dropped:
                 push_message(client, reply, context)
-            push_task_output(client, context=context, sub_status=sub_status, details=details)
+            if not dropped:
+                push_task_output(client, context=context, sub_status=sub_status, details=details)
         except Exception:
             log.exception("could not hand the reply back to the SuperNode")
         finally:
             if heartbeat.is_running:
                 heartbeat.stop()
             client.close()
+    if dropped:
+        return "task dropped"
     if message is None:
         return "task failed before its message arrived"
     return f"{_what(message)} {'done' if sub_status == SubStatus.COMPLETED else 'failed'}"
+
+
+def _token_void(error: BaseException) -> bool:
+    """A 401 from the local Runtime API: this task's token is no longer valid."""
+    response = getattr(error, "response", None)
+    return getattr(response, "status_code", None) == 401
+
+
+def local_retry_invoker() -> Any:
+    """Flower's retries for the local Runtime API, fit for a worker that outlives tasks.
+
+    ``make_simple_http_retry_invoker`` with two changes: a 401 (this task's token is
+    void: the SuperNode restarted, e.g. to rejoin a restarted server as a new node) fails
+    the *task* instead of signalling SIGINT to end the process, and a SuperNode that is
+    restarting is retried at most ``LOCAL_RETRY_MAX`` s apart instead of 20 s.
+    """
+    import httpx
+    from flwr.supercore.retry import exponential, make_simple_http_retry_invoker
+
+    invoker = make_simple_http_retry_invoker()
+    flower_should_giveup = invoker.should_giveup
+
+    def should_giveup(exc: Exception) -> bool:
+        if isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code == 401:
+            return True
+        return bool(flower_should_giveup(exc)) if flower_should_giveup else False
+
+    invoker.should_giveup = should_giveup
+    invoker.wait_gen_factory = lambda: exponential(max_delay=LOCAL_RETRY_MAX)
+    return invoker
+
+
+def task_heartbeat(client: Any) -> Callable[[], bool]:
+    """Flower's task heartbeat (``make_task_heartbeat_fn_http``) minus its SIGINT.
+
+    When the SuperNode has dropped the task (its run ended on the server mid-download),
+    Flower's heartbeat signals SIGINT to end the one-task ``flwr-clientapp`` process;
+    here that would stop the warm worker for good. The task itself then fails on its own
+    (its message is gone) and the worker takes the next one.
+    """
+    import httpx
+    from flwr.proto.runtime_pb2 import SendTaskHeartbeatRequest
+
+    request = SendTaskHeartbeatRequest()
+
+    def beat() -> bool:
+        try:
+            res = client.SendTaskHeartbeat(request)
+        except httpx.TransportError:
+            return False
+        except httpx.HTTPStatusError as err:
+            if err.response.status_code in (503, 504):
+                return False
+            if err.response.status_code == 401:  # a restarted SuperNode: the task is void
+                return True
+            raise
+        if not res.success:
+            log.warning("the SuperNode dropped this task (its run ended)")
+        return True
+
+    return beat
 
 
 def _what(message: Message) -> str:
@@ -239,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     signal.signal(signal.SIGTERM, _raise_stop)
     signal.signal(signal.SIGINT, _raise_stop)
-    watch_parent()
+    guard_tree()
     with contextlib.suppress(_Stop):
         run_worker(args.runtime_api_address)
     return 0

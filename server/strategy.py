@@ -50,16 +50,22 @@ from flwr.serverapp.strategy import (
 from flwr.supercore import log
 
 from pollinate.config import RunConfig
+from pollinate.server.failures import check_exchange, error_reason
 from pollinate.server.metrics import MetricsRecorder
+
+USERS_RETRY = 1.0  # s between asking nodes that could not say which users they host
 
 
 class NodeWaitTimeout(RuntimeError):
     """Too few nodes connected within the configured time."""
 
 
-def wait_for_nodes(grid: Grid, minimum: int, timeout: float) -> list[int]:
-    """Node ids once at least ``minimum`` are connected; NodeWaitTimeout after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
+def wait_for_nodes(
+    grid: Grid, minimum: int, timeout: float, *, deadline: float | None = None
+) -> list[int]:
+    """Node ids once at least ``minimum`` are connected; NodeWaitTimeout after ``timeout`` s
+    (or at ``deadline``, a ``time.monotonic()`` instant, if given)."""
+    deadline = time.monotonic() + timeout if deadline is None else deadline
     next_log = 0.0
     while len(ids := list(grid.get_node_ids())) < minimum:
         now = time.monotonic()
@@ -93,18 +99,6 @@ def _node_reply(records: dict[str, Any], reply: Message, message_type: str) -> M
     )
 
 
-def error_reason(reason: str) -> str:
-    """The message inside a Flower error reply's reason, on one line.
-
-    Flower wraps a ClientApp's exception as ``<class '...ClientAppException'>:<'
-    Exception ClientAppException occurred. Message: ...'>``.
-    """
-    marker = "Message: "
-    if marker in reason:
-        reason = reason.split(marker, 1)[1].removesuffix("'>")
-    return " ".join(reason.split())
-
-
 class UserCohorts:
     """Mixin: put it before a Flower strategy class (``class S(UserCohorts, FedAvg)``)."""
 
@@ -121,6 +115,7 @@ class UserCohorts:
     min_available_nodes: int
 
     recorder: MetricsRecorder | None = None
+    round_timeout: float | None = None
     num_rounds: int = 0  # 0: unknown, no folding
     min_nodes: int = 1
     node_wait_timeout: float = 120.0
@@ -138,8 +133,10 @@ class UserCohorts:
         min_evaluate_users: int,
         seed: int | None = None,
         num_rounds: int = 0,
+        round_timeout: float | None = None,
     ) -> None:
         self.recorder = recorder
+        self.round_timeout = round_timeout
         self.num_rounds = num_rounds
         self.min_nodes = min_nodes
         self.node_wait_timeout = node_wait_timeout
@@ -157,6 +154,8 @@ class UserCohorts:
         # nodes training), and the training half of its replies, for the next round.
         self._folded: tuple[int, list[Message], set[int], set[int]] | None = None
         self._trained_ahead: tuple[int, list[Message]] | None = None
+        # Nodes sent each exchange's work, by (message type, round): see check_exchange.
+        self._sent: dict[tuple[str, int], int] = {}
 
     # ------------------------------------------------------------ user directory
     @property
@@ -165,8 +164,29 @@ class UserCohorts:
         return list(self._user_list)
 
     def refresh_users(self, grid: Grid, config: ConfigRecord) -> None:
-        """Learn which users new nodes host; forget nodes that left."""
-        live = set(wait_for_nodes(grid, self.min_nodes, self.node_wait_timeout))
+        """Learn which users new nodes host; forget nodes that left.
+
+        A node that could not answer (it restarted just then, say) is asked again next
+        time; while no connected node has answered, this keeps asking, up to
+        ``server.node-wait-timeout``.
+        """
+        deadline = time.monotonic() + self.node_wait_timeout
+        while True:
+            failures = self._learn_users(grid, config, deadline)
+            if self._user_list:
+                return
+            if time.monotonic() >= deadline:
+                why = f" ({failures[0]})" if failures else ""
+                raise NodeWaitTimeout(
+                    f"the connected nodes host no users{why} after "
+                    f"{self.node_wait_timeout:g} s (server.node-wait-timeout): check their "
+                    "data files and logs"
+                )
+            time.sleep(USERS_RETRY)
+
+    def _learn_users(self, grid: Grid, config: ConfigRecord, deadline: float) -> list[str]:
+        """One pass of :meth:`refresh_users`; the nodes that failed to answer, with why."""
+        live = set(wait_for_nodes(grid, self.min_nodes, self.node_wait_timeout, deadline=deadline))
         for node in [n for n in self._users_of_node if n not in live]:
             log(WARNING, "Node %d left; its users are no longer sampled", node)
             del self._users_of_node[node]
@@ -179,6 +199,7 @@ class UserCohorts:
                 )
                 for n in new
             ]
+            answered: dict[int, list[str]] = {}
             for reply in grid.send_and_receive(queries, timeout=self.query_timeout):
                 node = reply.metadata.src_node_id
                 if reply.has_error():
@@ -187,18 +208,15 @@ class UserCohorts:
                     log(WARNING, "Node %d could not list its users: %s", node, reason)
                     continue
                 ids = [str(u) for u in reply.content["users"]["ids"]]  # type: ignore[union-attr]
-                self._users_of_node[node] = ids
+                answered[node] = ids
                 log(INFO, "Node %d hosts %d user(s)", node, len(ids))
-        # A user id claimed by a newer node (a restarted device) moves to it.
-        self._node_of_user = {
-            u: n for n in sorted(self._users_of_node) for u in self._users_of_node[n]
-        }
+            for node in sorted(answered):  # in a fixed order: replies come in any order
+                self._users_of_node[node] = answered[node]
+        # A user id claimed by a newer node (a restarted device that is a new node, while
+        # the old one is not yet known to be gone) moves to it: nodes in the order learned.
+        self._node_of_user = {u: n for n, users in self._users_of_node.items() for u in users}
         self._user_list = sorted(self._node_of_user)
-        if not self._user_list:
-            why = f" ({failures[0]})" if failures else ""
-            raise NodeWaitTimeout(
-                f"the connected nodes host no users{why}: check their data files and logs"
-            )
+        return failures
 
     # ------------------------------------------------------------------ routing
     def _users_by_node(self, messages: Iterable[Message]) -> dict[int, list[str]]:
@@ -246,6 +264,10 @@ class UserCohorts:
             )
         if evaluate is not None:
             self._folded = (evaluate[0], routed, set(evaluators), set(trainers))
+            self._sent[("train", server_round + 1)] = len(trainers)
+            self._sent[("evaluate", server_round)] = len(evaluators)
+        else:
+            self._sent[(message_type, server_round)] = len(routed)
         if self.recorder is not None:
             sent = arrays.count_bytes() * len(routed)
             self.recorder.add_bytes(server_round, sent=sent)
@@ -369,20 +391,26 @@ class UserCohorts:
         if self._trained_ahead is not None and self._trained_ahead[0] == server_round:
             replies = [*replies, *self._trained_ahead[1]]
             self._trained_ahead = None
+        replies = list(replies)
+        sent = self._sent.pop(("train", server_round), 0)
+        check_exchange(server_round, "train", sent, replies, self.round_timeout)
         per_user = self._expand(replies, server_round, train=True)
         return super().aggregate_train(server_round, per_user)  # type: ignore[misc]
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
+        replies = list(replies)
+        expected = self._sent.pop(("evaluate", server_round), 0)
         if self._folded is None or self._folded[0] != server_round:
+            check_exchange(server_round, "evaluate", expected, replies, self.round_timeout)
             per_user = self._expand(replies, server_round, train=False)
             return super().aggregate_evaluate(server_round, per_user)  # type: ignore[misc]
         _, sent, evaluators, trainers = self._folded
         self._folded = None
-        replies = list(replies)
         self._trained_ahead = (server_round + 1, _from_nodes(replies, trainers, sent))
         evaluated = _from_nodes(replies, evaluators, sent)
+        check_exchange(server_round, "evaluate", expected, evaluated, self.round_timeout)
         per_user = self._expand(evaluated, server_round, train=False, prefix="evaluate/")
         return super().aggregate_evaluate(server_round, per_user)  # type: ignore[misc]
 
@@ -476,5 +504,6 @@ def build_strategy(cfg: RunConfig, recorder: MetricsRecorder | None = None) -> U
         min_evaluate_users=s.min_evaluate_users,
         seed=cfg.run.seed,
         num_rounds=cfg.run.num_rounds,
+        round_timeout=cfg.server.round_timeout,
     )
     return strategy

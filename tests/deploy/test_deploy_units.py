@@ -6,7 +6,6 @@ import asyncio
 import os
 import socket
 import ssl
-import subprocess
 import sys
 import threading
 import time
@@ -28,7 +27,7 @@ from pollinate.deploy.server import (
     refusal_message,
     superlink_argv,
 )
-from pollinate.deploy.state import NodeDir, ServerDir, single_instance, write_json
+from pollinate.deploy.state import NodeDir, ServerDir
 from pollinate.deploy.superlink import LoopbackAdmin
 
 # ------------------------------------------------------------------------- app folder
@@ -199,25 +198,6 @@ def test_admin_apis_answer_only_loopback() -> None:
         assert await call("192.0.2.9", "/v1/control/start-run", server="192.0.2.2") == 403
 
     asyncio.run(main())
-
-
-def test_single_instance_refuses_a_second_and_remembers_unclean_exits(tmp_path: Path) -> None:
-    info = tmp_path / "node.json"
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
-    try:
-        write_json(info, {"pid": other.pid, "clean_exit": False})
-        with (
-            pytest.raises(DeployError, match="another node is running"),
-            single_instance(info, "node"),
-        ):
-            pass
-    finally:
-        other.kill()
-        other.wait()
-    with single_instance(info, "node") as previous:  # its owner died: an unclean exit
-        assert previous["clean_exit"] is False
-    with single_instance(info, "node") as previous:
-        assert previous["clean_exit"] is True
 
 
 def test_parse_address() -> None:
