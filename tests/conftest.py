@@ -37,7 +37,9 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 CHROMIUM = "/usr/bin/chromium"  # Debian's (.ci/run installs it); Playwright downloads none
 
 
-@pytest.fixture(scope="session")
+# Module scope, not session: Playwright's sync API keeps its asyncio loop running in this
+# thread while it is open, and a later test's asyncio.run() would then fail.
+@pytest.fixture(scope="module")
 def open_report() -> Iterator[Callable[[Path], dict[str, Any]]]:
     """Open an HTML report in headless Chromium; what rendered and what went wrong.
 
