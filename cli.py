@@ -358,8 +358,36 @@ def cmd_predict(args: argparse.Namespace) -> int:
         args.user,
         label_column=args.label_column,
         user_column=args.user_column,
+        id_column=args.id_column,
+        db=args.db,
+        db_table=args.db_table,
+        chunk_rows=args.chunk_rows,
     )
-    print(f"scored {n} rows with the {args.model} model -> {args.output}")
+    where = [w for w in (args.output, args.db and f"{args.db} (table {args.db_table})") if w]
+    print(f"scored {n} rows with the {args.model} model -> {' and '.join(where)}")
+    return 0
+
+
+def cmd_predictions_get(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from pollinate.client.predictions_db import list_predictions
+
+    rows = list_predictions(
+        args.db, args.id, args.model, all_versions=args.all_versions, table=args.db_table
+    )
+    if not rows:
+        which = f"{args.model} " if args.model else ""
+        raise InputError(
+            f"no {which}prediction stored for id {args.id!r} in {args.db} (table "
+            f"{args.db_table}); pollinate predict ... --db {args.db} writes them"
+        )
+    if args.format == "json":
+        print(json.dumps(rows if args.all_versions or len(rows) > 1 else rows[0], indent=1))
+        return 0
+    df = pd.DataFrame(rows)
+    df["probabilities"] = [json.dumps(p) for p in df["probabilities"]]
+    print(render(df, args.format), end="")
     return 0
 
 
@@ -367,6 +395,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from pollinate.deploy.flags import add_user_option
+
     p = argparse.ArgumentParser(
         prog="pollinate",
         description="Federated learning with per-user personalized and global models.",
@@ -445,16 +475,48 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument(
         "-o",
         "--output",
-        required=True,
         metavar="OUT",
-        help="where to write input + predictions (.csv or .parquet)",
+        help="where to write input + predictions (.csv or .parquet); -o, --db or both",
+    )
+    pred.add_argument(
+        "--db",
+        metavar="DB",
+        help="also upsert the predictions into a database table: a SQLite file path or a "
+        "SQLAlchemy URL (sqlite:///x.db, postgresql://user@host/db)",
+    )
+    pred.add_argument(
+        "--db-table", default="predictions", help="the table's name (default predictions)"
+    )
+    pred.add_argument(
+        "--id-column",
+        help="the column that identifies each row (the database key; not a feature; "
+        "default: a column named id)",
     )
     pred.add_argument("--model-dir", required=True, help="a model store, e.g. a device's")
     pred.add_argument("--model", choices=("personal", "global"), default="personal")
-    pred.add_argument("--user", help="whose model (default: the store's only user)")
+    add_user_option(pred, "whose model (default: the store's only user)")
     pred.add_argument("--label-column", help="a column to copy through, not a feature")
     pred.add_argument("--user-column", help="a user-id column to copy through, not a feature")
+    pred.add_argument(
+        "--chunk-rows",
+        type=int,
+        default=65_536,
+        help="rows read, scored and written at a time (bounds memory; default 65536)",
+    )
     pred.set_defaults(func=cmd_predict)
+
+    preds = sub.add_parser("predictions", help="read predictions stored by predict --db")
+    preds_sub = preds.add_subparsers(dest="predictions_command", required=True)
+    get = preds_sub.add_parser("get", help="the stored prediction for an id")
+    get.add_argument("--db", required=True, metavar="DB", help="SQLite file path or SQLAlchemy URL")
+    get.add_argument("--id", required=True, help="the row id (as in the --id-column)")
+    get.add_argument("--model", choices=("personal", "global"), help="one kind (default: both)")
+    get.add_argument(
+        "--all-versions", action="store_true", help="every stored model version, newest first"
+    )
+    get.add_argument("--db-table", default="predictions", help="default predictions")
+    get.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    get.set_defaults(func=cmd_predictions_get)
 
     from pollinate.deploy.cli import add_commands  # certs, server, node
 

@@ -17,16 +17,19 @@
 
 from __future__ import annotations
 
+import itertools
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import pandas as pd
 import torch
 
-from pollinate.client.store import KINDS, ModelStore, StoreError
+from pollinate.client.store import KINDS, ModelStore, StoreError, open_store
 from pollinate.models import ArtifactError, ModelArtifact, atomic_write, load_artifact
 
 __all__ = [
@@ -231,7 +234,8 @@ def load_model(
     Parameters
     ----------
     model_dir
-        A model store root (``<model_dir>/<user>/{global,personal}.pt``).
+        A model store root (``<model_dir>/<user>/{global,personal}.pt``), or one user's
+        folder in it.
     which
         ``"personal"`` (this user's personalized model) or ``"global"`` (the federation's).
     user
@@ -252,7 +256,10 @@ def load_model(
         raise NoModelError(
             f"model store {root} does not exist; pass the --model-dir a device trained into"
         )
-    store = ModelStore(root)
+    try:
+        store = open_store(root, user)  # a store, or one user's folder in it
+    except StoreError as e:
+        raise PredictError(str(e)) from None
     who = resolve_user(store, user)
     try:
         path = store.path(who, which)
@@ -285,19 +292,42 @@ def predict_file(
     model_dir: str | os.PathLike[str],
     which: str,
     in_path: str | os.PathLike[str],
-    out_path: str | os.PathLike[str],
+    out_path: str | os.PathLike[str] | None = None,
     user: str | None = None,
     *,
     label_column: str | None = None,
     user_column: str | None = None,
+    id_column: str | None = None,
+    db: str | os.PathLike[str] | None = None,
+    db_table: str = "predictions",
+    chunk_rows: int = _CHUNK,
 ) -> int:
-    """Score every row of a CSV/Parquet file and write the results (the precompute pattern).
+    """Score every row of a CSV/Parquet file into a file and/or a database (the precompute pattern).
 
-    Feature columns are all numeric columns except ``label_column`` and ``user_column``, in
-    file order; there must be exactly as many as the model takes. Other columns pass through.
-    The output (CSV or Parquet, by suffix) holds the input columns plus ``prediction``,
-    ``prob_0`` .. ``prob_<C-1>``, ``model_round`` and ``model_hash``, and is written
-    atomically: a reader sees the old file or the complete new one.
+    Feature columns are all numeric columns except ``label_column``, ``user_column`` and the
+    id column, in file order; there must be exactly as many as the model takes. Other columns
+    pass through. The output file (CSV or Parquet, by suffix) holds the input columns plus
+    ``prediction``, ``prob_0`` .. ``prob_<C-1>``, ``model_round`` and ``model_hash``, and is
+    written atomically: a reader sees the old file or the complete new one. The database
+    table (see :mod:`pollinate.client.predictions_db`) gets one row per input row, keyed by
+    (id, model kind, round, hash) and upserted, in one transaction committed only when the
+    whole file has been scored.
+
+    The input is read ``chunk_rows`` rows at a time (pandas ``chunksize`` for CSV, pyarrow
+    ``iter_batches`` for Parquet) and each chunk is scored and written before the next is
+    read, so memory stays bounded by the chunk size, not the file size.
+
+    Parameters
+    ----------
+    id_column
+        The column that identifies a row (database key); default ``id`` when the file has
+        one. Never a feature. Required with ``db``.
+    db
+        A SQLite file path or a SQLAlchemy URL; None writes no database rows.
+    db_table
+        The table's name.
+    chunk_rows
+        Rows per chunk.
 
     Returns
     -------
@@ -307,30 +337,77 @@ def predict_file(
     Raises
     ------
     PredictError
-        One-line reason for any bad input; nothing is written then.
+        One-line reason for any bad input; the output file and the database are then left
+        as they were.
     """
-    in_path, out_path = Path(in_path), Path(out_path)
-    out_kind = _table_kind(out_path, "output")
-    model = load_model(model_dir, which, user)
-    df = _read_table(in_path, user_column)
-    x = _feature_matrix(df, in_path.name, model, label_column, user_column)  # (N, F)
-
-    proba = np.concatenate(
-        [model.predict_proba(x[i : i + _CHUNK]) for i in range(0, len(x), _CHUNK)]
-    )  # (N, C)
-    added: dict[str, Any] = {"prediction": proba.argmax(axis=1)}
-    added.update({f"prob_{c}": proba[:, c] for c in range(model.num_classes)})
-    added["model_round"] = np.full(len(df), model.round, dtype=np.int64)
-    added["model_hash"] = model.content_hash
-    clash = [c for c in added if c in df.columns]
-    if clash:
+    if out_path is None and db is None:
         raise PredictError(
-            f"{in_path.name} already has a column {clash[0]!r}, which the output "
-            "adds; rename or drop it (is this an already scored file?)"
+            "nowhere to write the predictions: give an output file (-o OUT), a database "
+            "(--db DB), or both"
         )
-    out = pd.concat([df, pd.DataFrame(added, index=df.index)], axis=1)
-    _write_table(out, out_path, out_kind)
-    return len(out)
+    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
+        raise PredictError(f"chunk_rows must be an int >= 1, got {chunk_rows!r}")
+    in_path = Path(in_path)
+    out = None if out_path is None else Path(out_path)
+    out_kind = None if out is None else _table_kind(out, "output")
+    model = load_model(model_dir, which, user)
+    text_columns = [c for c in (user_column, id_column or "id") if c]
+    chunks = _read_chunks(in_path, text_columns, chunk_rows)
+    first = next(chunks, None)
+    if first is None:
+        raise PredictError(f"input file {str(in_path)!r} has no rows to score")
+    plan = _plan_columns(
+        first,
+        in_path.name,
+        model,
+        label_column,
+        user_column,
+        id_column,
+        need_id=db is not None,
+        adds_columns=out is not None,
+    )
+    database = None
+    if db is not None:
+        from pollinate.client.predictions_db import open_db
+
+        database = open_db(db, db_table)
+
+    def score_all(f: BinaryIO | None) -> int:
+        from pollinate.client.predictions_db import prediction_rows
+
+        sink = None if f is None or out_kind is None else _sink(f, out_kind, in_path.name)
+        n = 0
+        with database.transaction() if database is not None else nullcontext() as conn:
+            for chunk in itertools.chain([first], chunks):
+                x = _chunk_features(chunk, in_path.name, plan, n, chunk_rows)  # (B, F)
+                proba = model.predict_proba(x)  # (B, C)
+                if sink is not None:
+                    sink.write(_scored_frame(chunk, proba, model))
+                if database is not None and conn is not None:
+                    ids = _chunk_ids(chunk, in_path.name, plan, n)
+                    database.upsert(conn, prediction_rows(ids, proba, model))
+                n += len(chunk)
+            if sink is not None:
+                sink.close()
+        return n
+
+    try:
+        if out is None:
+            return score_all(None)
+        scored: list[int] = []
+        atomic_write(out, lambda f: scored.append(score_all(f)))
+        return scored[0]
+    finally:
+        if database is not None:
+            database.close()
+
+
+@dataclass(frozen=True)
+class _Columns:
+    """Which input columns are features (in order) and which one is the row id."""
+
+    features: list[str]
+    id: str | None
 
 
 def _table_kind(path: Path, role: str) -> str:
@@ -343,17 +420,34 @@ def _table_kind(path: Path, role: str) -> str:
     return kind
 
 
-def _read_table(path: Path, user_column: str | None) -> pd.DataFrame:
+def _read_chunks(path: Path, text_columns: list[str], chunk_rows: int) -> Iterator[pd.DataFrame]:
+    """The file's rows, ``chunk_rows`` at a time; a bad file is a one-line PredictError."""
     kind = _table_kind(path, "input")
     if not path.is_file():
         raise PredictError(f"input file {str(path)!r} does not exist")
+    return _iter_chunks(path, kind, text_columns, chunk_rows)
+
+
+def _iter_chunks(
+    path: Path, kind: str, text_columns: list[str], chunk_rows: int
+) -> Iterator[pd.DataFrame]:
     try:
         if kind == "csv":
-            # Ids as text, so "007" stays "007" in the output.
-            dtype = {user_column: str} if user_column else None
-            df = pd.read_csv(path, dtype=dtype)
+            # Ids as text, so "007" stays "007" in the output and the database.
+            dtype = dict.fromkeys(text_columns, str) or None
+            with pd.read_csv(path, dtype=dtype, chunksize=chunk_rows) as reader:
+                for df in reader:
+                    if len(df):
+                        yield _tidy(df)
         else:
-            df = pd.read_parquet(path)
+            import pyarrow.parquet as pq
+
+            with pq.ParquetFile(path) as parquet:
+                for batch in parquet.iter_batches(batch_size=chunk_rows):
+                    if batch.num_rows:
+                        yield _tidy(batch.to_pandas())
+    except PredictError:
+        raise
     except pd.errors.EmptyDataError:
         raise PredictError(
             f"input file {str(path)!r} is empty; it needs a header row and data"
@@ -363,52 +457,114 @@ def _read_table(path: Path, user_column: str | None) -> pd.DataFrame:
             f"could not read {str(path)!r} as {kind.upper()} "
             f"({_one_line(e)}); check that it is a valid {kind.upper()} file"
         ) from None
-    if len(df) == 0:
-        raise PredictError(f"input file {str(path)!r} has no rows to score")
+
+
+def _tidy(df: pd.DataFrame) -> pd.DataFrame:
     named = any(level is not None for level in df.index.names)
     df = df.reset_index(drop=not named)
     df.columns = [str(c) for c in df.columns]
     return df
 
 
-def _feature_matrix(
+def _plan_columns(
     df: pd.DataFrame,
     name: str,
     model: LoadedModel,
     label_column: str | None,
     user_column: str | None,
-) -> np.ndarray:
+    id_column: str | None,
+    *,
+    need_id: bool,
+    adds_columns: bool,
+) -> _Columns:
+    """Features and id from the first chunk's columns, or a PredictError saying what to fix."""
     columns = list(df.columns)
-    for role, column in (("label", label_column), ("user", user_column)):
+    for role, column in (("label", label_column), ("user", user_column), ("id", id_column)):
         if column is not None and column not in columns:
             raise PredictError(
                 f"{name} has no {role} column {column!r}; it has: {_listing(columns)}"
             )
+    if id_column is None and "id" in columns:
+        id_column = "id"
+    if need_id and id_column is None:
+        raise PredictError(
+            f"{name} has no column 'id' to key the database rows by; name the column that "
+            "identifies each row with --id-column COL"
+        )
     unnamed = [c for c in columns if c.startswith("Unnamed: ")]
     if unnamed:
         raise PredictError(
             f"{name} has a column without a header name ({unnamed[0]!r}); name "
             "or drop it (pandas writes one for the index unless index=False)"
         )
-    skip = {label_column, user_column}
+    skip = {label_column, user_column, id_column}
     candidates = [c for c in columns if c not in skip]
     features = [c for c in candidates if pd.api.types.is_numeric_dtype(df[c])]
     if len(features) != model.num_features:
         raise PredictError(_count_message(df, name, model, features, candidates))
+    added = ["prediction", *(f"prob_{c}" for c in range(model.num_classes))]
+    clash = [c for c in [*added, "model_round", "model_hash"] if c in columns]
+    if adds_columns and clash:
+        raise PredictError(
+            f"{name} already has a column {clash[0]!r}, which the output "
+            "adds; rename or drop it (is this an already scored file?)"
+        )
+    return _Columns(features, id_column)
 
-    x = np.empty((len(df), len(features)), dtype=np.float32)  # (N, F)
-    for j, column in enumerate(features):
+
+def _chunk_features(
+    df: pd.DataFrame, name: str, plan: _Columns, offset: int, chunk_rows: int
+) -> np.ndarray:
+    """The chunk's features as float32 (B, F); ``offset`` = data rows before this chunk."""
+    x = np.empty((len(df), len(plan.features)), dtype=np.float32)  # (B, F)
+    for j, column in enumerate(plan.features):
+        series = df[column]
+        if not pd.api.types.is_numeric_dtype(series):  # numbers in earlier chunks, not here
+            parsed = pd.to_numeric(series, errors="coerce")
+            bad = (parsed.isna() & series.notna()).to_numpy()
+            row = int(np.argmax(bad))
+            raise PredictError(
+                f"feature column {column!r} in {name} is not numeric (e.g. "
+                f"{series.to_numpy()[row]!r} at data row {offset + row + 1}): encode it as numbers"
+            )
         with np.errstate(over="ignore"):
-            col = df[column].to_numpy(dtype=np.float64, na_value=np.nan).astype(np.float32)
+            col = series.to_numpy(dtype=np.float64, na_value=np.nan).astype(np.float32)
         bad = ~np.isfinite(col)
         if bad.any():
+            first = offset + int(np.argmax(bad)) + 1
+            count = f"{int(bad.sum())} missing or infinite values"
+            if offset or len(df) == chunk_rows:  # a chunk of a larger file: say which part
+                count += f" in data rows {offset + 1}-{offset + len(df)}"
             raise PredictError(
-                f"feature column {column!r} in {name} has {int(bad.sum())} "
-                f"missing or infinite values (first at data row "
-                f"{int(np.argmax(bad)) + 1}); fill or drop those rows"
+                f"feature column {column!r} in {name} has {count} (first at data row "
+                f"{first}); fill or drop those rows"
             )
         x[:, j] = col
     return x
+
+
+def _chunk_ids(df: pd.DataFrame, name: str, plan: _Columns, offset: int) -> list[str]:
+    """The chunk's row ids as text (database keys); integral floats lose their ``.0``."""
+    assert plan.id is not None
+    series = df[plan.id]
+    missing = series.isna().to_numpy()
+    if missing.any():
+        raise PredictError(
+            f"id column {plan.id!r} in {name} is empty at data row "
+            f"{offset + int(np.argmax(missing)) + 1}; every row needs an id"
+        )
+    if pd.api.types.is_float_dtype(series) and bool((series == series.round()).all()):
+        series = series.astype(np.int64)
+    return [str(v) for v in series.tolist()]
+
+
+def _scored_frame(df: pd.DataFrame, proba: np.ndarray, model: LoadedModel) -> pd.DataFrame:
+    """The chunk plus prediction, prob_0..prob_<C-1>, model_round and model_hash."""
+    added: dict[str, Any] = {"prediction": proba.argmax(axis=1)}
+    added.update({f"prob_{c}": proba[:, c] for c in range(model.num_classes)})
+    added["model_round"] = np.full(len(df), model.round, dtype=np.int64)
+    added["model_hash"] = model.content_hash
+    return pd.concat([df, pd.DataFrame(added, index=df.index)], axis=1)
 
 
 def _count_message(
@@ -446,12 +602,53 @@ def _count_message(
     return f"{msg}; features: {_listing(features)}"
 
 
-def _write_table(df: pd.DataFrame, path: Path, kind: str) -> None:
-    """CSV or Parquet, written atomically (temp file beside ``path``, fsync, rename)."""
-    if kind == "csv":
-        atomic_write(path, lambda f: df.to_csv(f, index=False))
-    else:
-        atomic_write(path, lambda f: df.to_parquet(f, index=False))
+class _CsvSink:
+    """Chunks appended to one CSV file: the header once, then rows."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self._f = f
+        self._header = True
+
+    def write(self, df: pd.DataFrame) -> None:
+        df.to_csv(self._f, index=False, header=self._header)
+        self._header = False
+
+    def close(self) -> None:
+        self._f.flush()
+
+
+class _ParquetSink:
+    """Chunks appended to one Parquet file as row groups, all with the first chunk's schema."""
+
+    def __init__(self, f: BinaryIO, name: str) -> None:
+        self._f = f
+        self._name = name
+        self._writer: Any = None
+
+    def write(self, df: pd.DataFrame) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if self._writer is None:
+            table = pa.Table.from_pandas(df, preserve_index=False)
+            self._writer = pq.ParquetWriter(self._f, table.schema)
+        else:
+            try:
+                table = pa.Table.from_pandas(df, schema=self._writer.schema, preserve_index=False)
+            except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError, TypeError) as e:
+                raise PredictError(
+                    f"a column of {self._name} changes type partway through ({_one_line(e)}); "
+                    "give it one type throughout, or write CSV output"
+                ) from None
+        self._writer.write_table(table)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+def _sink(f: BinaryIO, kind: str, name: str) -> _CsvSink | _ParquetSink:
+    return _CsvSink(f) if kind == "csv" else _ParquetSink(f, name)
 
 
 def _describe(value: Any) -> str:

@@ -76,7 +76,7 @@ from uvicorn.config import LOGGING_CONFIG
 
 from pollinate.client.httpguard import AllowedHosts, BodyLimit, HttpLimits, guarded_protocol
 from pollinate.client.predictor import LoadedModel, PredictError, resolve_user
-from pollinate.client.store import KINDS, ModelStore
+from pollinate.client.store import KINDS, StoreError, open_store
 
 __all__ = [
     "HttpLimits",
@@ -196,7 +196,10 @@ class _Models:
     """The models being served, swapped atomically as newer files land in the store."""
 
     def __init__(self, root: Path, user: str | None, metrics: _Metrics) -> None:
-        self.store = ModelStore(root)
+        try:
+            self.store = open_store(root, user)  # a store, or one user's folder in it
+        except StoreError as e:
+            raise ServingError(str(e)) from None
         self.user = user
         self.problem: str | None = None  # why nothing can be served (e.g. several users)
         self.reload_errors: dict[str, str] = {}  # kind -> why the latest file was rejected

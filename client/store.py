@@ -85,3 +85,50 @@ class ModelStore:
             if child.is_dir() and any((child / f"{k}.pt").exists() for k in KINDS):
                 found.append(unquote(child.name))
         return sorted(found)
+
+
+def is_user_folder(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is one user's folder of a store (it holds global.pt or personal.pt)."""
+    return any((Path(path) / f"{k}.pt").is_file() for k in KINDS)
+
+
+class UserFolderStore(ModelStore):
+    """One user's folder (``<store>/<user>/``) used as a store that holds that user alone.
+
+    So ``--model-dir ~/.pollinate/node/models/alice`` serves alice, as the store root
+    would with ``--user alice``. The user id is the folder's name, decoded as
+    :class:`ModelStore` names folders.
+    """
+
+    def __init__(self, folder: str | os.PathLike[str]) -> None:
+        super().__init__(folder)
+        self.user = unquote(self.root.name)
+
+    def path(self, user: str, kind: str) -> Path:
+        if kind not in KINDS:
+            raise StoreError(f"unknown model kind '{kind}'; choose one of: {', '.join(KINDS)}")
+        if user != self.user:
+            raise StoreError(
+                f"{self.root} holds the models of user {self.user!r} only, not {user!r}; "
+                "drop the user choice, or pass the store folder above it"
+            )
+        return self.root / f"{kind}.pt"
+
+    def users(self) -> list[str]:
+        return [self.user]
+
+
+def open_store(root: str | os.PathLike[str], user: str | None = None) -> ModelStore:
+    """A store root, or a :class:`UserFolderStore` when ``root`` is one user's folder.
+
+    Raises
+    ------
+    StoreError
+        ``root`` is a user's folder and ``user`` names someone else.
+    """
+    if is_user_folder(root):
+        store = UserFolderStore(root)
+        if user is not None:
+            store.path(user, KINDS[0])  # raises for another user
+        return store
+    return ModelStore(root)

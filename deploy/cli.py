@@ -113,11 +113,11 @@ def cmd_node_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_node_start(args: argparse.Namespace) -> int:
+    from pollinate.deploy.flags import serve_address
     from pollinate.deploy.node import (
         NodeOptions,
         check_data,
         check_key_options,
-        parse_serve,
         start_node,
     )
     from pollinate.deploy.proc import parse_address
@@ -132,21 +132,21 @@ def cmd_node_start(args: argparse.Namespace) -> int:
     if root_cert is not None and not root_cert.is_file():
         raise DeployError(f"--root-cert '{root_cert}' does not exist")
     data = Path(args.data).expanduser()
-    users = check_data(data, args.user_id, args.user_column, args.label_column)
+    users = check_data(data, args.user, args.user_column, args.label_column)
     state = NodeDir(Path(args.state_dir).expanduser() if args.state_dir else default_node_dir())
     model_dir = Path(args.model_dir).expanduser() if args.model_dir else state.models
-    serve = parse_serve(args.serve)
-    if serve is not None and args.user_id is None and len(users) > 1:
+    serve = serve_address(args, allow_none=True)
+    if serve is not None and args.user is None and len(users) > 1:
         raise DeployError(
             f"{data.name} holds {len(users)} users; the inference service serves one: pick it "
-            "with --user-id, or pass --serve none"
+            "with --user, or pass --serve none"
         )
     stream = _node_start_stream(args, data, users, model_dir)
     opts = NodeOptions(
         server=args.server,
         data=data,
         users=users,
-        user_id=args.user_id,
+        user_id=args.user,
         state=state,
         model_dir=model_dir,
         key=key,
@@ -236,10 +236,13 @@ def cmd_node_stream(args: argparse.Namespace) -> int:
 
 
 def cmd_node_serve(args: argparse.Namespace) -> int:
+    from pollinate.deploy.flags import serve_address
     from pollinate.deploy.node import serve_store
 
+    address = serve_address(args, allow_none=False)
+    assert address is not None
     return serve_store(
-        Path(args.model_dir), args.host, args.port, args.user, _print, args.allow_host or ()
+        Path(args.model_dir).expanduser(), *address, args.user, _print, args.allow_host or ()
     )
 
 
@@ -248,6 +251,8 @@ def cmd_node_serve(args: argparse.Namespace) -> int:
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """``certs``, ``server`` and ``node`` with their subcommands."""
+    from pollinate.deploy.flags import add_serve_option, add_user_option
+
     certs = sub.add_parser("certs", help="TLS certificates for a deployed server")
     certs_sub = certs.add_subparsers(dest="certs_command", required=True)
     create = certs_sub.add_parser("create", help="make a CA and a server certificate")
@@ -313,16 +318,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     nstart = node_sub.add_parser("start", help="join a server: train, keep and serve models")
     nstart.add_argument("--server", required=True, help="the server's HOST:PORT")
     nstart.add_argument("--data", required=True, help="this device's CSV or Parquet file")
-    nstart.add_argument("--user-id", help="train only this user of the file")
+    add_user_option(nstart, "train (and serve) only this user of the file")
     nstart.add_argument("--root-cert", help="the server's ca.crt (default: system CAs)")
     nstart.add_argument("--key", help="this device's private key (from `node keygen`)")
     nstart.add_argument("--model-dir", help="model store (default <state>/models)")
-    nstart.add_argument(
-        "--serve",
-        default="127.0.0.1:8080",
-        metavar="HOST:PORT",
-        help="inference service address (default 127.0.0.1:8080), or none",
-    )
+    add_serve_option(nstart, allow_none=True)
     nstart.add_argument("--insecure", action="store_true", help="no TLS (--insecure servers)")
     nstart.add_argument(
         "--allow-host",
@@ -363,16 +363,19 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     nstart.set_defaults(func=cmd_node_start)
 
     nserve = node_sub.add_parser("serve", help="serve a model store without joining")
-    nserve.add_argument("--model-dir", required=True, help="the model store to serve")
-    nserve.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1 (this device)")
-    nserve.add_argument("--port", type=int, default=8080, help="default 8080")
-    nserve.add_argument("--user", help="which user's models (needed if the store has several)")
+    nserve.add_argument(
+        "--model-dir",
+        required=True,
+        help="the model store to serve, or one user's folder in it (with global.pt/personal.pt)",
+    )
+    add_serve_option(nserve, allow_none=False)
+    add_user_option(nserve, "which user's models (needed if the store has several)")
     nserve.add_argument(
         "--allow-host",
         action="append",
         metavar="NAME",
         help="another name clients may use in the Host header (repeatable; localhost, "
-        "127.0.0.1, ::1 and --host are always allowed)",
+        "127.0.0.1, ::1 and the --serve host are always allowed)",
     )
     nserve.set_defaults(func=cmd_node_serve)
 

@@ -309,7 +309,7 @@ def _supervise(opts: NodeOptions, server_host: str, server_port: int, recovering
             serve_argv = [
                 sys.executable, "-m", "pollinate", "node", "serve",
                 "--model-dir", str(opts.model_dir.resolve()),
-                "--host", host, "--port", str(port),
+                "--serve", format_address(host, port),
             ]  # fmt: skip
             serve_user = opts.user_id or (opts.users[0] if len(opts.users) == 1 else None)
             if serve_user is not None:
