@@ -189,7 +189,9 @@ class PredictionsDB:
     def count(self) -> int:
         """Rows in the table."""
         with self.engine.connect() as conn:
-            return int(conn.execute(sa.select(sa.func.count()).select_from(self.table)).scalar_one())
+            return int(
+                conn.execute(sa.select(sa.func.count()).select_from(self.table)).scalar_one()
+            )
 
     def close(self) -> None:
         self.engine.dispose()

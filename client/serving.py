@@ -74,8 +74,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from uvicorn.config import LOGGING_CONFIG
 
+from pollinate.client import openinference
 from pollinate.client.httpguard import AllowedHosts, BodyLimit, HttpLimits, guarded_protocol
 from pollinate.client.predictor import LoadedModel, PredictError, resolve_user
+from pollinate.client.request_formats import (
+    ErrorResponse,
+    FormatError,
+    PredictResponse,
+    rows_from_request,
+)
 from pollinate.client.store import KINDS, StoreError, open_store
 
 __all__ = [
@@ -92,7 +99,7 @@ log = logging.getLogger("pollinate.serving")
 #: Bodies larger than this are parsed and scored on a worker thread, off the event loop.
 _INLINE_BYTES = 64 * 1024
 
-_ENDPOINTS = ("/predict", "/models", "/health", "/metrics")
+_ENDPOINTS = ("/predict", "/models", "/health", "/metrics", "/v2")
 _REASONS = {
     400: "bad_request",
     404: "not_found",
@@ -211,6 +218,12 @@ class _Models:
 
     def get(self, kind: str) -> LoadedModel | None:
         return self._models.get(kind)
+
+    def stored_kinds(self) -> list[str]:
+        """The kinds with a file in the store (loaded or not)."""
+        if self.user is None:
+            return []
+        return [k for k in KINDS if self.store.path(self.user, k).exists()]
 
     def loaded(self) -> dict[str, LoadedModel]:
         return self._models
@@ -390,7 +403,7 @@ def create_app(
         lifespan=lifespan,
         docs_url=None,
         redoc_url=None,
-        openapi_url=None,
+        openapi_url="/openapi.json",
     )
     app.state.models = models  # for tests and embedding: app.state.models.poll() reloads now
     # The last added runs first: a foreign Host is refused before the body is looked at.
@@ -426,7 +439,11 @@ def create_app(
             kind,
         )
 
-    @app.post("/predict")
+    @app.post(
+        "/predict",
+        openapi_extra=openinference.predict_openapi(),
+        responses={200: {"model": PredictResponse}, 400: {"model": ErrorResponse}},
+    )
     async def predict(request: Request) -> Response:
         t0 = time.perf_counter()
         kind = "-"
@@ -527,6 +544,9 @@ def create_app(
         return Response(status_code=204)
 
     app.add_exception_handler(ClientDisconnect, client_left)
+    # The Open Inference Protocol (KServe v2) beside /predict, and the bodies in /openapi.json.
+    app.include_router(openinference.v2_router(models, metrics, max_body_bytes=max_body_bytes))
+    openinference.document_bodies(app)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(Exception, internal_error)
@@ -562,27 +582,10 @@ def _parse_predict(body: bytes) -> tuple[str, list[Any]]:
         raise _Reply(
             400, f"the body must be a JSON object like {_EXAMPLE}, got a JSON {_json_type(request)}"
         )
-    unknown = [k for k in request if k not in ("rows", "row", "model")]
-    if unknown:
-        raise _Reply(400, f"unknown field {unknown[0]!r}; expected rows (or row) and model")
-    kind = request.get("model", "personal")
-    if kind not in KINDS:
-        raise _Reply(400, f"unknown model {kind!r}; choose one of: {', '.join(KINDS)}")
-    if "rows" in request and "row" in request:
-        raise _Reply(400, "give either rows or row, not both")
-    if "row" in request:
-        rows = [request["row"]]
-        name = "row"
-    elif "rows" in request:
-        rows = request["rows"]
-        name = "rows"
-    else:
-        raise _Reply(400, f"missing field 'rows'; send JSON like {_EXAMPLE}")
-    if not isinstance(rows, list):
-        raise _Reply(400, f"{name} must be a list of rows, got a JSON {_json_type(rows)}")
-    if not rows:
-        raise _Reply(400, "rows is empty; send at least one row of features")
-    return kind, rows
+    try:  # rows, row, instances, inputs, dataframe_split, dataframe_records
+        return rows_from_request(request)
+    except FormatError as e:
+        raise _Reply(400, str(e)) from None
 
 
 def _as_matrix(rows: list[Any], model: LoadedModel) -> np.ndarray:
