@@ -475,7 +475,7 @@ def _features(tensor: RequestInput, model: LoadedModel) -> np.ndarray:
         too_big = np.abs(x) > _FLOATS.get(dtype, math.inf)
     if too_big.any():
         i = int(np.argmax(too_big.ravel()))
-        raise _Reply(400, f"{where}: element {i} ({x.ravel()[i]!r}) is beyond {dtype} range")
+        raise _Reply(400, f"{where}: element {i} ({float(x.ravel()[i])!r}) is beyond {dtype} range")
     try:
         return model.check(x)  # NaN, inf, beyond float32
     except PredictError as e:
