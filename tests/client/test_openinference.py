@@ -104,9 +104,7 @@ def test_infer_nested_data_other_datatypes_versions_and_output_choice(
 ) -> None:
     x = np.arange(2 * F).reshape(2, F) % 5  # small integers: exact in every datatype
     body: dict[str, Any] = {
-        "inputs": [
-            {"name": "features", "shape": [2, F], "datatype": datatype, "data": x.tolist()}
-        ],
+        "inputs": [{"name": "features", "shape": [2, F], "datatype": datatype, "data": x.tolist()}],
         "outputs": [{"name": "label"}],
     }
     model = load_model(store, "global")

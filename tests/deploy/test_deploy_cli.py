@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -68,7 +71,7 @@ def test_node_start_checks_the_data_file_first(
     args = ["node", "start", "--server", "127.0.0.1:1", "--data", str(bad)]
     message = one_line_error(capsys, *args, "--key", device["key"], "--root-cert", device["ca"])
     assert "feature column 'f1'" in message and "not numeric" in message
-    message = one_line_error(capsys, *node(device, "--key", device["key"], "--user-id", "nobody"))
+    message = one_line_error(capsys, *node(device, "--key", device["key"], "--user", "nobody"))
     assert "user 'nobody' is not in data file" in message
     assert not (tmp_path / "home" / "node" / "logs").exists()  # nothing was started
 
@@ -160,3 +163,91 @@ def test_register_and_status_without_a_server(
 def test_node_serve_missing_store(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     message = one_line_error(capsys, "node", "serve", "--model-dir", str(tmp_path / "none"))
     assert "does not exist" in message
+
+
+# ------------------------------------------------------------- one spelling of the flags
+
+
+def test_old_and_new_flag_spellings_parse_alike(capsys: pytest.CaptureFixture[str]) -> None:
+    from pollinate.cli import build_parser
+    from pollinate.deploy.flags import serve_address
+
+    parser = build_parser()
+    new = parser.parse_args(["node", "serve", "--model-dir", "m", "--serve", "0.0.0.0:9000",
+                             "--user", "bob"])  # fmt: skip
+    assert capsys.readouterr().err == ""
+    old = parser.parse_args(["node", "serve", "--model-dir", "m", "--host", "0.0.0.0",
+                             "--port", "9000", "--user-id", "bob"])  # fmt: skip
+    notes = capsys.readouterr().err.splitlines()
+    assert notes == [
+        "note: --host is deprecated; use --serve HOST:PORT",
+        "note: --port is deprecated; use --serve HOST:PORT",
+        "note: --user-id is deprecated; use --user",
+    ]
+    for args in (new, old):
+        assert serve_address(args, allow_none=False) == ("0.0.0.0", 9000) and args.user == "bob"
+    start = parser.parse_args(["node", "start", "--server", "h:1", "--data", "d.csv",
+                               "--user-id", "ann", "--serve", "none"])  # fmt: skip
+    assert start.user == "ann" and serve_address(start, allow_none=True) is None
+    pred = parser.parse_args(["predict", "in.csv", "-o", "o.csv", "--model-dir", "m",
+                              "--user-id", "ann"])  # fmt: skip
+    assert pred.user == "ann"
+    # The hidden spellings stay out of --help.
+    for argv in (["node", "serve", "--help"], ["node", "start", "--help"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(argv)
+        text = capsys.readouterr().out
+        assert "--serve HOST:PORT" in text and "--user ID" in text
+        assert "--user-id" not in text and "--host" not in text and "--port" not in text
+
+
+def test_node_serve_accepts_one_users_folder(tmp_path: Path) -> None:
+    import httpx
+
+    from pollinate.client.store import ModelStore
+    from pollinate.models import create_model
+
+    model = create_model("mlp", in_features=4, num_classes=2, hidden=8, seed=0)
+    store = ModelStore(tmp_path / "models")
+    for kind in ("global", "personal"):
+        store.save("alice", kind, spec=model.spec, state_dict=model.state_dict(), round=2)
+    folder = tmp_path / "models" / "alice"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pollinate",
+            "node",
+            "serve",
+            "--model-dir",
+            str(folder),
+            "--serve",
+            f"127.0.0.1:{port}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                r = httpx.post(f"http://127.0.0.1:{port}/predict", json={"row": [0, 1, 2, 3]})
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None and time.monotonic() < deadline, proc.stdout
+                time.sleep(0.2)
+        assert r.status_code == 200, r.text
+        assert r.json()["user"] == "alice" and r.json()["version"]["round"] == 2
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    # A different user than the folder's is a one-line error.
+    from pollinate.client import PredictError, load_model
+
+    assert load_model(folder, "global").user == "alice"
+    with pytest.raises(PredictError, match="holds the models of user 'alice' only"):
+        load_model(folder, "global", user="bob")
