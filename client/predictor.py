@@ -9,10 +9,11 @@
     model.predict_proba(x)                  # (B, C) float32 probabilities
     model.version                           # {"round": 7, "hash": "3f2a..."}
 
-:func:`predict_file` scores a whole CSV/Parquet file in batch (the precompute pattern;
-``pollinate predict`` on the command line). Every bad input raises a one-line
-:class:`PredictError` (a ``ValueError``); no stored model yet raises its subclass
-:class:`NoModelError`, which the inference service answers with 503.
+:func:`predict_file` scores a whole CSV/Parquet file in batch, in bounded-memory chunks, into
+a file and/or a database table (the precompute pattern; ``pollinate predict`` on the
+command line; :mod:`pollinate.client.predictions_db` reads the table back). Every bad
+input raises a one-line :class:`PredictError` (a ``ValueError``); no stored model yet
+raises its subclass :class:`NoModelError`, which the inference service answers with 503.
 """
 
 from __future__ import annotations

@@ -24,6 +24,9 @@ Endpoints (every error is ``{"error": "<one line>"}``; bad input is always 4xx):
   is loaded.
 - ``GET /metrics``: Prometheus text (requests, latency, errors, predicted classes, the
   served rounds, swaps and failed reloads), from a registry private to the app.
+- ``/v2/...``: the Open Inference Protocol (KServe v2), see
+  :mod:`pollinate.client.openinference`; ``/predict`` also takes TF-Serving's and MLflow's
+  bodies (:mod:`pollinate.client.request_formats`). ``GET /openapi.json`` describes them all.
 
 Hardening: the ``Host`` header must name this service (DNS rebinding; 421 otherwise),
 bodies are capped for every route (``BodyLimit``), a client that disconnects mid-request

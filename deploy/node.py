@@ -463,12 +463,3 @@ def check_key_options(key: str | None, root_cert: str | None, insecure: bool) ->
             "--insecure for a local experiment against an --insecure server"
         )
     return check_node_private_key(key)
-
-
-def parse_serve(text: str) -> tuple[str, int] | None:
-    if text.lower() == "none":
-        return None
-    try:
-        return parse_address(text)
-    except ValueError as err:
-        raise DeployError(f"--serve: {err}, or none") from None
