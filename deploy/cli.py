@@ -182,11 +182,11 @@ def _node_start_stream(
     missing = [flag for flag, value in flags.items() if value is None]
     if missing:
         raise DeployError(f"--stream-broker needs {' and '.join(missing)} NAME")
-    user = args.user_id or (users[0] if len(users) == 1 else None)
+    user = args.user or (users[0] if len(users) == 1 else None)
     if user is None:
         raise DeployError(
             f"{data.name} holds {len(users)} users; streaming answers with one user's model: "
-            "pick it with --user-id"
+            "pick it with --user"
         )
     settings = StreamSettings(
         broker=args.stream_broker,
@@ -394,13 +394,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_stream_options(p: argparse.ArgumentParser, node_state: str) -> None:
+    from pollinate.deploy.flags import add_user_option
+
     p.add_argument(
         "--model", choices=("global", "personal"), default="personal", help="default personal"
     )
     p.add_argument("--model-dir", help="model store or one user's folder (default <state>/models)")
-    p.add_argument(
-        "--user", "--user-id", dest="user", help="whose models (needed if the store has several)"
-    )
+    add_user_option(p, "whose models (needed if the store has several)")
     p.add_argument("--state-dir", help=node_state)
     p.add_argument("--group", help="consumer group (default pollinate-<model>)")
     p.add_argument(
