@@ -230,7 +230,7 @@ def _train_stack(
     for user in users:
         model.load_state_dict(ctx.global_weights)
         if method == "fedper":
-            _with_own_head(model, ctx, user.user_id)
+            _with_own_head(model, ctx, user.user_id, before=ctx.server_round)
         starts.append(_snapshot(model))
     trained = train_stacked(
         model,
@@ -251,9 +251,15 @@ def _train_stack(
         _train_ditto_stack(bench, ctx, users, data)
     for user, (update, stats) in zip(users, trained, strict=True):
         if method == "fedper":
-            ctx.store.save(
-                user.user_id, "personal", spec=ctx.spec, state_dict=update, round=ctx.server_round
-            )
+            ctx.keep_state(user.user_id, update)
+            if _writes_models(ctx):
+                ctx.store.save(
+                    user.user_id,
+                    "personal",
+                    spec=ctx.spec,
+                    state_dict=update,
+                    round=ctx.server_round,
+                )
         yield user, update, {"num-examples": stats.num_examples, "train-loss": stats.loss}
 
 
@@ -267,7 +273,7 @@ def _train_ditto_stack(
     lam = ctx.cfg.personalization.ditto_lambda
     starts = []
     for user in users:
-        stored = ctx.store.load(user.user_id, "personal")
+        stored = ctx.state(user.user_id, before=ctx.server_round)
         starts.append(stored.state_dict if stored is not None else ctx.global_weights)
     personal = train_stacked(
         bench.model(ctx.spec, "personal"),
@@ -284,9 +290,11 @@ def _train_ditto_stack(
         _train_config(ctx.cfg, epochs=ctx.cfg.personalization.ditto_epochs, proximal_mu=lam),
     )
     for user, (weights, _) in zip(users, personal, strict=True):
-        ctx.store.save(
-            user.user_id, "personal", spec=ctx.spec, state_dict=weights, round=ctx.server_round
-        )
+        ctx.keep_state(user.user_id, weights)
+        if _writes_models(ctx):
+            ctx.store.save(
+                user.user_id, "personal", spec=ctx.spec, state_dict=weights, round=ctx.server_round
+            )
 
 
 class WeightedMean:
