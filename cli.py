@@ -191,7 +191,24 @@ def cmd_metrics(args: argparse.Namespace) -> int:
         print(f"wrote {args.plot}")
         return 0
     print(render(select_columns(df, args.columns), args.format), end="")
+    if args.format == "table":
+        _status_note(args.run_dir)
     return 0
+
+
+def _status_note(run_dir: str) -> None:
+    """A run that is not finished says so below the table (stderr: the table stays clean)."""
+    from pollinate.server.metrics import read_run_info
+
+    info = read_run_info(run_dir)
+    status = info.get("status", "")
+    if status in ("interrupted", "failed", "stopped"):
+        why = f": {info['error']}" if info.get("error") else ""
+        print(
+            f"run {status}{why}; continue with: pollinate run --resume {run_dir}", file=sys.stderr
+        )
+    elif status == "running":
+        print("run still running", file=sys.stderr)
 
 
 def render(df: pd.DataFrame, fmt: str) -> str:
