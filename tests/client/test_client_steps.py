@@ -168,7 +168,7 @@ def test_final_round_only_still_keeps_the_state_between_rounds(tmp_path: Path) -
 def test_a_round_run_again_reads_the_state_its_first_attempt_read(tmp_path: Path) -> None:
     # After a resume, round t trains again although the store already holds what the
     # first attempt of t (and of t+1) wrote: it must start from the state before t.
-    sets = {"personalization.ditto-epochs": 3}
+    sets: dict[str, object] = {"personalization.ditto-epochs": 3}
     bench, user = Workbench(), make_user()
     for round_ in (1, 2, 3):
         train_user(bench, context(tmp_path, "ditto", round_=round_, sets=sets), user)
@@ -187,7 +187,7 @@ def test_state_versions_are_pruned_and_kept_per_run(tmp_path: Path) -> None:
     kept = sorted(p.name for p in (tmp_path / "u" / ".state" / "a1").iterdir())
     # Newest at or before round 6 - 2, and everything after it: a resume needs no older.
     assert kept == ["personal-000004.pt", "personal-000005.pt", "personal-000006.pt"]
-    assert store.load_state("u", run_key="a1", before=5).round == 4  # type: ignore[union-attr]
+    assert store.load_state("u", run_key="a1", before=5).round == 4
     assert store.load_state("u", run_key="b2", before=9) is None  # another run sees none
     store.save_state("u", run_key="b2", round=1, spec=spec, state_dict=weights)
     assert not (tmp_path / "u" / ".state" / "a1").exists()  # a new run replaces the old
