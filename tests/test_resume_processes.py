@@ -307,3 +307,19 @@ def test_resume_needs_a_run_folder_and_keeps_its_config(
     assert "keeps its config" in capsys.readouterr().err
     assert main(["run", "--resume", str(tmp_path)]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_server_start_checks_the_run_folder_before_starting_anything(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "deploy.toml"
+    config.write_text("[model]\nin-features = 64\nnum-classes = 10\n")
+    base = ["server", "start", "--insecure", "--state-dir", str(tmp_path / "state")]
+    assert main([*base, "--resume"]) == 2
+    assert "no earlier run to resume" in capsys.readouterr().err
+    run_dir = tmp_path / "run"
+    assert main([*base, "--config", str(config), "--resume", "--run-dir", str(run_dir)]) == 2
+    assert "no checkpoint to resume from" in capsys.readouterr().err
+    (run_dir / "notes.txt").write_text("mine")
+    assert main([*base, "--config", str(config), "--run-dir", str(run_dir)]) == 2
+    assert "did not write (notes.txt)" in capsys.readouterr().err
