@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 quickstart: $(STAMP)
-	$(VENV)/bin/pollinate run configs/quickstart.toml
+	$(VENV)/bin/pollinate run configs/quickstart.toml --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

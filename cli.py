@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # only annotations here: the readers import it when they run
     import pandas as pd
 
+    from pollinate.config import RunConfig
+
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
 
@@ -35,6 +37,7 @@ def _bad_input_types() -> tuple[type[BaseException], ...]:
     from pollinate.deploy.certs import DeployError
     from pollinate.models import ArtifactError, UnknownModelError
     from pollinate.server.metrics import MetricsError
+    from pollinate.server.rundir import RunDirError
 
     return (
         InputError,
@@ -46,33 +49,77 @@ def _bad_input_types() -> tuple[type[BaseException], ...]:
         PredictError,
         ServingError,
         DeployError,
+        RunDirError,
     )
 
 
 # ------------------------------------------------------------------------------- run
 
 
-def cmd_run(args: argparse.Namespace) -> int:
+def run_config(args: argparse.Namespace) -> RunConfig:
+    """The run's config: CONFIG with --set/--run-dir/--overwrite, or a run folder's own."""
     from pollinate import config
-    from pollinate.server.metrics import read_rounds
+    from pollinate.server.rundir import RESUME_MAY_CHANGE
+
+    overrides = list(args.set or [])
+    if args.resume:
+        if args.config or args.run_dir or args.overwrite:
+            raise InputError(
+                "--resume RUN_DIR continues that run with its own config: leave out CONFIG, "
+                "--run-dir and --overwrite"
+            )
+        for item in overrides:
+            key = config.parse_override(item)[0]
+            if key not in RESUME_MAY_CHANGE:
+                raise InputError(
+                    f"--set {key}: a resumed run keeps its config; only "
+                    f"{', '.join(k for k in RESUME_MAY_CHANGE if not k.startswith('run.'))} "
+                    "may change"
+                )
+        saved = Path(args.resume) / "config.toml"
+        if not saved.is_file():
+            raise InputError(f"--resume {args.resume}: no config.toml there, not a run folder")
+        dir_ = json.dumps(str(Path(args.resume).resolve()))
+        return config.load(saved, [*overrides, f"run.dir={dir_}", "run.resume=true"])
+    if not args.config:
+        raise InputError("pollinate run needs a CONFIG file (or --resume RUN_DIR)")
+    if args.run_dir:
+        overrides.append(f"run.dir={json.dumps(args.run_dir)}")
+    if args.overwrite:
+        overrides.append("run.overwrite=true")
+    return config.load(args.config, overrides)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pollinate.server import rundir
+    from pollinate.server.metrics import read_rounds, read_run_info
     from pollinate.server.tracking import check_tracking
     from pollinate.simulation.engine import count_users, run_simulation
 
-    overrides = list(args.set or [])
-    if args.run_dir:
-        overrides.append(f"run.dir={json.dumps(args.run_dir)}")
-    cfg = config.load(args.config, overrides)
+    cfg = run_config(args)
     num_users = count_users(cfg)  # data errors surface here, before any process starts
     check_tracking(cfg)
-    print(
-        f"pollinate run: {cfg.run.name} | {cfg.data.dataset}, {num_users} users | "
-        f"{cfg.strategy.name} + {cfg.personalization.method} | {cfg.run.num_rounds} rounds "
-        f"-> {cfg.run_dir}",
-        flush=True,
-    )
-    _live_lines()
-    with _round_display(cfg.run.num_rounds):
-        run_dir = run_simulation(cfg, verbose=args.verbose, num_users=num_users)
+    # Held for the whole command; the ServerApp (in this process) takes it again.
+    with rundir.held(cfg.run_dir):
+        rundir.prepare(cfg.run_dir, resume=cfg.run.resume, overwrite=cfg.run.overwrite)
+        if cfg.run.resume and read_run_info(cfg.run_dir).get("status") == "finished":
+            print(f"{cfg.run_dir}: the run finished all {cfg.run.num_rounds} rounds already\n")
+            print(summary_table(read_rounds(cfg.run_dir)))
+            return 0
+        verb = "resuming" if cfg.run.resume else "pollinate run:"
+        print(
+            f"{verb} {cfg.run.name} | {cfg.data.dataset}, {num_users} users | "
+            f"{cfg.strategy.name} + {cfg.personalization.method} | {cfg.run.num_rounds} "
+            f"rounds -> {cfg.run_dir}",
+            flush=True,
+        )
+        _live_lines()
+        try:
+            with _round_display(cfg.run.num_rounds):
+                run_dir = run_simulation(cfg, verbose=args.verbose, num_users=num_users)
+        except KeyboardInterrupt:
+            print(f"\ninterrupted; continue with: pollinate run --resume {cfg.run_dir}")
+            raise
     print()
     print(summary_table(read_rounds(run_dir)))
     print(f"\nmetrics: pollinate metrics {run_dir}")
@@ -144,7 +191,24 @@ def cmd_metrics(args: argparse.Namespace) -> int:
         print(f"wrote {args.plot}")
         return 0
     print(render(select_columns(df, args.columns), args.format), end="")
+    if args.format == "table":
+        _status_note(args.run_dir)
     return 0
+
+
+def _status_note(run_dir: str) -> None:
+    """A run that is not finished says so below the table (stderr: the table stays clean)."""
+    from pollinate.server.metrics import read_run_info
+
+    info = read_run_info(run_dir)
+    status = info.get("status", "")
+    if status in ("interrupted", "failed", "stopped"):
+        why = f": {info['error']}" if info.get("error") else ""
+        print(
+            f"run {status}{why}; continue with: pollinate run --resume {run_dir}", file=sys.stderr
+        )
+    elif status == "running":
+        print("run still running", file=sys.stderr)
 
 
 def render(df: pd.DataFrame, fmt: str) -> str:
@@ -404,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a federated simulation from a config file")
-    run.add_argument("config", help="experiment TOML file, e.g. configs/quickstart.toml")
+    run.add_argument("config", nargs="?", help="experiment TOML file, e.g. configs/quickstart.toml")
     run.add_argument(
         "--set",
         action="append",
@@ -412,6 +476,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="override a config key, e.g. --set train.lr=0.1 (repeatable)",
     )
     run.add_argument("--run-dir", help="where results go (default runs/<run.name>)")
+    run.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its last completed round",
+    )
+    run.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier run in the folder (only Pollinate's own files are removed)",
+    )
     run.add_argument("--verbose", action="store_true", help="show Flower's own logs")
     run.set_defaults(func=cmd_run, quick_exit=True)
 
@@ -549,9 +623,11 @@ def entry() -> None:
 def _run_command(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args))
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
+        from pollinate.server.rundir import Terminated
+
         print("interrupted", file=sys.stderr)
-        return 130
+        return 143 if isinstance(err, Terminated) else 130
     except Exception as err:  # one line, never a traceback, for what the user can fix
         if isinstance(err, _bad_input_types()):
             print(f"error: {err}", file=sys.stderr)

@@ -44,6 +44,10 @@ class RunSection:
     seed: int = 0
     # Where results go; empty means runs/<name> under the working directory.
     dir: str = ""
+    # Continue the run in run.dir from its last completed round (`pollinate run --resume`).
+    resume: bool = False
+    # Replace an earlier run in run.dir (only Pollinate's own files there are removed).
+    overwrite: bool = False
 
 
 # `[data]`: defined, with each key's meaning, next to the data it describes
@@ -312,6 +316,16 @@ def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
         )
 
 
+def _run_name(name: str) -> None:
+    # runs/<name>: a name is one folder inside runs/, never a path out of it (run.dir is
+    # the way to put a run elsewhere).
+    if not name or name in (".", "..") or any(c in name for c in "/\\\0") or ":" in name:
+        raise ConfigError(
+            f"run.name = {name!r} must be a plain folder name (no '/', '\\', ':' or '..'); "
+            "set run.dir (or --run-dir) to put the run somewhere else"
+        )
+
+
 def _check(cfg: RunConfig) -> None:
     """Cross-field and range checks; the message names the key to change."""
     _choice("data.dataset", cfg.data.dataset, DATASETS)
@@ -331,6 +345,9 @@ def _check(cfg: RunConfig) -> None:
         reason = allowed.problem(key, flat[key], integer=isinstance(flat[key], int))
         if reason:
             raise ConfigError(reason)
+    _run_name(cfg.run.name)
+    if cfg.run.resume and cfg.run.overwrite:
+        raise ConfigError("run.resume and run.overwrite exclude each other: pick one")
     if cfg.data.dataset == "file" and not cfg.data.path:
         raise ConfigError("data.dataset = 'file' needs data.path = 'your-users.csv' (or .parquet)")
     _check_model_size(cfg)

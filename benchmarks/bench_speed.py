@@ -112,6 +112,7 @@ class Job:
                 "run.num-rounds": self.rounds,
                 "run.seed": self.seed,
                 "run.dir": str(run_dir),
+                "run.overwrite": True,  # each repeat replaces the last one's folder
                 "data.dataset": "synthetic",
                 "data.num-users": self.users,
                 "data.synthetic-alpha": 1.0,

@@ -53,7 +53,8 @@ def run(
     from pollinate.server.metrics import read_run_info
 
     run_dir = Path(runs) / suite / name
-    flat = {**flat, "run.dir": str(run_dir), "run.name": name}
+    # Reruns replace an unfinished or outdated earlier attempt (its stamp file is kept).
+    flat = {**flat, "run.dir": str(run_dir), "run.name": name, "run.overwrite": True}
     cfg = config.resolve(flat)
     stamp = run_dir / "bench-config.json"
     wanted = json.dumps(cfg.to_flat(), sort_keys=True)

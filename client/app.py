@@ -89,6 +89,7 @@ def _round_context(msg: Message, context: Context) -> RoundContext:
         server_round=int(config["server-round"]),  # type: ignore[arg-type]
         store=_store(cfg, context),
         proximal_mu=float(config.get("proximal-mu", 0.0)),  # type: ignore[arg-type]
+        run_key=str(config.get("run-key", "")),
     )
 
 

@@ -31,6 +31,7 @@ from pollinate.config import RunConfig
 from pollinate.data import UserData
 from pollinate.models import (
     FedModel,
+    ModelArtifact,
     ModelSpec,
     TrainConfig,
     create_model,
@@ -68,6 +69,25 @@ class RoundContext:
     server_round: int
     store: ModelStore
     proximal_mu: float = 0.0
+    # Names this run's per-user state in the store (a resumed run keeps it).
+    run_key: str = ""
+
+    def state(self, user: str, *, before: int) -> ModelArtifact | None:
+        """The user's kept state (FedPer head, Ditto model) from a round before ``before``.
+
+        Training in round t reads what rounds < t left, evaluation of round r what rounds
+        <= r left: a round run again (after a resume) reads what its first attempt read.
+        """
+        return self.store.load_state(user, run_key=self.run_key, before=before)
+
+    def keep_state(self, user: str, state_dict: StateDict) -> None:
+        self.store.save_state(
+            user,
+            run_key=self.run_key,
+            round=self.server_round,
+            spec=self.spec,
+            state_dict=state_dict,
+        )
 
 
 def _tensors(x, y) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,9 +118,9 @@ def _generator(ctx: RoundContext, user: str, purpose: str) -> torch.Generator:
     )
 
 
-def _with_own_head(model: FedModel, ctx: RoundContext, user: str) -> None:
+def _with_own_head(model: FedModel, ctx: RoundContext, user: str, *, before: int) -> None:
     """FedPer: keep the global body, swap in this user's stored head if it has one."""
-    stored = ctx.store.load(user, "personal")
+    stored = ctx.state(user, before=before)
     if stored is None:
         return
     head = {k: stored.state_dict[k] for k in head_keys(model)}
@@ -143,7 +163,7 @@ def train_user(
     model = bench.model(ctx.spec)
     model.load_state_dict(ctx.global_weights)
     if method == "fedper":
-        _with_own_head(model, ctx, user.user_id)
+        _with_own_head(model, ctx, user.user_id, before=ctx.server_round)
     x, y = _tensors(user.x_train, user.y_train)
     mu = ctx.proximal_mu
     stats = train(
@@ -157,9 +177,11 @@ def train_user(
     update = _snapshot(model)
     if method == "fedper":
         # The trained head is this user's; the body part of `update` goes to the server.
-        ctx.store.save(
-            user.user_id, "personal", spec=ctx.spec, state_dict=update, round=ctx.server_round
-        )
+        ctx.keep_state(user.user_id, update)
+        if _writes_models(ctx):
+            ctx.store.save(
+                user.user_id, "personal", spec=ctx.spec, state_dict=update, round=ctx.server_round
+            )
     elif method == "ditto":
         _train_ditto_personal(bench, ctx, user, x, y)
     return update, {"num-examples": stats.num_examples, "train-loss": stats.loss}
@@ -208,7 +230,7 @@ def _train_stack(
     for user in users:
         model.load_state_dict(ctx.global_weights)
         if method == "fedper":
-            _with_own_head(model, ctx, user.user_id)
+            _with_own_head(model, ctx, user.user_id, before=ctx.server_round)
         starts.append(_snapshot(model))
     trained = train_stacked(
         model,
@@ -229,9 +251,15 @@ def _train_stack(
         _train_ditto_stack(bench, ctx, users, data)
     for user, (update, stats) in zip(users, trained, strict=True):
         if method == "fedper":
-            ctx.store.save(
-                user.user_id, "personal", spec=ctx.spec, state_dict=update, round=ctx.server_round
-            )
+            ctx.keep_state(user.user_id, update)
+            if _writes_models(ctx):
+                ctx.store.save(
+                    user.user_id,
+                    "personal",
+                    spec=ctx.spec,
+                    state_dict=update,
+                    round=ctx.server_round,
+                )
         yield user, update, {"num-examples": stats.num_examples, "train-loss": stats.loss}
 
 
@@ -245,7 +273,7 @@ def _train_ditto_stack(
     lam = ctx.cfg.personalization.ditto_lambda
     starts = []
     for user in users:
-        stored = ctx.store.load(user.user_id, "personal")
+        stored = ctx.state(user.user_id, before=ctx.server_round)
         starts.append(stored.state_dict if stored is not None else ctx.global_weights)
     personal = train_stacked(
         bench.model(ctx.spec, "personal"),
@@ -262,9 +290,11 @@ def _train_ditto_stack(
         _train_config(ctx.cfg, epochs=ctx.cfg.personalization.ditto_epochs, proximal_mu=lam),
     )
     for user, (weights, _) in zip(users, personal, strict=True):
-        ctx.store.save(
-            user.user_id, "personal", spec=ctx.spec, state_dict=weights, round=ctx.server_round
-        )
+        ctx.keep_state(user.user_id, weights)
+        if _writes_models(ctx):
+            ctx.store.save(
+                user.user_id, "personal", spec=ctx.spec, state_dict=weights, round=ctx.server_round
+            )
 
 
 class WeightedMean:
@@ -311,7 +341,7 @@ def _train_ditto_personal(
     bench: Workbench, ctx: RoundContext, user: UserData, x: torch.Tensor, y: torch.Tensor
 ) -> None:
     personal = bench.model(ctx.spec, "personal")
-    stored = ctx.store.load(user.user_id, "personal")
+    stored = ctx.state(user.user_id, before=ctx.server_round)
     personal.load_state_dict(stored.state_dict if stored is not None else ctx.global_weights)
     lam = ctx.cfg.personalization.ditto_lambda
     train(
@@ -322,13 +352,12 @@ def _train_ditto_personal(
         anchor=ctx.global_weights if lam > 0 else None,
         generator=_generator(ctx, user.user_id, "ditto"),
     )
-    ctx.store.save(
-        user.user_id,
-        "personal",
-        spec=ctx.spec,
-        state_dict=_snapshot(personal),
-        round=ctx.server_round,
-    )
+    trained = _snapshot(personal)
+    ctx.keep_state(user.user_id, trained)
+    if _writes_models(ctx):
+        ctx.store.save(
+            user.user_id, "personal", spec=ctx.spec, state_dict=trained, round=ctx.server_round
+        )
 
 
 def _writes_models(ctx: RoundContext) -> bool:
@@ -374,10 +403,10 @@ def evaluate_user(bench: Workbench, ctx: RoundContext, user: UserData) -> dict[s
         )
         p = evaluate(model, x_test, y_test)
     elif method == "fedper":
-        _with_own_head(model, ctx, user.user_id)
+        _with_own_head(model, ctx, user.user_id, before=ctx.server_round + 1)
         p = evaluate(model, x_test, y_test)
     else:  # ditto: the stored personal model, trained only when this user was sampled
-        stored = ctx.store.load(user.user_id, "personal")
+        stored = ctx.state(user.user_id, before=ctx.server_round + 1)
         if stored is not None:
             model.load_state_dict(stored.state_dict)
             personal_round = stored.round

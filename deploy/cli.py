@@ -53,10 +53,12 @@ def cmd_server_start(args: argparse.Namespace) -> int:
     from pollinate.deploy.server import ServerOptions, check_certs, deployment_config, start_server
 
     state = _server_dir(args)
-    cfg = deployment_config(config.load(args.config, list(args.set or [])), args.run_dir)
+    cfg = deployment_config(config.load(*_run_choice(args, state)), args.run_dir)
+    from pollinate.server.rundir import precheck
     from pollinate.server.tracking import check_tracking
 
     check_tracking(cfg)  # [tracking] on without its package: one line before anything starts
+    precheck(cfg.run_dir, resume=cfg.run.resume, overwrite=cfg.run.overwrite)
     try:
         host, port = parse_address(args.address)
     except ValueError as err:
@@ -82,6 +84,23 @@ def cmd_server_start(args: argparse.Namespace) -> int:
         opts.echo = lambda text: live.console.print(text, markup=False, highlight=False)
         opts.on_round = live.update
         return start_server(opts)
+
+
+def _run_choice(args: argparse.Namespace, state) -> tuple[Path | None, list[str]]:
+    """The config file and overrides: --resume without --config takes the last run's."""
+    overrides = list(args.set or [])
+    if args.resume and args.overwrite:
+        raise DeployError("--resume and --overwrite exclude each other: pick one")
+    if args.overwrite:
+        overrides.append("run.overwrite=true")
+    if not args.resume:
+        return (Path(args.config) if args.config else None), overrides
+    overrides.append("run.resume=true")
+    if args.config:
+        return Path(args.config), overrides
+    if not state.run_config.is_file():
+        raise DeployError(f"--resume: {state.root} has no earlier run to resume; pass its --config")
+    return state.run_config, [*overrides, "run.overwrite=false"]
 
 
 def cmd_server_status(args: argparse.Namespace) -> int:
@@ -292,6 +311,17 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="keep the SuperLink's state in memory: faster rounds, but runs and logs do "
         "not survive a restart (default: <state>/superlink.db)",
+    )
+    start.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in the run folder from its last completed round (the "
+        "config defaults to the last run's)",
+    )
+    start.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier run in the run folder (only Pollinate's files are removed)",
     )
     start.set_defaults(func=cmd_server_start)
 

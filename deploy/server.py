@@ -166,7 +166,8 @@ class _RunWatch:
             return None
         try:
             info = read_run_info(self.run_dir)
-            if float(info.get("started_at", 0) or 0) < self.submitted_at - 1:
+            began = info.get("resumed_at") or info.get("started_at") or 0
+            if float(began) < self.submitted_at - 1:
                 return None  # a previous run's file, not yet reset by this one
             rounds = read_rounds(self.run_dir)
         except (MetricsError, ValueError, OSError, Exception):  # mid-write, locked, ...

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import shutil
 import time
 from pathlib import Path
 
@@ -23,12 +22,22 @@ from flwr.serverapp import Grid, ServerApp
 
 from pollinate.config import RunConfig, data_spec, model_kwargs, resolve, to_toml
 from pollinate.data import load_federated_dataset
-from pollinate.models import ModelSpec, create_model, evaluate, save_artifact
+from pollinate.models import FedModel, ModelSpec, create_model, evaluate, save_artifact
 from pollinate.models.flat import flatten, unflatten
-from pollinate.server.datasplit import start_data_split
+from pollinate.server import rundir
+from pollinate.server.checkpoint import (
+    CHECKPOINT,
+    Checkpoint,
+    load_checkpoint,
+    new_run_key,
+    restore_strategy,
+    save_checkpoint,
+    strategy_state,
+)
+from pollinate.server.datasplit import DATA_SPLIT_NAME, start_data_split
 from pollinate.server.grid import is_deployed, responsive
 from pollinate.server.metrics import MetricsRecorder
-from pollinate.server.strategy import build_strategy
+from pollinate.server.strategy import UserCohorts, build_strategy
 from pollinate.server.tracking import open_tracking
 
 app = ServerApp()
@@ -59,59 +68,125 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
     )
 
 
-def start_fresh(run_dir: Path, store_dir: Path) -> None:
-    """A run folder holds one run: drop an earlier run's models before this one starts.
+class RunFailed(RuntimeError):
+    """The run cannot give a result (e.g. every user failed in every round)."""
 
-    Stale personal models would otherwise seed this run's Ditto/FedPer users. A store
-    outside the run folder (a device's, or a shared one) is never touched.
-    """
-    if (run_dir / "models").is_dir():
-        logger.info("%s held an earlier run; replacing its results", run_dir)
-        shutil.rmtree(run_dir / "models")
-    if store_dir.is_dir() and run_dir in store_dir.parents:
-        shutil.rmtree(store_dir)
+
+class RunInterrupted(RuntimeError):
+    """The run was stopped (Ctrl-C, SIGTERM) while the ServerApp was going on."""
+
+
+def recorded_config(cfg: RunConfig) -> str:
+    """The config as saved beside the results: without this invocation's resume/overwrite."""
+    return to_toml(cfg.replace(**{"run.resume": False, "run.overwrite": False}))
+
+
+def resume_point(cfg: RunConfig) -> Checkpoint:
+    """The run folder's checkpoint, checked against this run's config."""
+    ckpt = load_checkpoint(cfg.run_dir)
+    saved = resolve(dict(config_flat(ckpt.config)))
+    ours, theirs = _comparable(cfg), _comparable(saved)
+    for key, value in theirs.items():
+        if key not in rundir.RESUME_MAY_CHANGE and ours[key] != value:
+            raise rundir.RunDirError(
+                f"cannot resume {cfg.run_dir}: {key} = {ours[key]!r} here but {value!r} in "
+                "the run; a resumed run keeps its config (resume without changing it)"
+            )
+    return ckpt
+
+
+def _comparable(cfg: RunConfig) -> dict[str, object]:
+    flat: dict[str, object] = dict(cfg.to_flat())
+    if cfg.run_dir in cfg.store_dir.parents:
+        flat["store.dir"] = str(cfg.store_dir.relative_to(cfg.run_dir))
+    return flat
+
+
+def config_flat(toml_text: str) -> dict[str, object]:
+    import tomllib
+
+    from pollinate.config import flatten as flatten_tables
+
+    return flatten_tables(tomllib.loads(toml_text))
 
 
 def run_federation(grid: Grid, cfg: RunConfig) -> Path:
-    """Run every round of ``cfg`` on ``grid``; returns the run folder."""
+    """Run every round of ``cfg`` on ``grid`` (or the rounds left, with ``run.resume``).
+
+    Holds the run folder's lock throughout (:mod:`pollinate.server.rundir`); returns it.
+    """
     cfg = absolute_paths(cfg)
+    with rundir.held(cfg.run_dir):
+        rundir.prepare(cfg.run_dir, resume=cfg.run.resume, overwrite=cfg.run.overwrite)
+        return _federate(grid, cfg)
+
+
+def _federate(grid: Grid, cfg: RunConfig) -> Path:
     random.seed(cfg.run.seed)  # Flower samples with the `random` module
     spec, central = model_spec(cfg)
     model = create_model(spec.name, seed=cfg.run.seed, **spec.kwargs)
     run_dir = cfg.run_dir
-    start_fresh(run_dir, cfg.store_dir)
+    ckpt = resume_point(cfg) if cfg.run.resume else None
+    saved = recorded_config(cfg)
+    store = cfg.store_dir
+    in_folder = [f"{store.relative_to(run_dir)}/"] if run_dir in store.parents else []
+    rundir.record(
+        run_dir,
+        "config.toml",
+        "metrics.db",
+        CHECKPOINT,
+        DATA_SPLIT_NAME,
+        "tensorboard/*",
+        *in_folder,
+    )
     (run_dir / "models").mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.toml").write_text(to_toml(cfg))
+    (run_dir / "config.toml").write_text(saved)
     # Who holds which labels, for the report; a deployed server has no data to count.
     split = start_data_split(run_dir, None if is_deployed(grid) else data_spec(cfg))
     tracker = open_tracking(cfg)  # TensorBoard / MLflow if [tracking] asks; else a no-op
     recorder = MetricsRecorder(run_dir)
-    recorder.start(config_toml=to_toml(cfg), num_rounds=cfg.run.num_rounds)
+    writer = rundir.RunWriter(lambda reason: recorder.finish("interrupted", error=reason))
     strategy = build_strategy(cfg, recorder)
+    first = 0
+    if ckpt is None:
+        run_key = new_run_key()
+        recorder.start(config_toml=saved, num_rounds=cfg.run.num_rounds)
+    else:
+        first, run_key = ckpt.round, ckpt.run_key
+        recorder.resume(after_round=first)
+        _restore(strategy, ckpt)
+        logger.info("resuming %s after round %d", run_dir, first)
     x_c, y_c = (
         (torch.from_numpy(central[0]), torch.from_numpy(central[1])) if central else (None, None)
     )
     started = time.perf_counter()
 
-    def end_of_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        """Central evaluation, global artifact and the round's metrics row."""
+    def end_of_round(flower_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Central evaluation, global artifact, the round's metrics row, the checkpoint."""
+        server_round = flower_round + first
+        if ckpt is not None and flower_round == 0:
+            return None  # the checkpoint's round: evaluated and recorded before
         flat = arrays.to_torch_state_dict()["weights"]
         model.load_state_dict(unflatten(flat, like=model.state_dict()))
         server: dict[str, float] = {}
         if x_c is not None:
             stats = evaluate(model, x_c, y_c)
             server = {"loss": stats.loss, "accuracy": stats.accuracy}
-        artifact_metrics = dict(server)
-        save_artifact(
-            run_dir / "models" / f"global-round-{server_round:04d}.pt",
-            model,
-            round=server_round,
-            metrics=artifact_metrics,
-        )
-        save_artifact(
-            run_dir / "models" / "global.pt", model, round=server_round, metrics=artifact_metrics
-        )
-        row = recorder.end_round(server_round, server)
+        with writer.lock:
+            if writer.stopped:
+                raise RunInterrupted(writer.stopped)
+            row = _commit_round(run_dir, model, server_round, server, recorder)
+            save_checkpoint(
+                run_dir,
+                Checkpoint(
+                    round=server_round,
+                    weights=flat,
+                    config=saved,
+                    run_key=run_key,
+                    strategy=strategy_state(strategy),
+                    sampler=strategy.sampler_state(),
+                ),
+            )
         tracker.log_round(server_round, row)
         logger.info(
             "round %3d | server acc %s | global acc %s | personal acc %s | %6.2f s",
@@ -124,28 +199,70 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
         )
         return MetricRecord(dict(server)) if server else None
 
-    config = ConfigRecord({**cfg.to_flat(), "model-spec": json.dumps(spec.to_dict())})
-    try:
-        strategy.start(
-            grid=grid,
-            initial_arrays=ArrayRecord({"weights": flatten(model.state_dict())}),
-            num_rounds=cfg.run.num_rounds,
-            timeout=cfg.server.round_timeout,
-            train_config=config,
-            evaluate_config=ConfigRecord(dict(config)),
-            evaluate_fn=end_of_round,
-        )
-    except BaseException as err:
-        recorder.finish("failed", error=f"{type(err).__name__}: {err}")
-        tracker.close("failed")
-        raise
-    else:
-        recorder.finish("finished")
-        tracker.close("finished")
-    finally:
-        recorder.close()
-        split.join()
+    initial = ckpt.weights if ckpt is not None else flatten(model.state_dict())
+    config = ConfigRecord(
+        {**cfg.to_flat(), "model-spec": json.dumps(spec.to_dict()), "run-key": run_key}
+    )
+    with rundir.writing(writer):
+        try:
+            strategy.start(
+                grid=grid,
+                initial_arrays=ArrayRecord({"weights": initial}),
+                num_rounds=cfg.run.num_rounds - first,
+                timeout=cfg.server.round_timeout,
+                train_config=config,
+                evaluate_config=ConfigRecord(dict(config)),
+                evaluate_fn=end_of_round,
+            )
+            _check_some_user_trained(recorder, cfg.run.num_rounds - first)
+        except BaseException as err:
+            _finish(writer, recorder, "failed", f"{type(err).__name__}: {err}")
+            tracker.close("failed")
+            raise
+        else:
+            _finish(writer, recorder, "finished")
+            tracker.close("finished")
+        finally:
+            recorder.close()
+            split.join()
     return run_dir
+
+
+def _restore(strategy: UserCohorts, ckpt: Checkpoint) -> None:
+    restore_strategy(strategy, ckpt.strategy)
+    strategy.restore_sampler(ckpt.sampler)
+    strategy.round_offset = ckpt.round
+
+
+def _commit_round(
+    run_dir: Path,
+    model: FedModel,
+    server_round: int,
+    server: dict[str, float],
+    recorder: MetricsRecorder,
+) -> dict[str, float]:
+    """The round's global artifacts, then its metrics row (the checkpoint comes last)."""
+    name = f"global-round-{server_round:04d}.pt"
+    rundir.record(run_dir, f"models/{name}", "models/global.pt")
+    for path in (run_dir / "models" / name, run_dir / "models" / "global.pt"):
+        save_artifact(path, model, round=server_round, metrics=dict(server))
+    return recorder.end_round(server_round, server)
+
+
+def _check_some_user_trained(recorder: MetricsRecorder, rounds_run: int) -> None:
+    """A run in which every user failed in every round has no result: it failed."""
+    trained, failures = recorder.trained_users()
+    if rounds_run > 0 and trained == 0 and failures > 0:
+        why = recorder.first_failure or "no reason given"
+        raise RunFailed(f"every user failed in every round ({failures} failed replies): {why}")
+
+
+def _finish(
+    writer: rundir.RunWriter, recorder: MetricsRecorder, status: str, error: str = ""
+) -> None:
+    with writer.lock:
+        if not writer.stopped:  # an interrupted run has been marked so already
+            recorder.finish(status, error=error)
 
 
 def _fmt(value: float) -> str:

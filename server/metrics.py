@@ -22,8 +22,9 @@ Tables (documented in README.md, "Metrics"):
     round, user, train_examples, train_loss,
     test_examples, global_loss, global_accuracy, personal_loss, personal_accuracy
 
-``run``     — key/value: status (running|finished|failed), error, started_at, finished_at,
-config (resolved, TOML), num_rounds, pid and host (the writing process).
+``run``     — key/value: status (running|finished|failed|interrupted), error, started_at,
+finished_at, resumed_at, config (resolved, TOML), num_rounds, pid and host (the writing
+process).
 """
 
 from __future__ import annotations
@@ -124,6 +125,7 @@ class MetricsRecorder:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(_SCHEMA)
         self._rounds: dict[int, _RoundBuffer] = {}
+        self.first_failure = ""  # the first failed reply's reason, for a run that fails
 
     # -- run level ------------------------------------------------------------
     def start(self, *, config_toml: str, num_rounds: int) -> None:
@@ -141,6 +143,20 @@ class MetricsRecorder:
                 pid=os.getpid(),
                 host=socket.gethostname(),
             )
+
+    def resume(self, *, after_round: int) -> None:
+        """Go on with a run from ``after_round``: later rows (a round cut short) are dropped."""
+        with self._db:
+            self._db.execute("DELETE FROM rounds WHERE round > ?", (after_round,))
+            self._db.execute("DELETE FROM clients WHERE round > ?", (after_round,))
+            self._set(status="running", resumed_at=time.time(), finished_at="", error="")
+
+    def trained_users(self) -> tuple[int, int]:
+        """(user updates received, failed replies) over every recorded round."""
+        row = self._db.execute(
+            "SELECT COALESCE(SUM(train_users), 0), COALESCE(SUM(failures), 0) FROM rounds"
+        ).fetchone()
+        return int(row[0]), int(row[1])
 
     def finish(self, status: str = "finished", error: str = "") -> None:
         with self._db:
@@ -169,6 +185,9 @@ class MetricsRecorder:
 
     def add_failures(self, server_round: int, count: int) -> None:
         self._buffer(server_round).failures += count
+
+    def note_failure(self, reason: str) -> None:
+        self.first_failure = self.first_failure or reason
 
     def user_trained(self, server_round: int, user: str, metrics: dict[str, float]) -> None:
         self._buffer(server_round).train[user] = metrics
@@ -288,8 +307,14 @@ def read_clients(run_dir: str | Path) -> pd.DataFrame:
 
 
 def read_run_info(run_dir: str | Path) -> dict[str, str]:
+    """The ``run`` table; a ``running`` run whose process is gone reads ``interrupted``."""
+    from pollinate.server.rundir import effective_status
+
     with _connect_ro(run_dir) as db:
-        return dict(db.execute("SELECT key, value FROM run").fetchall())
+        info = dict(db.execute("SELECT key, value FROM run").fetchall())
+    if "status" in info:
+        info["status"] = effective_status(Path(run_dir), info["status"])
+    return info
 
 
 def _ints(df: pd.DataFrame, columns: tuple[str, ...]) -> pd.DataFrame:

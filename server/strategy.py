@@ -122,6 +122,8 @@ class UserCohorts:
     query_timeout: float = 600.0
     min_train_users: int = 1
     min_evaluate_users: int = 1
+    # A resumed run: Flower's `start()` counts its rounds from 1, the run goes on from here.
+    round_offset: int = 0
 
     def bind(
         self,
@@ -146,6 +148,9 @@ class UserCohorts:
         # process (Ray's start-up, racing the ServerApp thread in simulation): sample from
         # this strategy's own stream, so a seed gives the same users on every run.
         self._random_state = random.Random(seed).getstate() if seed is not None else None
+        # The sampler as it was when the last round's own sampling was done (before the
+        # next round's training was drawn ahead): what a checkpoint of that round keeps.
+        self._round_end_random = self._random_state
         self._users_of_node: dict[int, list[str]] = {}
         self._node_of_user: dict[str, int] = {}
         self._user_list: list[str] = []
@@ -156,6 +161,13 @@ class UserCohorts:
         self._trained_ahead: tuple[int, list[Message]] | None = None
         # Nodes sent each exchange's work, by (message type, round): see check_exchange.
         self._sent: dict[tuple[str, int], int] = {}
+
+    def sampler_state(self) -> Any:
+        """The sampler's state at the end of the last configured round (for checkpoints)."""
+        return self._round_end_random
+
+    def restore_sampler(self, state: Any) -> None:
+        self._random_state = self._round_end_random = state
 
     # ------------------------------------------------------------ user directory
     @property
@@ -304,6 +316,7 @@ class UserCohorts:
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        server_round += self.round_offset
         if self.recorder is not None:
             self.recorder.begin_round(server_round)
         self._train_config = config
@@ -316,12 +329,14 @@ class UserCohorts:
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        server_round += self.round_offset
         self.refresh_users(grid, config)
         view, self.min_evaluate_nodes = self._sample_view(
             self.fraction_evaluate, self.min_evaluate_users
         )
         with self._own_random():
             messages = list(super().configure_evaluate(server_round, arrays, config, view))  # type: ignore[misc]
+        self._round_end_random = getattr(self, "_random_state", None)
         if server_round >= self.num_rounds or self._train_config is None:
             return self._route(messages, MessageType.EVALUATE, server_round)
         # The next round trains from these same `arrays` (Flower passes them on unchanged).
@@ -346,6 +361,8 @@ class UserCohorts:
         for reply in replies:
             if reply.has_error():
                 failures += 1
+                if self.recorder is not None:
+                    self.recorder.note_failure(error_reason(reply.error.reason or ""))
                 per_user.append(("", reply))  # Flower's strategy logs and skips it
                 continue
             content = reply.content
@@ -388,6 +405,7 @@ class UserCohorts:
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
         if self._trained_ahead is not None and self._trained_ahead[0] == server_round:
             replies = [*replies, *self._trained_ahead[1]]
             self._trained_ahead = None
@@ -400,6 +418,7 @@ class UserCohorts:
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
+        server_round += self.round_offset
         replies = list(replies)
         expected = self._sent.pop(("evaluate", server_round), 0)
         if self._folded is None or self._folded[0] != server_round:

@@ -432,8 +432,17 @@ def _local_backend(pool: WorkerPool) -> Iterator[None]:
 def run_simulation(cfg: RunConfig, *, verbose: bool = False, num_users: int | None = None) -> Path:
     """Run every round of ``cfg``; returns the run folder. Raises what the ServerApp raised.
 
-    ``num_users``: the dataset's user count, if the caller has it already.
+    ``num_users``: the dataset's user count, if the caller has it already. Ctrl-C / SIGTERM
+    (in the main thread) mark the run ``interrupted`` before anything stops, then raise
+    KeyboardInterrupt (:class:`pollinate.server.rundir.Terminated` for SIGTERM).
     """
+    from pollinate.server.rundir import stop_signals
+
+    with stop_signals():
+        return _simulate(cfg, verbose=verbose, num_users=num_users)
+
+
+def _simulate(cfg: RunConfig, *, verbose: bool, num_users: int | None) -> Path:
     backend = engine_backend(cfg)
     if num_users is None:
         num_users = count_users(cfg)

@@ -135,6 +135,7 @@ def plan_sweep(
                 *([] if "run.seed" in point else [f"run.seed={seed}"]),
                 f'run.name="{name}-{label}"',
                 f'run.dir="{run_dir}"',
+                "run.overwrite=true",  # the sweep's own folders: a rerun replaces them
             ]
             if not base.tracking.mlflow_experiment:  # one MLflow experiment per sweep
                 overrides.append(f'tracking.mlflow-experiment="{name}"')

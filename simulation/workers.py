@@ -26,6 +26,7 @@ import importlib
 import logging
 import multiprocessing
 import os
+import signal
 import sys
 import threading
 import traceback
@@ -58,6 +59,9 @@ def load_app(app_ref: str) -> ClientApp:
 
 def _serve(conn: Connection, app_ref: str, threads: int, quiet: bool) -> None:
     """A worker's life: run the ClientApp on each ``(message, context)`` until told to stop."""
+    # Ctrl-C reaches the whole process group: the driver decides, and stops the workers
+    # itself, instead of each dying mid-message with a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if quiet:  # as Ray with log_to_driver=False: failures travel back as replies instead
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 1)
@@ -149,6 +153,7 @@ class WorkerPool:
         self._idle: Queue[_Worker] = Queue()
         self._all: list[_Worker] = []
         self._lock = threading.Lock()
+        self._closed = False
         for _ in range(size):
             self._idle.put(self._spawn())
 
@@ -178,17 +183,30 @@ class WorkerPool:
             self._all.append(worker)
         return worker
 
-    def _replace(self, dead: _Worker) -> _Worker:
+    def _replace(self, dead: _Worker) -> _Worker | None:
+        """A new worker for one that died; None once the pool is closing (no new ones)."""
         dead.stop(grace=0)
         with self._lock:
-            self._all.remove(dead)
-        return self._spawn()
+            if dead in self._all:  # close() may have taken it already
+                self._all.remove(dead)
+            if self._closed:
+                return None
+        new = self._spawn()
+        with self._lock:
+            late = self._closed and new in self._all
+            if late:
+                self._all.remove(new)
+        if late:  # closed while it started: close() did not see it
+            new.stop(grace=0)
+            return None
+        return new
 
     def run(self, message: Message, context: Context) -> tuple[Message, Context]:
         """Run the ClientApp on one message in an idle worker (waits for one)."""
         from flwr.clientapp.client_app import ClientAppException
 
-        worker = self._idle.get()
+        worker: _Worker | None = self._idle.get()
+        assert worker is not None
         try:
             worker.conn.send((message, context))
             reply, new_context, error = worker.conn.recv()
@@ -201,13 +219,15 @@ class WorkerPool:
                 f"{message.metadata.message_type} message"
             ) from err
         finally:
-            self._idle.put(worker)
+            if worker is not None:
+                self._idle.put(worker)
         if error is not None:
             raise ClientAppException(error)
         return reply, new_context
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             workers, self._all = list(self._all), []
         for worker in workers:
             worker.stop()

@@ -102,7 +102,7 @@ def test_personal_beats_global_on_strongly_non_iid_users(tmp_path: Path) -> None
     assert (final["personal_accuracy"] >= final["global_accuracy"]).mean() >= 0.7
 
 
-def test_rerun_in_the_same_folder_starts_fresh(tmp_path: Path) -> None:
+def test_rerun_in_the_same_folder_needs_overwrite_and_keeps_foreign_files(tmp_path: Path) -> None:
     run_dir = tmp_path / "again"
     sets = (
         "data.num-users=3",
@@ -114,8 +114,12 @@ def test_rerun_in_the_same_folder_starts_fresh(tmp_path: Path) -> None:
     stale = run_dir / "users" / "stale-user"
     stale.mkdir()
     (stale / "personal.pt").write_bytes(b"old")
+    (run_dir / "notes.txt").write_text("mine")
     first = load_artifact(run_dir / "models" / "global.pt").content_hash
-    pollinate_run(run_dir, *sets)
-    assert not stale.exists()
+    argv = ["run", QUICKSTART, "--run-dir", str(run_dir), *(f"--set={s}" for s in sets)]
+    assert main(argv) == 2  # a finished run is there: --resume or --overwrite
+    assert main([*argv, "--overwrite"]) == 0
+    assert (stale / "personal.pt").read_bytes() == b"old"  # not Pollinate's: kept
+    assert (run_dir / "notes.txt").read_text() == "mine"
     assert load_artifact(run_dir / "models" / "global.pt").content_hash == first  # reproducible
     assert read_rounds(run_dir)["round"].tolist() == [0, 1]

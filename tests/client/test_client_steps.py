@@ -19,7 +19,7 @@ from pollinate.client.steps import (
 )
 from pollinate.client.store import ModelStore
 from pollinate.data import UserData
-from pollinate.models import body_keys, create_model, head_keys
+from pollinate.models import ModelSpec, body_keys, create_model, head_keys
 
 
 def make_user(seed: int = 0, n: int = 80) -> UserData:
@@ -157,10 +157,40 @@ def test_final_round_only_still_keeps_the_state_between_rounds(tmp_path: Path) -
     # FedPer's own head is state, not output: saved when trained, whatever save-models says.
     sets = {"store.save-models": "final-round", "run.num-rounds": 3}
     update, _ = train_user(Workbench(), context(tmp_path, "fedper", sets=sets), make_user())
-    pers = ModelStore(tmp_path).load("u-1", "personal")
-    assert pers is not None
+    store = ModelStore(tmp_path)
+    assert store.load("u-1", "personal") is None  # output: only in the final round
+    state = store.load_state("u-1", run_key="", before=2)
+    assert state is not None and state.round == 1
     model = create_model("mlp", in_features=6, num_classes=4)
-    assert all(torch.equal(pers.state_dict[k], update[k]) for k in head_keys(model))
+    assert all(torch.equal(state.state_dict[k], update[k]) for k in head_keys(model))
+
+
+def test_a_round_run_again_reads_the_state_its_first_attempt_read(tmp_path: Path) -> None:
+    # After a resume, round t trains again although the store already holds what the
+    # first attempt of t (and of t+1) wrote: it must start from the state before t.
+    sets: dict[str, object] = {"personalization.ditto-epochs": 3}
+    bench, user = Workbench(), make_user()
+    for round_ in (1, 2, 3):
+        train_user(bench, context(tmp_path, "ditto", round_=round_, sets=sets), user)
+    first = ModelStore(tmp_path).load_state("u-1", run_key="", before=3)
+    train_user(bench, context(tmp_path, "ditto", round_=2, sets=sets), user)  # again
+    again = ModelStore(tmp_path).load_state("u-1", run_key="", before=3)
+    assert first is not None and again is not None and first.round == again.round == 2
+    assert all(torch.equal(first.state_dict[k], again.state_dict[k]) for k in first.state_dict)
+
+
+def test_state_versions_are_pruned_and_kept_per_run(tmp_path: Path) -> None:
+    store, spec = ModelStore(tmp_path), ModelSpec("mlp", {"in_features": 6, "num_classes": 4})
+    weights = create_model("mlp", in_features=6, num_classes=4).state_dict()
+    for round_ in range(1, 7):
+        store.save_state("u", run_key="a1", round=round_, spec=spec, state_dict=weights)
+    kept = sorted(p.name for p in (tmp_path / "u" / ".state" / "a1").iterdir())
+    # Newest at or before round 6 - 2, and everything after it: a resume needs no older.
+    assert kept == ["personal-000004.pt", "personal-000005.pt", "personal-000006.pt"]
+    assert store.load_state("u", run_key="a1", before=5).round == 4
+    assert store.load_state("u", run_key="b2", before=9) is None  # another run sees none
+    store.save_state("u", run_key="b2", round=1, spec=spec, state_dict=weights)
+    assert not (tmp_path / "u" / ".state" / "a1").exists()  # a new run replaces the old
 
 
 def _cohort(size: int = 5) -> list[UserData]:
@@ -182,7 +212,9 @@ def test_stacked_users_train_as_one_by_one(tmp_path: Path, method: str) -> None:
         if method in ("fedper", "ditto"):  # a personal model from an earlier round
             for user in _cohort()[:2]:
                 start = {k: v + 0.1 for k, v in ctx.global_weights.items()}
-                ctx.store.save(user.user_id, "personal", spec=ctx.spec, state_dict=start, round=0)
+                ctx.store.save_state(
+                    user.user_id, run_key=ctx.run_key, round=0, spec=ctx.spec, state_dict=start
+                )
         trained = list(train_users(Workbench(), ctx, _cohort()))
         personal = {u.user_id: ctx.store.load(u.user_id, "personal") for u, _, _ in trained}
         results[stack] = (trained, personal)
