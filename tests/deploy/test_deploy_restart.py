@@ -63,11 +63,14 @@ def register(dep: Deployment, count: int) -> list[Path]:
     return keys
 
 
-# The restarted server's command line: a fresh run of the same experiment. A restart that
-# resumes the run instead (`server start --resume`, being built on another branch) adds
-# itself here as pytest.param(("--resume",), id="resume"): every assertion below holds
-# for it too (same devices, same final round, nothing left running).
-RESTARTS = [pytest.param((), id="fresh")]
+# The restarted server's command line: a fresh run of the same experiment in the same
+# folder (which holds the killed run, so it needs --overwrite), or the killed run resumed
+# from its last checkpoint. Every assertion below holds for both (same devices, same final
+# round, nothing left running).
+RESTARTS = [
+    pytest.param(("--overwrite",), id="fresh"),
+    pytest.param(("--resume",), id="resume"),
+]
 
 
 @pytest.mark.parametrize("restart_args", RESTARTS)
@@ -108,6 +111,7 @@ def test_a_server_killed_with_sigkill_leaves_nothing_and_gets_its_devices_back(
     assert "run finished" in again.output
     rounds = rounds_of(dep)
     assert rounds[-1]["round"] == 4
+    assert [r["round"] for r in rounds] == list(range(rounds[0]["round"], 5)), rounds
     assert (rounds[-1]["train_users"], rounds[-1]["eval_users"]) == (2, 2), rounds
     for node in nodes:  # the same device processes answered: none was restarted
         assert node.popen.poll() is None, node.output
