@@ -173,6 +173,13 @@ def summary_table(rounds: pd.DataFrame) -> str:
             f"{'central':<10} {f(last['server_accuracy']):>10} {'':>10} "
             f"{f(last['server_loss']):>10}   (global model, held-out central test set)"
         )
+    rejected = int(rounds["rejected"].sum()) if "rejected" in rounds else 0
+    if rejected:  # update validation refused some updates (reasons: metrics --clients)
+        worst = rounds.loc[rounds["rejected"].idxmax()]
+        lines.append(
+            f"rejected   {rejected} update(s) over the run, at most "
+            f"{int(worst['rejected'])} in a round (round {int(worst['round'])})"
+        )
     return "\n".join(lines)
 
 

@@ -27,10 +27,22 @@ from pollinate.data.spec import DATA_RANGES, MAX_CLASSES, Range
 Scalar = bool | int | float | str
 
 MODELS = ("cnn", "logreg", "mlp")
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
+STRATEGIES = (
+    "fedavg",
+    "fedprox",
+    "fedadam",
+    "fedyogi",
+    "fedmedian",
+    "fedtrimmedavg",
+    "krum",
+    "multikrum",
+    "bulyan",
+)
 PERSONALIZATION = ("none", "finetune", "fedper", "ditto")
 BACKENDS = ("auto", "local", "ray")
 SAVE_MODELS = ("every-round", "final-round")
+# pollinate.models.attacks.ATTACKS (tests/models/test_models_checks.py keeps them equal).
+ATTACKS = ("none", "sign-flip", "scaling", "gaussian", "label-flip", "nan")
 
 
 class ConfigError(ValueError):
@@ -100,7 +112,10 @@ class StrategySection:
     beta_2: float = 0.99
     tau: float = 1e-3
     trim_beta: float = 0.2
+    # Krum, Multi-Krum and Bulyan: the number of malicious users assumed (f).
     krum_byzantine: int = 0
+    # Multi-Krum: how many of the best-scored updates are averaged; 0 = n - f.
+    multikrum_select: int = 0
 
 
 @dataclass(frozen=True)
@@ -182,6 +197,14 @@ RANGES: dict[str, Range] = {
     # It trims this fraction at each end: 0.5 would trim every user.
     "strategy.trim-beta": Range(0, 0.5, open_lo=True, open_hi=True),
     "strategy.krum-byzantine": Range(0, 100_000),
+    "strategy.multikrum-select": Range(0, 100_000),  # 0 = n - f
+    "validation.max-examples": Range(0, 10**12),  # 0 = no cap
+    "validation.norm-bound": Range(0, 1e30),  # 0 = off
+    "validation.norm-bound-median-multiple": Range(0, 1e6),  # 0 = off, else >= 1
+    "attack.fraction": Range(0, 1),
+    "attack.seed": DATA_RANGES["seed"],
+    "attack.scale": Range(0, 1e12),
+    "attack.noise-std": Range(0, 1e12),
     "personalization.finetune-epochs": Range(0, 10_000),
     "personalization.finetune-lr": Range(0, 10),  # 0 = train.lr
     "personalization.ditto-lambda": Range(0, 1_000),
@@ -211,6 +234,32 @@ class TrackingSection:
 
 
 @dataclass(frozen=True)
+class ValidationSection:
+    # Every update is checked before aggregation (finite, the model's size and dtype, a
+    # positive whole example count); these bound it further. 0 = off.
+    # The largest num-examples believed from one user (a cohort mean: per user).
+    max_examples: int = 1_000_000
+    # Reject an update with ||w_user - w_global|| above this.
+    norm_bound: float = 0.0
+    # Reject an update whose norm is above this multiple of the round's median update
+    # norm (>= 1). Users then send their own updates, not their cohort's mean.
+    norm_bound_median_multiple: float = 0.0
+
+
+@dataclass(frozen=True)
+class AttackSection:
+    # Simulated attackers, to measure defences (pollinate.models.attacks): this fraction
+    # of the users (chosen by `seed`) poison their updates. Off by default.
+    kind: str = "none"
+    fraction: float = 0.0
+    seed: int = 0
+    # sign-flip sends w_g - scale * delta, scaling w_g + scale * delta.
+    scale: float = 10.0
+    # gaussian sends w_g + N(0, noise-std^2).
+    noise_std: float = 1.0
+
+
+@dataclass(frozen=True)
 class RunConfig:
     run: RunSection = field(default_factory=RunSection)
     data: DataSection = field(default_factory=DataSection)
@@ -222,6 +271,8 @@ class RunConfig:
     server: ServerSection = field(default_factory=ServerSection)
     store: StoreSection = field(default_factory=StoreSection)
     tracking: TrackingSection = field(default_factory=TrackingSection)
+    validation: ValidationSection = field(default_factory=ValidationSection)
+    attack: AttackSection = field(default_factory=AttackSection)
 
     def to_flat(self) -> dict[str, Scalar]:
         """The flat ``section.key`` mapping (Flower's run-config shape)."""
@@ -350,7 +401,28 @@ def _check(cfg: RunConfig) -> None:
         raise ConfigError("run.resume and run.overwrite exclude each other: pick one")
     if cfg.data.dataset == "file" and not cfg.data.path:
         raise ConfigError("data.dataset = 'file' needs data.path = 'your-users.csv' (or .parquet)")
+    _check_validation(cfg)
+    _check_attack(cfg)
     _check_model_size(cfg)
+
+
+def _check_validation(cfg: RunConfig) -> None:
+    v = cfg.validation  # ranges: RANGES
+    if v.norm_bound_median_multiple != 0 and not v.norm_bound_median_multiple >= 1:
+        raise ConfigError(
+            "validation.norm-bound-median-multiple must be 0 (off) or >= 1 (a multiple of "
+            f"the round's median update norm), got {v.norm_bound_median_multiple}"
+        )
+
+
+def _check_attack(cfg: RunConfig) -> None:
+    a = cfg.attack  # ranges: RANGES
+    _choice("attack.kind", a.kind, ATTACKS)
+    if (a.kind == "none") != (a.fraction == 0):
+        raise ConfigError(
+            "attack.kind and attack.fraction go together: set both (e.g. attack.kind = "
+            "'sign-flip', attack.fraction = 0.2) or neither"
+        )
 
 
 def _check_model_size(cfg: RunConfig, in_features: int = 0, num_classes: int = 0) -> None:

@@ -31,7 +31,15 @@ SUITES: dict[str, tuple[list[str], list[str]]] = {
     ),
     "fidelity_personalization.py": ([], ["--rounds", "3", "--seeds", "0"]),
     "bench_stream.py": ([], ["--quick"]),
+    "bench_attacks.py": ([], ["--rounds", "3", "--seeds", "0", "--fractions", "0.2"]),
 }
+# Suites that keep their run folders under --runs (fidelity_common.run).
+CACHED_RUNS = (
+    "fidelity_fedprox.py",
+    "fidelity_fedavg.py",
+    "fidelity_personalization.py",
+    "bench_attacks.py",
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         quick_dir = HERE.parent / "runs" / "bench-quick"
         if args.quick:
             extra = [*quick, "--out", str(quick_dir)]
-            if script.startswith("fidelity_"):  # keep the reported runs' cache intact
+            if script in CACHED_RUNS:  # keep the reported runs' cache intact
                 extra += ["--runs", str(quick_dir / "runs")]
         else:
             extra = full

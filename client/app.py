@@ -10,7 +10,12 @@ One Flower node hosts a cohort of users (see :mod:`pollinate.client.local`). Mes
   sets config ``node-mean``: the node then replies the cohort's weighted mean as ``arrays``
   + ``metrics`` (the same result up to float rounding, one update to send instead of one
   per user) and still ``metrics/<user>`` per user. A dropped straggler
-  (``train.drop-stragglers``) sends nothing.
+  (``train.drop-stragglers``) sends nothing. Before a user's update enters that mean the
+  node checks it (:mod:`pollinate.models.checks`: finite, the model's size, an example
+  count within the user's real training set, ``validation.norm-bound``); a refused one is
+  left out and named in ``ConfigRecord "rejected"`` (user -> reason).
+- Config ``attack-users`` (only with an ``[attack]`` config) names the sampled users that
+  play attacker this round: they poison their own update (:mod:`pollinate.models.attacks`).
 - ``evaluate``: for each user in ``users``, reply ``metrics/<user>`` with global and
   personal loss/accuracy on the user's own test split.
 - A ``train`` message may also carry the previous round's evaluation (config
@@ -34,10 +39,11 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from pollinate.client.local import hosted_cohort
+from pollinate.client.local import hosted_cohort, user_seed
 from pollinate.client.steps import (
     RoundContext,
     StateDict,
@@ -51,6 +57,8 @@ from pollinate.client.store import ModelStore
 from pollinate.config import RunConfig, resolve
 from pollinate.data import UserData
 from pollinate.models import ModelSpec
+from pollinate.models.attacks import flip_labels, poison
+from pollinate.models.checks import UpdateBounds, ensure_finite_model, update_reason
 from pollinate.models.flat import flatten, unflatten
 
 app = ClientApp()
@@ -69,13 +77,13 @@ def _store(cfg: RunConfig, context: Context) -> ModelStore:
     return ModelStore(Path(model_dir) if model_dir else cfg.store_dir)
 
 
-def _weights_record(state: StateDict) -> ArrayRecord:
-    return ArrayRecord({"weights": flatten(state)})
-
-
 def _global_weights(msg: Message, spec: ModelSpec) -> StateDict:
     flat = msg.content.array_records["arrays"].to_torch_state_dict()["weights"]
-    return unflatten(flat, like=_BENCH.model(spec).state_dict())
+    weights = unflatten(flat, like=_BENCH.model(spec).state_dict())
+    # A node never trains on, evaluates or stores a broken global model (checked in the
+    # model's own dtypes: a float64 1e39 is infinite in a float32 model).
+    ensure_finite_model(flatten(weights).numpy(), "the global model this node received")
+    return weights
 
 
 def _round_context(msg: Message, context: Context) -> RoundContext:
@@ -122,6 +130,31 @@ def _evaluate_into(
     content[f"{prefix}users"] = ConfigRecord({"ids": ids})
 
 
+def _attacked(ctx: RoundContext, user: UserData, attacker: bool) -> UserData:
+    """The user's data, labels flipped if it is a label-flipping attacker."""
+    if not attacker or ctx.cfg.attack.kind != "label-flip":
+        return user
+    classes = int(ctx.spec.kwargs["num_classes"])
+    return replace(user, y_train=flip_labels(user.y_train, classes))
+
+
+def _sent_update(ctx: RoundContext, user: str, update: StateDict, attacker: bool) -> torch.Tensor:
+    """The flat vector this user sends: its update, poisoned if it is an attacker."""
+    flat = flatten(update)
+    if not attacker:
+        return flat
+    a = ctx.cfg.attack
+    seed = user_seed(a.seed, ctx.server_round, user, "attack")
+    return poison(
+        flat,
+        flatten(ctx.global_weights),
+        a.kind,
+        scale=a.scale,
+        noise_std=a.noise_std,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     ctx = _round_context(msg, context)
@@ -133,19 +166,42 @@ def train(msg: Message, context: Context) -> Message:
         users = _sampled_users(msg, context, ctx.cfg, key="evaluate-users")
         _evaluate_into(content, evaluated, users, prefix="evaluate/")
     mean = WeightedMean() if config.get("node-mean", False) else None
+    attackers = {str(u) for u in config.get("attack-users", [])}  # type: ignore[union-attr]
+    global_flat = flatten(ctx.global_weights).numpy()
     ids = []
+    rejected: dict[str, str] = {}
     sampled = _sampled_users(msg, context, ctx.cfg)
-    trainers = (user for user in sampled if not is_dropped(ctx, user.user_id))
+    trainers = (
+        _attacked(ctx, user, user.user_id in attackers)
+        for user in sampled
+        if not is_dropped(ctx, user.user_id)
+    )
     for user, update, metrics in train_users(_BENCH, ctx, trainers):
+        attacker = user.user_id in attackers
+        flat = _sent_update(ctx, user.user_id, update, attacker)
         if mean is None:
-            content[f"arrays/{user.user_id}"] = _weights_record(update)
+            content[f"arrays/{user.user_id}"] = ArrayRecord({"weights": flat})
         else:
-            mean.add(update, metrics)
+            bounds = UpdateBounds(
+                size=global_flat.size,
+                dtype=global_flat.dtype,
+                max_examples=user.num_train,  # the node knows the user's real count
+                norm_bound=ctx.cfg.validation.norm_bound,
+            )
+            reason = update_reason(flat.numpy(), metrics["num-examples"], bounds, global_flat)
+            if metrics["num-examples"] == 0:
+                pass  # nothing trained (no examples, or train.epochs = 0): nothing to add
+            elif reason is None:
+                mean.add({"weights": flat}, metrics)
+            else:
+                rejected[user.user_id] = reason
         content[f"metrics/{user.user_id}"] = MetricRecord(metrics)
         ids.append(user.user_id)
     if mean is not None and mean.examples > 0:
-        content["arrays"] = _weights_record(mean.weights())
+        content["arrays"] = ArrayRecord({"weights": mean.weights()["weights"]})
         content["metrics"] = MetricRecord(mean.metrics())
+    if rejected:
+        content["rejected"] = ConfigRecord(rejected)  # type: ignore[arg-type]
     content["users"] = ConfigRecord({"ids": ids})
     return Message(content, reply_to=msg)
 

@@ -23,6 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 from pollinate.config import RunConfig, data_spec, model_kwargs, resolve, to_toml
 from pollinate.data import load_federated_dataset
 from pollinate.models import FedModel, ModelSpec, create_model, evaluate, save_artifact
+from pollinate.models.checks import ensure_finite_model
 from pollinate.models.flat import flatten, unflatten
 from pollinate.server import rundir
 from pollinate.server.checkpoint import (
@@ -167,7 +168,10 @@ def _federate(grid: Grid, cfg: RunConfig) -> Path:
         if ckpt is not None and flower_round == 0:
             return None  # the checkpoint's round: evaluated and recorded before
         flat = arrays.to_torch_state_dict()["weights"]
-        model.load_state_dict(unflatten(flat, like=model.state_dict()))
+        weights = unflatten(flat, like=model.state_dict())
+        # Never written: the strategy checks each aggregate, this guards round 0 too.
+        ensure_finite_model(flatten(weights).numpy(), f"round {server_round}'s global model")
+        model.load_state_dict(weights)
         server: dict[str, float] = {}
         if x_c is not None:
             stats = evaluate(model, x_c, y_c)

@@ -15,12 +15,14 @@ Tables (documented in README.md, "Metrics"):
     personal_loss, personal_accuracy,
     global_accuracy_worst10, personal_accuracy_worst10,  -- mean of the worst 10% of users
     train_users, eval_users, failures,
-    round_seconds, bytes_sent, bytes_received, finished_at
+    round_seconds, bytes_sent, bytes_received, finished_at,
+    rejected                                        -- updates refused by validation
 
 ``clients`` — one row per (round, user) that trained or evaluated in that round::
 
     round, user, train_examples, train_loss,
-    test_examples, global_loss, global_accuracy, personal_loss, personal_accuracy
+    test_examples, global_loss, global_accuracy, personal_loss, personal_accuracy,
+    rejected_reason                                 -- why its update was refused (TEXT)
 
 ``run``     — key/value: status (running|finished|failed|interrupted), error, started_at,
 finished_at, resumed_at, config (resolved, TOML), num_rounds, pid and host (the writing
@@ -62,6 +64,7 @@ ROUND_COLUMNS = (
     "bytes_sent",
     "bytes_received",
     "finished_at",
+    "rejected",
 )
 CLIENT_COLUMNS = (
     "round",
@@ -73,14 +76,20 @@ CLIENT_COLUMNS = (
     "global_accuracy",
     "personal_loss",
     "personal_accuracy",
+    "rejected_reason",
 )
+# Columns added after the first release: a metrics.db written before them gets them
+# (ALTER TABLE) when a recorder opens it, and the readers fill them in when reading one.
+_ADDED = {"rounds": {"rejected": "REAL"}, "clients": {"rejected_reason": "TEXT"}}
+_TEXT_COLUMNS = ("user", "rejected_reason")
 
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS run (key TEXT PRIMARY KEY, value TEXT);
 CREATE TABLE IF NOT EXISTS rounds (round INTEGER PRIMARY KEY,
     {", ".join(c + " REAL" for c in ROUND_COLUMNS[1:])});
 CREATE TABLE IF NOT EXISTS clients (round INTEGER NOT NULL, user TEXT NOT NULL,
-    {", ".join(c + " REAL" for c in CLIENT_COLUMNS[2:])}, PRIMARY KEY (round, user));
+    {", ".join(c + " REAL" for c in CLIENT_COLUMNS[2:-1])}, rejected_reason TEXT,
+    PRIMARY KEY (round, user));
 """
 
 
@@ -110,6 +119,7 @@ class _RoundBuffer:
     train: dict[str, dict[str, float]] = field(default_factory=dict)
     evals: dict[str, dict[str, float]] = field(default_factory=dict)
     failures: int = 0
+    rejected: dict[str, str] = field(default_factory=dict)
     bytes_sent: int = 0
     bytes_received: int = 0
 
@@ -124,6 +134,7 @@ class MetricsRecorder:
         self._db = sqlite3.connect(self.path, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(_SCHEMA)
+        _add_missing_columns(self._db)
         self._rounds: dict[int, _RoundBuffer] = {}
         self.first_failure = ""  # the first failed reply's reason, for a run that fails
 
@@ -192,6 +203,10 @@ class MetricsRecorder:
     def user_trained(self, server_round: int, user: str, metrics: dict[str, float]) -> None:
         self._buffer(server_round).train[user] = metrics
 
+    def user_rejected(self, server_round: int, user: str, reason: str) -> None:
+        """The user's update was refused (update validation): it counts in ``rejected``."""
+        self._buffer(server_round).rejected[user] = reason
+
     def user_evaluated(self, server_round: int, user: str, metrics: dict[str, float]) -> None:
         self._buffer(server_round).evals[user] = metrics
 
@@ -222,11 +237,13 @@ class MetricsRecorder:
 
         nan = math.nan
         evals = buf.evals
+        # A rejected update's own claims (its loss, its examples) are not believed.
+        trained = {u: m for u, m in buf.train.items() if u not in buf.rejected}
         return {
             "round": r,
             "server_loss": server.get("loss", nan),
             "server_accuracy": server.get("accuracy", nan),
-            "train_loss": mean(buf.train, "train-loss"),
+            "train_loss": mean(trained, "train-loss"),
             "global_loss": mean(evals, "global-loss"),
             "global_accuracy": mean(evals, "global-accuracy"),
             "personal_loss": mean(evals, "personal-loss"),
@@ -237,20 +254,21 @@ class MetricsRecorder:
             "personal_accuracy_worst10": worst_fraction_mean(
                 m["personal-accuracy"] for m in evals.values()
             ),
-            "train_users": len(buf.train),
+            "train_users": len(trained),
             "eval_users": len(evals),
             "failures": buf.failures,
             "round_seconds": time.perf_counter() - buf.started,
             "bytes_sent": buf.bytes_sent,
             "bytes_received": buf.bytes_received,
             "finished_at": time.time(),
+            "rejected": len(buf.rejected),
         }
 
     @staticmethod
     def _client_rows(r: int, buf: _RoundBuffer) -> list[dict[str, object]]:
         nan = math.nan
         rows = []
-        for user in sorted(set(buf.train) | set(buf.evals)):
+        for user in sorted(set(buf.train) | set(buf.evals) | set(buf.rejected)):
             t = buf.train.get(user, {})
             e = buf.evals.get(user, {})
             rows.append(
@@ -264,9 +282,20 @@ class MetricsRecorder:
                     "global_accuracy": e.get("global-accuracy", nan),
                     "personal_loss": e.get("personal-loss", nan),
                     "personal_accuracy": e.get("personal-accuracy", nan),
+                    "rejected_reason": buf.rejected.get(user),
                 }
             )
         return rows
+
+
+def _add_missing_columns(db: sqlite3.Connection) -> None:
+    """Bring a metrics.db from an older Pollinate up to this schema (columns only added)."""
+    with db:
+        for table, columns in _ADDED.items():
+            have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+            for name, kind in columns.items():
+                if name not in have:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
 
 
 # ----------------------------------------------------------------------------- reading
@@ -292,8 +321,19 @@ def read_rounds(run_dir: str | Path) -> pd.DataFrame:
         import pandas as pd
 
         df = pd.read_sql_query("SELECT * FROM rounds ORDER BY round", db)
+    if "rejected" not in df:  # written before validation existed: nothing was rejected
+        df["rejected"] = 0
     return _ints(
-        df, ("round", "train_users", "eval_users", "failures", "bytes_sent", "bytes_received")
+        df,
+        (
+            "round",
+            "train_users",
+            "eval_users",
+            "failures",
+            "bytes_sent",
+            "bytes_received",
+            "rejected",
+        ),
     )
 
 
@@ -303,6 +343,8 @@ def read_clients(run_dir: str | Path) -> pd.DataFrame:
         import pandas as pd
 
         df = pd.read_sql_query("SELECT * FROM clients ORDER BY round, user", db)
+    if "rejected_reason" not in df:
+        df["rejected_reason"] = None
     return _ints(df, ("round",))
 
 
@@ -322,7 +364,7 @@ def _ints(df: pd.DataFrame, columns: tuple[str, ...]) -> pd.DataFrame:
 
     # SQLite hands back NULL (never measured) as None; make those columns float NaN.
     for c in df.columns:
-        if c not in columns and c != "user":
+        if c not in columns and c not in _TEXT_COLUMNS:
             df[c] = pd.to_numeric(df[c], errors="coerce").astype("float64")
     for c in columns:
         if c in df and not df[c].isna().any():

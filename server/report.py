@@ -620,7 +620,8 @@ def _participation(page: _Page, run: RunData) -> str:
         ("rejected", "rejected updates", "#ff7f0e"),  # recorded by newer servers only
     ]
     for column, name, color in series:
-        if column in r:
+        # Rejections are rare: the bar only where validation refused an update.
+        if column in r and (column != "rejected" or r[column].fillna(0).any()):
             fig.add_trace(go.Bar(x=r["round"], y=r[column], name=name, marker_color=color))
     cfg = run.config
     sampled = sampled_for_training(run)

@@ -93,7 +93,7 @@ def plot_runs(runs: Sequence[RunData], path: Path) -> Path:
             color=color,
             label=f"{prefix}failed replies",
         )
-        if "rejected" in trained:
+        if "rejected" in trained and trained["rejected"].fillna(0).any():
             part.plot(
                 trained["round"],
                 trained["rejected"],

@@ -24,11 +24,20 @@ in front of any ``flwr.serverapp.strategy`` class. It
    (sampling draws from the same stream in the same order); a deployed round costs one
    exchange instead of two.
 
+Before Flower's ``aggregate_train`` sees the per-user messages, each is checked
+(:mod:`pollinate.server.validation`): a refused update is left out of the round and
+recorded; a round with nothing left keeps its global model; an aggregate that is not
+finite stops the run (:class:`~pollinate.models.checks.NonFiniteModelError`) before it is
+sent anywhere. With an ``[attack]`` config it also names, per node, the sampled users that
+play attacker (config ``attack-users``).
+
 It also feeds the run's :class:`~pollinate.server.metrics.MetricsRecorder`.
 """
 
 from __future__ import annotations
 
+import gc
+import logging
 import random
 import time
 from collections.abc import Iterable, Iterator
@@ -36,9 +45,11 @@ from contextlib import contextmanager
 from logging import INFO, WARNING
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
+    Bulyan,
     FedAdam,
     FedAvg,
     FedMedian,
@@ -46,12 +57,19 @@ from flwr.serverapp.strategy import (
     FedTrimmedAvg,
     FedYogi,
     Krum,
+    MultiKrum,
 )
 from flwr.supercore import log
 
-from pollinate.config import RunConfig
+from pollinate.config import STRATEGIES, AttackSection, ConfigError, RunConfig, ValidationSection
+from pollinate.models.attacks import malicious_users
+from pollinate.models.checks import ensure_finite_model
 from pollinate.server.failures import check_exchange, error_reason
 from pollinate.server.metrics import MetricsRecorder
+from pollinate.server.validation import Candidate, global_vector, screen_updates
+
+# What a user should see goes to Pollinate's own logger (the CLI prints it).
+_logger = logging.getLogger("pollinate")
 
 USERS_RETRY = 1.0  # s between asking nodes that could not say which users they host
 
@@ -124,6 +142,8 @@ class UserCohorts:
     min_evaluate_users: int = 1
     # A resumed run: Flower's `start()` counts its rounds from 1, the run goes on from here.
     round_offset: int = 0
+    validation: ValidationSection = ValidationSection()
+    attack: AttackSection = AttackSection()
 
     def bind(
         self,
@@ -136,9 +156,17 @@ class UserCohorts:
         seed: int | None = None,
         num_rounds: int = 0,
         round_timeout: float | None = None,
+        validation: ValidationSection | None = None,
+        attack: AttackSection | None = None,
     ) -> None:
         self.recorder = recorder
         self.round_timeout = round_timeout
+        self.validation = validation or ValidationSection()
+        self.attack = attack or AttackSection()
+        self._attackers: frozenset[str] = frozenset()
+        # The global model each round's training started from (for update norms).
+        self._sent_global: dict[int, ArrayRecord] = {}
+        self._model_dtype: np.dtype | None = None
         self.num_rounds = num_rounds
         self.min_nodes = min_nodes
         self.node_wait_timeout = node_wait_timeout
@@ -228,7 +256,30 @@ class UserCohorts:
         # the old one is not yet known to be gone) moves to it: nodes in the order learned.
         self._node_of_user = {u: n for n, users in self._users_of_node.items() for u in users}
         self._user_list = sorted(self._node_of_user)
+        self._pick_attackers()
         return failures
+
+    def _pick_attackers(self) -> None:
+        """The simulated attackers among the known users (``[attack]``; seeded)."""
+        a = self.attack
+        if a.kind == "none":
+            return
+        attackers = frozenset(malicious_users(self._user_list, a.fraction, a.seed))
+        if attackers != self._attackers:
+            _logger.warning(
+                "attack %s: %d of %d users are malicious: %s",
+                a.kind,
+                len(attackers),
+                len(self._user_list),
+                ", ".join(sorted(attackers)),
+            )
+        self._attackers = attackers
+
+    @property
+    def sends_cohort_means(self) -> bool:
+        """Nodes send their cohort's mean: the aggregate is the mean, and no check needs
+        every user's own update (the round's median norm does)."""
+        return self.mean_of_updates and self.validation.norm_bound_median_multiple == 0
 
     # ------------------------------------------------------------------ routing
     def _users_by_node(self, messages: Iterable[Message]) -> dict[int, list[str]]:
@@ -265,8 +316,10 @@ class UserCohorts:
             if evaluate is not None:
                 config["evaluate-users"] = evaluators.get(node, [])
                 config["evaluate-round"] = evaluate[0]
-            if message_type == MessageType.TRAIN and self.mean_of_updates:
+            if message_type == MessageType.TRAIN and self.sends_cohort_means:
                 config["node-mean"] = True
+            if message_type == MessageType.TRAIN and self._attackers:
+                config["attack-users"] = [u for u in trainers.get(node, []) if u in self._attackers]
             routed.append(
                 Message(
                     RecordDict({"arrays": arrays, "config": config}),
@@ -310,6 +363,9 @@ class UserCohorts:
         """Flower's ``configure_train`` over the users-as-nodes view: one message per user."""
         view, self.min_train_nodes = self._sample_view(self.fraction_train, self.min_train_users)
         self.min_available_nodes = 1
+        self._sent_global[server_round] = arrays
+        if self._model_dtype is None:  # the initial model's: what the users' models use
+            self._model_dtype = global_vector(arrays).dtype
         with self._own_random():
             return list(super().configure_train(server_round, arrays, config, view))  # type: ignore[misc]
 
@@ -355,7 +411,13 @@ class UserCohorts:
 
         ``prefix`` names the records of a folded reply's evaluation (``evaluate/``).
         """
-        per_user: list[tuple[str, Message]] = []
+        return [c.msg for c in self._expand_updates(replies, server_round, train, prefix)]
+
+    def _expand_updates(
+        self, replies: Iterable[Message], server_round: int, train: bool, prefix: str = ""
+    ) -> list[Candidate]:
+        """:meth:`_expand`, each message with the users it stands for (none: an error)."""
+        per_user: list[Candidate] = []
         received = failures = 0
         message_type = MessageType.TRAIN if train else MessageType.EVALUATE
         for reply in replies:
@@ -363,7 +425,7 @@ class UserCohorts:
                 failures += 1
                 if self.recorder is not None:
                     self.recorder.note_failure(error_reason(reply.error.reason or ""))
-                per_user.append(("", reply))  # Flower's strategy logs and skips it
+                per_user.append(Candidate("", (), reply))  # Flower's strategy logs, skips it
                 continue
             content = reply.content
 
@@ -376,7 +438,8 @@ class UserCohorts:
                     "arrays": content.array_records["arrays"],
                     "metrics": content.metric_records["metrics"],
                 }
-                per_user.append((min(ids), _node_reply(mean, reply, message_type)))
+                mean_msg = _node_reply(mean, reply, message_type)
+                per_user.append(Candidate(min(ids), tuple(ids), mean_msg))
             for user in ids:
                 metrics: MetricRecord = content[f"{prefix}metrics/{user}"]  # type: ignore[assignment]
                 # A node that sent its cohort's mean, or a user with nothing to send (no
@@ -387,20 +450,57 @@ class UserCohorts:
                     if train:
                         records["arrays"] = content[f"arrays/{user}"]
                         received += records["arrays"].count_bytes()
-                    per_user.append((str(user), _node_reply(records, reply, message_type)))
+                    user_msg = _node_reply(records, reply, message_type)
+                    per_user.append(Candidate(str(user), (str(user),), user_msg))
                 if self.recorder is not None:
                     values = {k: float(v) for k, v in metrics.items()}  # type: ignore[arg-type]
                     if train:
                         self.recorder.user_trained(server_round, str(user), values)
                     else:
                         self.recorder.user_evaluated(server_round, str(user), values)
+            if train and "rejected" in content.config_records:
+                # A node that averages its cohort checked each update first (client/app.py).
+                for user, reason in content.config_records["rejected"].items():
+                    self._reject(server_round, (str(user),), str(reason))
         if self.recorder is not None:
             self.recorder.add_bytes(server_round, received=received)
             self.recorder.add_failures(server_round, failures)
         # Replies arrive in whatever order the nodes finish; a fixed order makes the
         # floating-point sums, and so the whole run, reproducible.
-        per_user.sort(key=lambda pair: pair[0])
-        return [msg for _, msg in per_user]
+        per_user.sort(key=lambda c: c.key)
+        return per_user
+
+    def _reject(self, server_round: int, users: tuple[str, ...], reason: str) -> None:
+        who = users[0] if len(users) == 1 else f"the cohort mean of {', '.join(users)}"
+        _logger.warning("round %3d | rejected the update of %s: %s", server_round, who, reason)
+        if self.recorder is not None:
+            for user in users:
+                self.recorder.user_rejected(server_round, user, reason)
+
+    def _screened(self, server_round: int, updates: list[Candidate]) -> list[Candidate]:
+        """The updates that pass :func:`~pollinate.server.validation.screen_updates`
+        (error replies pass through: Flower counts them as failures)."""
+        sent = self._sent_global.pop(server_round, None)
+        errors = [c for c in updates if not c.users]
+        candidates = [c for c in updates if c.users]
+        if sent is None or not candidates:
+            return updates
+        accepted, rejected = screen_updates(candidates, sent, self.validation)
+        for c, reason in rejected.items():
+            if reason:
+                self._reject(server_round, c.users, reason)
+        if not accepted and any(rejected.values()):
+            _logger.warning(
+                "round %3d | every update was rejected: the global model stays as it was",
+                server_round,
+            )
+        return sorted([*errors, *accepted], key=lambda c: c.key)
+
+    def _aggregate_updates(
+        self, server_round: int, updates: list[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The Flower strategy's own ``aggregate_train`` over the screened updates."""
+        return super().aggregate_train(server_round, updates)  # type: ignore[misc]
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -412,8 +512,17 @@ class UserCohorts:
         replies = list(replies)
         sent = self._sent.pop(("train", server_round), 0)
         check_exchange(server_round, "train", sent, replies, self.round_timeout)
-        per_user = self._expand(replies, server_round, train=True)
-        return super().aggregate_train(server_round, per_user)  # type: ignore[misc]
+        updates = self._screened(server_round, self._expand_updates(replies, server_round, True))
+        if not any(c.users for c in updates):
+            return None, None  # nothing left to aggregate: the global model stays
+        arrays, metrics = self._aggregate_updates(server_round, [c.msg for c in updates])
+        if arrays is not None:
+            # Never send on a broken model (an aggregate that overflowed, a server
+            # optimizer that diverged): the run stops here, before anything is written.
+            ensure_finite_model(
+                global_vector(arrays), f"round {server_round}'s global model", self._model_dtype
+            )
+        return arrays, metrics
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
@@ -484,6 +593,55 @@ class CohortKrum(UserCohorts, Krum):
     """Krum (Blanchard et al., 2017)."""
 
 
+class CohortMultiKrum(UserCohorts, MultiKrum):
+    """Multi-Krum (Blanchard et al., 2017): the mean of the ``m`` best Krum scores."""
+
+    select_all_but_byzantine: bool = False  # m = n - f, n the round's updates
+
+    def _aggregate_updates(
+        self, server_round: int, updates: list[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        if self.select_all_but_byzantine:
+            n = sum(not m.has_error() for m in updates)
+            self.num_nodes_to_select = max(1, n - self.num_malicious_nodes)
+        return super()._aggregate_updates(server_round, updates)
+
+
+class CohortBulyan(UserCohorts, Bulyan):
+    """Bulyan (El Mhamdi et al., 2018): Multi-Krum selection, then a trimmed median.
+
+    Needs at least 4f + 3 updates in a round (f = ``strategy.krum-byzantine``); a round
+    with fewer keeps the global model (Flower logs why).
+    """
+
+    def _aggregate_updates(
+        self, server_round: int, updates: list[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        # Flower's Bulyan reads each update with to_numpy_ndarrays(keep_input=False), which
+        # runs a full gc.collect() per update: 0.6 s each in a process holding torch and a
+        # run's data (20 users: most of a round). Frozen, the collector skips what existed
+        # before the aggregate, which is all it could not free anyway.
+        gc.freeze()
+        try:
+            return super()._aggregate_updates(server_round, updates)
+        finally:
+            gc.unfreeze()
+
+
+def _krum_family(name: str, s: Any, common: dict[str, Any]) -> UserCohorts:
+    if name == "krum":
+        return CohortKrum(**common, num_malicious_nodes=s.krum_byzantine)
+    if name == "multikrum":
+        strategy = CohortMultiKrum(
+            **common,
+            num_malicious_nodes=s.krum_byzantine,
+            num_nodes_to_select=max(1, s.multikrum_select),
+        )
+        strategy.select_all_but_byzantine = s.multikrum_select == 0
+        return strategy
+    return CohortBulyan(**common, num_malicious_nodes=s.krum_byzantine)
+
+
 def build_strategy(cfg: RunConfig, recorder: MetricsRecorder | None = None) -> UserCohorts:
     """The configured Flower strategy, over users."""
     s = cfg.strategy
@@ -513,8 +671,12 @@ def build_strategy(cfg: RunConfig, recorder: MetricsRecorder | None = None) -> U
         strategy = CohortFedMedian(**common)
     elif s.name == "fedtrimmedavg":
         strategy = CohortFedTrimmedAvg(**common, beta=s.trim_beta)
-    else:
-        strategy = CohortKrum(**common, num_malicious_nodes=s.krum_byzantine)
+    elif s.name in ("krum", "multikrum", "bulyan"):
+        strategy = _krum_family(s.name, s, common)
+    else:  # config.resolve refuses it first; a RunConfig built by hand may not have
+        raise ConfigError(
+            f"strategy.name = '{s.name}' is not known; choose one of: {', '.join(STRATEGIES)}"
+        )
     strategy.bind(
         recorder=recorder,
         min_nodes=s.min_nodes,
@@ -524,5 +686,7 @@ def build_strategy(cfg: RunConfig, recorder: MetricsRecorder | None = None) -> U
         seed=cfg.run.seed,
         num_rounds=cfg.run.num_rounds,
         round_timeout=cfg.server.round_timeout,
+        validation=cfg.validation,
+        attack=cfg.attack,
     )
     return strategy
