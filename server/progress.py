@@ -145,3 +145,6 @@ class LiveProgress(logging.Handler):
         fields: dict[str, Any] = {"eta_at": None if eta is None else now + eta}
         fields.update(round_fields(row))
         self.progress.update(self.task, completed=min(done, self.num_rounds), **fields)
+        # Draw it now: the refresh thread may not get the GIL before the next round (or
+        # the end of the run), and the lines printed meanwhile repeat the last drawn bar.
+        self.progress.refresh()

@@ -20,6 +20,7 @@ from simhelpers import run_in_process, small_config
 from pollinate import config
 from pollinate.models import load_artifact
 from pollinate.models.checks import NonFiniteModelError
+from pollinate.server.checkpoint import CHECKPOINT, load_checkpoint
 from pollinate.server.metrics import read_clients, read_rounds, read_run_info
 from pollinate.server.strategy import build_strategy
 from pollinate.simulation.inprocess import InProcessGrid
@@ -119,7 +120,11 @@ def one_torch_thread() -> Iterator[None]:
 
 @functools.cache
 def _clean_accuracy(root: str, name: str, extra: tuple[tuple[str, object], ...] = ()) -> float:
-    cfg = _config(Path(root) / f"clean-{name}", **{"strategy.name": name, **dict(extra)})
+    # overwrite: cache keys differ for f(a, b) and f(a, b, ()), the folder does not.
+    cfg = _config(
+        Path(root) / f"clean-{name}",
+        **{"strategy.name": name, "run.overwrite": True, **dict(extra)},
+    )
     run_dir, _ = run_in_process(cfg, USERS)
     return float(read_rounds(run_dir)["server_accuracy"].iloc[-1])
 
@@ -130,11 +135,14 @@ def clean_root(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def _all_models_finite(run_dir: Path) -> None:
-    files = sorted(run_dir.rglob("*.pt"))
+    """Every model file and the checkpoint (if a round completed) hold finite weights."""
+    files = sorted(p for p in run_dir.rglob("*.pt") if p.name != CHECKPOINT)
     assert files
     for path in files:
         weights = load_artifact(path).state_dict
         assert all(torch.isfinite(t).all() for t in weights.values()), path
+    if (run_dir / CHECKPOINT).exists():
+        assert torch.isfinite(load_checkpoint(run_dir).weights).all()
 
 
 def _hostile_run(
