@@ -84,6 +84,7 @@ from pollinate.client.request_formats import (
     ErrorResponse,
     FormatError,
     PredictResponse,
+    json_type,
     rows_from_request,
 )
 from pollinate.client.store import KINDS, StoreError, open_store
@@ -583,7 +584,7 @@ def _parse_predict(body: bytes) -> tuple[str, list[Any]]:
         raise _Reply(400, "malformed JSON: a number has too many digits") from None
     if not isinstance(request, dict):
         raise _Reply(
-            400, f"the body must be a JSON object like {_EXAMPLE}, got a JSON {_json_type(request)}"
+            400, f"the body must be a JSON object like {_EXAMPLE}, got a JSON {json_type(request)}"
         )
     try:  # rows, row, instances, inputs, dataframe_split, dataframe_records
         return rows_from_request(request)
@@ -596,9 +597,7 @@ def _as_matrix(rows: list[Any], model: LoadedModel) -> np.ndarray:
     n = model.num_features
     for i, row in enumerate(rows):
         if not isinstance(row, list):
-            raise _Reply(
-                400, f"row {i} must be a list of {n} numbers, got a JSON {_json_type(row)}"
-            )
+            raise _Reply(400, f"row {i} must be a list of {n} numbers, got a JSON {json_type(row)}")
         if len(row) != n:
             raise _Reply(
                 400, f"row {i} has {len(row)} features; the {model.kind} model expects {n}"
@@ -615,22 +614,9 @@ def _as_matrix(rows: list[Any], model: LoadedModel) -> np.ndarray:
     return model.check(x)  # NaN / inf / out of float32 range -> PredictError -> 400
 
 
-def _json_type(value: object) -> str:
-    if value is None:
-        return "null"
-    return {
-        bool: "boolean",
-        str: "string",
-        dict: "object",
-        list: "array",
-        int: "number",
-        float: "number",
-    }.get(type(value), type(value).__name__)
-
-
 def _json_value(value: object) -> str:
     text = json.dumps(value)
-    return f"a JSON {_json_type(value)} ({text[:40]}{'...' if len(text) > 40 else ''})"
+    return f"a JSON {json_type(value)} ({text[:40]}{'...' if len(text) > 40 else ''})"
 
 
 # ------------------------------------------------------------------------------ running
