@@ -180,7 +180,7 @@ def test_streaming_while_a_simulation_trains_and_swaps_the_models(
     dep = deployment
     store = dep.root / "users"
     proc = dep.start(
-        *stream_argv(redis_url, store, "--user", "user-0000", "--batch", "20"), name="stream"
+        *stream_argv(redis_url, store, "--user", "user-0000", "--batch", "5"), name="stream"
     )
     proc.wait_for("stream: answering 'rq'", 60)
     producer = Producer(redis_url, load_digits().data[:200])
@@ -189,7 +189,9 @@ def test_streaming_while_a_simulation_trains_and_swaps_the_models(
         "run", str(ROOT / "configs" / "quickstart.toml"),
         "--run-dir", str(dep.root / "run"),
         "--set", "data.num-users=4", "--set", "run.num-rounds=6",
-        "--set", "model.name=mlp", "--set", "train.epochs=1",
+        # The CNN and 3 epochs: rounds long enough (on a quiet machine an MLP round takes
+        # ~50 ms) that the stream answers with several of the models in turn.
+        "--set", "train.epochs=3", "--set", "personalization.finetune-epochs=3",
         "--set", f"store.dir={store}", "--set", "strategy.fraction-evaluate=1.0",
         name="run",
     )  # fmt: skip
