@@ -52,8 +52,10 @@ from pollinate.client.predictor import LoadedModel, PredictError
 from pollinate.client.request_formats import (
     INPUT_NAME,
     ErrorResponse,
+    FormatError,
     PredictRequest,
     PredictResponse,
+    json_body,
     json_type,
 )
 from pollinate.client.store import KINDS
@@ -397,18 +399,10 @@ def _answer(
 
 
 def _parse(body: bytes) -> InferenceRequest:
-    if not body.strip():
-        raise _Reply(400, "empty request body; send an inference request object")
     try:
-        obj = json.loads(body)
-    except json.JSONDecodeError as e:
-        raise _Reply(400, f"malformed JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
-    except UnicodeDecodeError:
-        raise _Reply(400, "malformed JSON: the body is not UTF-8 text") from None
-    except RecursionError:
-        raise _Reply(400, "malformed JSON: nested too deeply") from None
-    except ValueError:  # e.g. an integer longer than Python's digit limit
-        raise _Reply(400, "malformed JSON: a number has too many digits") from None
+        obj = json_body(body, "empty request body; send an inference request object")
+    except FormatError as e:
+        raise _Reply(400, str(e)) from None
     if not isinstance(obj, dict):
         raise _Reply(
             400, f"the body must be an inference request object, got a JSON {json_type(obj)}"

@@ -20,6 +20,7 @@ plain Python so every bad body gets a one-line message and a 400.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -37,6 +38,23 @@ _EXAMPLE = '{"rows": [[0.1, 0.2, ...]], "model": "personal"}'
 
 class FormatError(ValueError):
     """A /predict body that fits none of the forms; the message is one line."""
+
+
+def json_body(body: bytes, empty: str) -> Any:
+    """The parsed JSON of a request body, or a one-line :class:`FormatError` (``empty`` if
+    there is no body) saying what is wrong with it."""
+    if not body.strip():
+        raise FormatError(empty)
+    try:
+        return json.loads(body)
+    except json.JSONDecodeError as e:
+        raise FormatError(f"malformed JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except UnicodeDecodeError:
+        raise FormatError("malformed JSON: the body is not UTF-8 text") from None
+    except RecursionError:
+        raise FormatError("malformed JSON: nested too deeply") from None
+    except ValueError:  # e.g. an integer longer than Python's 4300-digit conversion limit
+        raise FormatError("malformed JSON: a number has too many digits") from None
 
 
 def rows_from_request(request: dict[str, Any]) -> tuple[str, list[Any]]:

@@ -84,6 +84,7 @@ from pollinate.client.request_formats import (
     ErrorResponse,
     FormatError,
     PredictResponse,
+    json_body,
     json_type,
     rows_from_request,
 )
@@ -570,18 +571,10 @@ async def _read_body(request: Request) -> bytes:
 
 def _parse_predict(body: bytes) -> tuple[str, list[Any]]:
     """(model kind, rows) from a /predict body, or a 400 ``_Reply`` saying what is wrong."""
-    if not body.strip():
-        raise _Reply(400, f"empty request body; send JSON like {_EXAMPLE}")
     try:
-        request = json.loads(body)
-    except json.JSONDecodeError as e:
-        raise _Reply(400, f"malformed JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
-    except UnicodeDecodeError:
-        raise _Reply(400, "malformed JSON: the body is not UTF-8 text") from None
-    except RecursionError:
-        raise _Reply(400, "malformed JSON: nested too deeply") from None
-    except ValueError:  # e.g. an integer longer than Python's 4300-digit conversion limit
-        raise _Reply(400, "malformed JSON: a number has too many digits") from None
+        request = json_body(body, f"empty request body; send JSON like {_EXAMPLE}")
+    except FormatError as e:
+        raise _Reply(400, str(e)) from None
     if not isinstance(request, dict):
         raise _Reply(
             400, f"the body must be a JSON object like {_EXAMPLE}, got a JSON {json_type(request)}"
