@@ -323,18 +323,7 @@ def read_rounds(run_dir: str | Path) -> pd.DataFrame:
         df = pd.read_sql_query("SELECT * FROM rounds ORDER BY round", db)
     if "rejected" not in df:  # written before validation existed: nothing was rejected
         df["rejected"] = 0
-    return _ints(
-        df,
-        (
-            "round",
-            "train_users",
-            "eval_users",
-            "failures",
-            "bytes_sent",
-            "bytes_received",
-            "rejected",
-        ),
-    )
+    return _ints(df, ROUND_COUNTS)
 
 
 def read_clients(run_dir: str | Path) -> pd.DataFrame:
@@ -357,6 +346,20 @@ def read_run_info(run_dir: str | Path) -> dict[str, str]:
     if "status" in info:
         info["status"] = effective_status(Path(run_dir), info["status"])
     return info
+
+
+# The rounds table's columns that count things (read back as integers).
+ROUND_COUNTS = (
+    "round",
+    "train_users",
+    "eval_users",
+    "failures",
+    "bytes_sent",
+    "bytes_received",
+    "rejected",
+)
+# The clients table's.
+CLIENT_COUNTS = ("train_examples", "test_examples")
 
 
 def _ints(df: pd.DataFrame, columns: tuple[str, ...]) -> pd.DataFrame:

@@ -20,24 +20,13 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from pollinate.server.metrics import ROUND_COLUMNS, MetricsError
+from pollinate.server.metrics import CLIENT_COUNTS, ROUND_COLUMNS, ROUND_COUNTS, MetricsError
 
 if TYPE_CHECKING:
     import pandas as pd
 
 # Columns that hold counts, whatever dtype the database handed back.
-COUNT_COLUMNS = frozenset(
-    {
-        "round",
-        "train_users",
-        "eval_users",
-        "failures",
-        "bytes_sent",
-        "bytes_received",
-        "train_examples",
-        "test_examples",
-    }
-)
+COUNT_COLUMNS = frozenset(ROUND_COUNTS + CLIENT_COUNTS)
 # Columns that hold Unix time stamps.
 TIME_COLUMNS = frozenset({"finished_at", "started_at"})
 # Columns a reader lines rows up by: repeated in every block of a wrapped table.
