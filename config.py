@@ -24,7 +24,7 @@ import tomllib
 from pollinate.data import DataError, DataOptions, DataSpec
 from pollinate.data.spec import MAX_CLASSES, SEED_RANGE
 from pollinate.registry import Options, Range, Scalar
-from pollinate.schema import Key, RegistryRef, keys, setting
+from pollinate.schema import Key, RegistryRef, keys, options_field, setting
 
 # The registries of the Flower layer, imported when the schema is first built.
 MODEL_REGISTRY = RegistryRef("pollinate.models.registry", "MODELS")
@@ -73,7 +73,7 @@ DataSection: TypeAlias = DataOptions
 class ModelSection:
     name: str = setting("cnn", "the model; see the models below", registry=MODEL_REGISTRY)
     # The registered models' own options (model.hidden, model.depth: mlp's).
-    options: Options = field(default_factory=Options, metadata={"registry": MODEL_REGISTRY})
+    options: Options = options_field(MODEL_REGISTRY)
     # 0 = infer from the dataset. A deployed server has no data: set both there.
     in_features: int = setting(
         0, "input features; 0 = from the data (a deployed server must set it)",
@@ -131,7 +131,7 @@ class StrategySection:
         Range(1, 100_000),
     )
     # The registered strategies' own options (strategy.proximal-mu, ...).
-    options: Options = field(default_factory=Options, metadata={"registry": STRATEGY_REGISTRY})
+    options: Options = options_field(STRATEGY_REGISTRY)
 
 
 @dataclass(frozen=True)
@@ -141,9 +141,7 @@ class PersonalizationSection:
         registry=PERSONALIZATION_REGISTRY,
     )
     # The registered methods' own options (personalization.finetune-epochs, ...).
-    options: Options = field(
-        default_factory=Options, metadata={"registry": PERSONALIZATION_REGISTRY}
-    )
+    options: Options = options_field(PERSONALIZATION_REGISTRY)
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,9 @@ from collections.abc import Callable
 from dataclasses import MISSING, Field, dataclass, field, fields
 from typing import Any
 
-from pollinate.registry import Range, Registry, Scalar
+from pollinate.registry import Options, Range, Registry, Scalar
 
-__all__ = ["Key", "RegistryRef", "keys", "setting"]
+__all__ = ["Key", "RegistryRef", "keys", "options_field", "setting"]
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,18 @@ def setting(
     ``choices``, or the names in a ``registry``)."""
     meta = {"help": help, "range": range, "choices": choices, "registry": registry}
     return field(default=default, metadata=meta)
+
+
+def options_field(registry: RegistrySource) -> Any:
+    """A section's ``options`` field: the option values of ``registry``'s entries, all at
+    their defaults unless given (``ModelSection()`` has every model option)."""
+
+    def defaults() -> Options:
+        found = _registry(registry, load=True)
+        options = found.options() if found is not None else {}
+        return Options({key: option.default for key, (option, _) in options.items()})
+
+    return field(default_factory=defaults, metadata={"registry": registry})
 
 
 @dataclass(frozen=True)

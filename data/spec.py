@@ -126,7 +126,12 @@ class DataOptions:
     # 1 train + 1 test sample at least
     min_samples: int = _opt(4, "fewest samples a user may hold", Range(2, 1_000_000))
     # A registered dataset's own options (data.<option>): none for the built-in ones.
-    options: Options = field(default_factory=Options, metadata={"registry": lambda: DATASETS})
+    options: Options = field(
+        default_factory=lambda: Options(
+            {key: option.default for key, (option, _) in DATASETS.options().items()}
+        ),
+        metadata={"registry": lambda: DATASETS},
+    )
 
 
 #: The seed is the run's (``run.seed``): numpy's and torch's seeds stay in range.
