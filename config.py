@@ -187,9 +187,12 @@ class StoreSection:
 class TrackingSection:
     # Opt-in export (server/tracking.py); needs `pip install 'pollinate[tracking]'`.
     # Nothing is imported while both are off.
-    tensorboard: bool = setting(False, "export metrics, config and models to TensorBoard")
+    tensorboard: bool = setting(
+        False, "export metrics, config and models to TensorBoard (`pip install "
+        "'pollinate[tracking]'`)"
+    )
     tensorboard_dir: str = setting("", "TensorBoard event files; empty = `<run dir>/tensorboard`")
-    mlflow: bool = setting(False, "log the run to MLflow")
+    mlflow: bool = setting(False, "log the run to MLflow (`pip install 'pollinate[tracking]'`)")
     mlflow_uri: str = setting(
         "", "an MLflow tracking URI (http://HOST:5000, file:///PATH); empty = `<run dir>/mlruns`"
     )

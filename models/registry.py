@@ -327,7 +327,7 @@ def _check_scalars(model: str, kwargs: Mapping[str, Any]) -> None:
 # ---------------------------------------------------------------------------- models
 
 
-@register_model("logreg")
+@register_model("logreg", help="multinomial logistic regression: a linear head, no body")
 def logreg(*, in_features: int, num_classes: int) -> tuple[nn.Module, nn.Module]:
     """Multinomial logistic regression: no body parameters, a linear head."""
     body = nn.Identity()  # (B, F) -> (B, F)
@@ -337,6 +337,7 @@ def logreg(*, in_features: int, num_classes: int) -> tuple[nn.Module, nn.Module]
 
 @register_model(
     "mlp",
+    help="multilayer perceptron: `depth` Linear-ReLU layers of width `hidden`",
     options={
         "hidden": Option(64, "width of each hidden layer", Range(1, 16_384)),
         "depth": Option(1, "number of hidden Linear-ReLU layers", Range(1, 64)),
@@ -356,7 +357,9 @@ def mlp(
     return nn.Sequential(*layers), nn.Linear(hidden, num_classes)  # head: (B, H) -> (B, K)
 
 
-@register_model("cnn")
+@register_model(
+    "cnn", help="small CNN for square images given as flat features (2 conv layers, 1 dense)"
+)
 def cnn(
     *,
     in_features: int,
