@@ -76,7 +76,8 @@ class ModelSection:
     options: Options = options_field(MODEL_REGISTRY)
     # 0 = infer from the dataset. A deployed server has no data: set both there.
     in_features: int = setting(
-        0, "input features; 0 = from the data (a deployed server must set it)",
+        0,
+        "input features; 0 = from the data (a deployed server must set it)",
         Range(0, 1_000_000),
     )
     num_classes: int = setting(
@@ -97,7 +98,8 @@ class TrainSection:
     # sampled users are stragglers that train a random 1..epochs epochs (seeded per user
     # and round); with drop-stragglers they send nothing (FedAvg's rule in the paper).
     straggler_fraction: float = setting(
-        0.0, "fraction of sampled users that are stragglers (train a random 1..epochs)",
+        0.0,
+        "fraction of sampled users that are stragglers (train a random 1..epochs)",
         Range(0, 1),
     )
     drop_stragglers: bool = setting(False, "stragglers send nothing (FedAvg's rule in FedProx)")
@@ -105,15 +107,17 @@ class TrainSection:
     # same results up to float32 rounding, several times faster for small models. Models
     # it cannot stack fall back to one at a time (logged once).
     stack_users: int = setting(
-        0, "train up to N of a node's users at once as one stack of models; 0 or 1 = one "
-        "at a time", Range(0, 4_096),
+        0,
+        "train up to N of a node's users at once as one stack of models; 0 or 1 = one at a time",
+        Range(0, 4_096),
     )
 
 
 @dataclass(frozen=True)
 class StrategySection:
     name: str = setting(
-        "fedavg", "the server's aggregation; see the strategies below",
+        "fedavg",
+        "the server's aggregation; see the strategies below",
         registry=STRATEGY_REGISTRY,
     )
     fraction_train: float = setting(
@@ -123,11 +127,10 @@ class StrategySection:
         1.0, "fraction of the users evaluated each round", Range(0, 1)
     )
     min_train_users: int = setting(1, "fewest users trained in a round", Range(1, 1_000_000))
-    min_evaluate_users: int = setting(
-        1, "fewest users evaluated in a round", Range(0, 1_000_000)
-    )
+    min_evaluate_users: int = setting(1, "fewest users evaluated in a round", Range(0, 1_000_000))
     min_nodes: int = setting(
-        1, "Flower nodes (devices or simulated nodes) connected before a round starts",
+        1,
+        "Flower nodes (devices or simulated nodes) connected before a round starts",
         Range(1, 100_000),
     )
     # The registered strategies' own options (strategy.proximal-mu, ...).
@@ -137,7 +140,8 @@ class StrategySection:
 @dataclass(frozen=True)
 class PersonalizationSection:
     method: str = setting(
-        "finetune", "how each user's personal model is made; see the methods below",
+        "finetune",
+        "how each user's personal model is made; see the methods below",
         registry=PERSONALIZATION_REGISTRY,
     )
     # The registered methods' own options (personalization.finetune-epochs, ...).
@@ -148,14 +152,17 @@ class PersonalizationSection:
 class SimulationSection:
     # Each node hosts a cohort of users.
     num_nodes: int = setting(
-        0, "Flower nodes in the simulation; 0 = one per CPU slot (cpus / cpus-per-node)",
+        0,
+        "Flower nodes in the simulation; 0 = one per CPU slot (cpus / cpus-per-node)",
         Range(0, 100_000),
     )
     cpus_per_node: float = setting(1.0, "CPUs per node", Range(0, 1_024, open_lo=True))
     # "local" starts in milliseconds; "ray" runs on a local Ray or the cluster.
     backend: str = setting(
-        "auto", "where ClientApps run: `local` worker processes, `ray` actors, `auto` = `ray` "
-        "when ray-address is set", choices=BACKENDS,
+        "auto",
+        "where ClientApps run: `local` worker processes, `ray` actors, `auto` = `ray` "
+        "when ray-address is set",
+        choices=BACKENDS,
     )
     ray_address: str = setting("", "an existing Ray cluster (HOST:PORT); empty = a local one")
 
@@ -163,11 +170,13 @@ class SimulationSection:
 @dataclass(frozen=True)
 class ServerSection:
     node_wait_timeout: float = setting(
-        120.0, "seconds to wait for strategy.min-nodes nodes before an error",
+        120.0,
+        "seconds to wait for strategy.min-nodes nodes before an error",
         Range(0, 30 * DAY, open_lo=True),
     )
     round_timeout: float = setting(
-        3600.0, "seconds a round waits for replies before aggregating what arrived",
+        3600.0,
+        "seconds a round waits for replies before aggregating what arrived",
         Range(0, 30 * DAY, open_lo=True),
     )
 
@@ -178,8 +187,10 @@ class StoreSection:
     # Two file writes per evaluated user per round add up at thousands of users. State a
     # method keeps between rounds (FedPer's head, Ditto's model) is always saved.
     save_models: str = setting(
-        "every-round", "when evaluation writes each user's global and personal model "
-        "(`final-round` for large simulations)", choices=SAVE_MODELS,
+        "every-round",
+        "when evaluation writes each user's global and personal model "
+        "(`final-round` for large simulations)",
+        choices=SAVE_MODELS,
     )
 
 
@@ -188,8 +199,8 @@ class TrackingSection:
     # Opt-in export (server/tracking.py); needs `pip install 'pollinate[tracking]'`.
     # Nothing is imported while both are off.
     tensorboard: bool = setting(
-        False, "export metrics, config and models to TensorBoard (`pip install "
-        "'pollinate[tracking]'`)"
+        False,
+        "export metrics, config and models to TensorBoard (`pip install 'pollinate[tracking]'`)",
     )
     tensorboard_dir: str = setting("", "TensorBoard event files; empty = `<run dir>/tensorboard`")
     mlflow: bool = setting(False, "log the run to MLflow (`pip install 'pollinate[tracking]'`)")
@@ -204,7 +215,8 @@ class ValidationSection:
     # Every update is checked before aggregation (finite, the model's size and dtype, a
     # positive whole example count); these bound it further.
     max_examples: int = setting(
-        1_000_000, "the largest num-examples believed from one user; 0 = no cap",
+        1_000_000,
+        "the largest num-examples believed from one user; 0 = no cap",
         Range(0, 10**12),
     )
     norm_bound: float = setting(
@@ -212,8 +224,9 @@ class ValidationSection:
     )
     # Users then send their own updates, not their cohort's mean.
     norm_bound_median_multiple: float = setting(
-        0.0, "reject an update above this multiple (>= 1) of the round's median update norm; "
-        "0 = off", Range(0, 1e6),
+        0.0,
+        "reject an update above this multiple (>= 1) of the round's median update norm; 0 = off",
+        Range(0, 1e6),
     )
 
 
@@ -595,11 +608,11 @@ __all__ = [
     "RunConfig",
     "check_against_data",
     "default_flat",
-    "schema",
     "flatten",
     "load",
     "parse_override",
     "read_toml",
     "resolve",
+    "schema",
     "to_toml",
 ]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pollinate.config import RunConfig, schema, toml_tables, toml_value
 from pollinate.registry import Registry
@@ -86,12 +87,12 @@ def key_table() -> str:
     return "\n" + "\n".join(rows) + "\n"
 
 
-def _registries() -> list[Registry]:  # type: ignore[type-arg]
+def _registries() -> list[Registry[Any]]:
     """The registries behind the config's name keys, in key order."""
     from pollinate.config import MODEL_REGISTRY, PERSONALIZATION_REGISTRY, STRATEGY_REGISTRY
     from pollinate.data import DATASETS, PARTITIONERS
 
-    found = [
+    found: list[Registry[Any] | None] = [
         DATASETS,
         PARTITIONERS,
         MODEL_REGISTRY.get(load=True),

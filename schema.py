@@ -112,7 +112,7 @@ def _field_key(section: str, f: Field[Any], load: bool) -> Key:
     return Key(
         name=f"{section}.{f.name.replace('_', '-')}",
         section=section,
-        default=f.default,  # type: ignore[arg-type]
+        default=f.default,
         help=str(f.metadata.get("help", "")),
         range=f.metadata.get("range"),
         choices=choices,

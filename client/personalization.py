@@ -25,7 +25,8 @@ Its ``options`` become ``personalization.<key>`` config keys, read from
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from types import MappingProxyType
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
@@ -48,7 +49,7 @@ class Method:
 
     name: str = ""
     help: str = ""
-    options: Mapping[str, Option] = {}
+    options: ClassVar[Mapping[str, Option]] = MappingProxyType({})
 
     def before_training(self, model: FedModel, ctx: RoundContext, user: str) -> None:
         """``model`` holds the global weights; change where local training starts."""
@@ -102,7 +103,9 @@ def _keep_personal(ctx: RoundContext, user: str, state_dict: StateDict) -> None:
     """Keep the user's state for later rounds, and write it as its personal model."""
     ctx.keep_state(user, state_dict)
     if _writes_models(ctx):
-        ctx.store.save(user, "personal", spec=ctx.spec, state_dict=state_dict, round=ctx.server_round)
+        ctx.store.save(
+            user, "personal", spec=ctx.spec, state_dict=state_dict, round=ctx.server_round
+        )
 
 
 # ------------------------------------------------------------------------ the methods
@@ -118,7 +121,7 @@ class NoPersonalization(Method):
 class FineTune(Method):
     name = "finetune"
     help = "global weights + a few local epochs, rebuilt at every evaluation"
-    options = {
+    options: ClassVar[Mapping[str, Option]] = {
         "finetune-epochs": Option(2, "fine-tuning epochs at each evaluation", Range(0, 10_000)),
         # Smaller than train.lr: the global model is a good start and a user's few samples
         # are easy to overfit.
@@ -136,9 +139,7 @@ class FineTune(Method):
             model,
             x,
             y,
-            train_config(
-                ctx.cfg, epochs=o.integer("finetune-epochs"), lr=o.number("finetune-lr")
-            ),
+            train_config(ctx.cfg, epochs=o.integer("finetune-epochs"), lr=o.number("finetune-lr")),
             generator=generator(ctx, user.user_id, "finetune"),
             parameters=head_keys(model) if o.flag("finetune-head-only") else None,
         )
@@ -184,8 +185,10 @@ class FedPer(Method):
 class Ditto(Method):
     name = "ditto"
     help = "Ditto (Li et al., 2021): a personal model pulled towards the global one"
-    options = {
-        "ditto-lambda": Option(0.1, "Ditto's pull lambda towards the global model", Range(0, 1_000)),
+    options: ClassVar[Mapping[str, Option]] = {
+        "ditto-lambda": Option(
+            0.1, "Ditto's pull lambda towards the global model", Range(0, 1_000)
+        ),
         "ditto-epochs": Option(1, "epochs of the personal model per round", Range(1, 10_000)),
     }
 

@@ -8,7 +8,7 @@ says what is wrong and how to fix it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
@@ -116,11 +116,13 @@ class DataOptions:
     user_column: str = _opt("user", "`file`: the column naming each row's user")
     label_column: str = _opt("label", "`file`: the class label column; the rest are features")
     test_fraction: float = _opt(
-        0.2, "fraction of each user's samples held out as its test set",
+        0.2,
+        "fraction of each user's samples held out as its test set",
         Range(0, 1, open_lo=True, open_hi=True),
     )
     central_test_fraction: float = _opt(
-        0.2, "`digits`: stratified fraction held out before partitioning (server-side test)",
+        0.2,
+        "`digits`: stratified fraction held out before partitioning (server-side test)",
         Range(0, 1, open_lo=True, open_hi=True),
     )
     # 1 train + 1 test sample at least
@@ -210,4 +212,3 @@ class DataSpec(DataOptions):
                 "they must name different columns"
             )
         return self
-

@@ -57,7 +57,6 @@ MAX_PARAMETERS = 100_000_000
 ModelBuilder = Callable[..., tuple[nn.Module, nn.Module]]
 
 
-
 @dataclass(frozen=True)
 class ModelEntry:
     """A registered model: its builder and the builder options a run config may set."""

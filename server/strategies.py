@@ -111,9 +111,7 @@ FEDOPT = {
     "tau": Option(1e-3, "FedAdam/FedYogi: adaptivity (epsilon)", Range(0, 10, open_lo=True)),
 }
 # It trims this fraction at each end: 0.5 would trim every user.
-TRIM_BETA = Option(
-    0.2, "fraction trimmed at each end", Range(0, 0.5, open_lo=True, open_hi=True)
-)
+TRIM_BETA = Option(0.2, "fraction trimmed at each end", Range(0, 0.5, open_lo=True, open_hi=True))
 KRUM_BYZANTINE = Option(
     0, "Krum, Multi-Krum, Bulyan: the number f of malicious users assumed", Range(0, 100_000)
 )
@@ -136,9 +134,11 @@ def _fedprox(common: dict[str, Any], o: Options, cfg: RunConfig) -> UserCohorts:
     return CohortFedProx(**common, proximal_mu=o.number("proximal-mu"))
 
 
-def _fedopt(cls: type[UserCohorts], common: dict[str, Any], o: Options, cfg: RunConfig) -> Any:
+def _fedopt(
+    cls: Callable[..., UserCohorts], common: dict[str, Any], o: Options, cfg: RunConfig
+) -> UserCohorts:
     return cls(
-        **common,  # type: ignore[call-arg]
+        **common,
         eta=o.number("server-lr"),
         eta_l=cfg.train.lr,
         beta_1=o.number("beta-1"),
@@ -151,14 +151,14 @@ def _fedopt(cls: type[UserCohorts], common: dict[str, Any], o: Options, cfg: Run
     "fedadam", help="FedAdam (Reddi et al., 2021): Adam on the server", options=FEDOPT
 )
 def _fedadam(common: dict[str, Any], o: Options, cfg: RunConfig) -> UserCohorts:
-    return _fedopt(CohortFedAdam, common, o, cfg)  # type: ignore[no-any-return]
+    return _fedopt(CohortFedAdam, common, o, cfg)
 
 
 @register_strategy(
     "fedyogi", help="FedYogi (Reddi et al., 2021): Yogi on the server", options=FEDOPT
 )
 def _fedyogi(common: dict[str, Any], o: Options, cfg: RunConfig) -> UserCohorts:
-    return _fedopt(CohortFedYogi, common, o, cfg)  # type: ignore[no-any-return]
+    return _fedopt(CohortFedYogi, common, o, cfg)
 
 
 @register_strategy("fedmedian", help="coordinate-wise median (Yin et al., 2018)")

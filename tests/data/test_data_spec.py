@@ -13,7 +13,10 @@ def test_defaults_are_valid() -> None:
     ("changes", "needles"),
     [
         ({"dataset": "mnist"}, ("data.dataset = 'mnist' is not known", "digits, synthetic")),
-        ({"partitioner": "pathological"}, ("data.partitioner = 'pathological' is not known", "iid, dirichlet, shards")),
+        (
+            {"partitioner": "pathological"},
+            ("data.partitioner = 'pathological' is not known", "iid, dirichlet, shards"),
+        ),
         ({"num_users": 0}, ("data.num-users", "an integer in 1..")),
         ({"num_users": True}, ("data.num-users",)),
         ({"num_users": "20"}, ("data.num-users", "'20'")),
