@@ -462,6 +462,12 @@ def cmd_predictions_get(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    from pollinate import configdoc
+
+    return configdoc.command(output=args.format, write_files=args.write, check=args.check)
+
+
 # ------------------------------------------------------------------------------ main
 
 
@@ -474,7 +480,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run a federated simulation from a config file")
+    run = sub.add_parser(
+        "run",
+        help="run a federated simulation from a config file",
+        epilog="Every config key with its default and allowed values, and the registered "
+        "models, datasets, strategies and personalization methods: `pollinate config`.",
+    )
     run.add_argument("config", nargs="?", help="experiment TOML file, e.g. configs/quickstart.toml")
     run.add_argument(
         "--set",
@@ -495,6 +506,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--verbose", action="store_true", help="show Flower's own logs")
     run.set_defaults(func=cmd_run, quick_exit=True)
+
+    conf = sub.add_parser(
+        "config",
+        help="every config key: default, allowed values (registered names), meaning",
+        description="Every run-config key, from the schema (config.py and the registries).",
+    )
+    conf.add_argument("--format", choices=("markdown", "toml"), default="markdown")
+    conf.add_argument(
+        "--write", action="store_true", help="refresh README.md's key table and pyproject's mirror"
+    )
+    conf.add_argument("--check", action="store_true", help="exit 1 if either is stale")
+    conf.set_defaults(func=cmd_config)
 
     met = sub.add_parser("metrics", help="show a run's per-round or per-client metrics")
     met.add_argument("run_dir", help="a run folder, e.g. runs/quickstart")

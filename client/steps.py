@@ -1,14 +1,7 @@
 """One user's share of a round: local training and the global-vs-personal evaluation.
 
-Personalization methods (``personalization.method``):
-
-- ``none``     — the personal model *is* the global model.
-- ``finetune`` — personal = global weights + ``finetune-epochs`` local epochs, rebuilt at
-  every evaluation from the newest global model.
-- ``fedper``   — FedPer (Arivazhagan et al., 2019): the body is shared and averaged, the
-  head stays on the device; personal = current global body + the user's own head.
-- ``ditto``    — Ditto (Li et al., ICML 2021): a separate personal model v_k trained on
-  f_k(v) + lambda/2 ||v - w_global||^2, kept across rounds in the model store.
+What a personalization method (``personalization.method``) adds to both is its own, in
+:mod:`pollinate.client.personalization` (one class per method, in a registry).
 
 Nothing here knows about Flower messages: the ClientApp converts records to tensors and
 calls these functions.
@@ -26,24 +19,35 @@ from itertools import islice
 import torch
 
 from pollinate.client.local import user_seed
+from pollinate.client.personalization import method_of
 from pollinate.client.store import ModelStore
+from pollinate.client.tools import StateDict, generator, snapshot, tensors, train_config
+from pollinate.client.tools import writes_models as _writes_models
 from pollinate.config import RunConfig
 from pollinate.data import UserData
 from pollinate.models import (
     FedModel,
     ModelArtifact,
     ModelSpec,
-    TrainConfig,
     create_model,
     evaluate,
-    head_keys,
     train,
 )
 from pollinate.models.batched import NotBatchable, StackedUser, train_stacked
 
 _log = logging.getLogger(__name__)
 
-StateDict = dict[str, torch.Tensor]
+__all__ = [
+    "RoundContext",
+    "StateDict",
+    "WeightedMean",
+    "Workbench",
+    "evaluate_user",
+    "is_dropped",
+    "local_epochs",
+    "train_user",
+    "train_users",
+]
 
 
 class Workbench:
@@ -90,43 +94,6 @@ class RoundContext:
         )
 
 
-def _tensors(x, y) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.from_numpy(x), torch.from_numpy(y)
-
-
-def _snapshot(model: torch.nn.Module) -> StateDict:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _train_config(
-    cfg: RunConfig, *, epochs: int, proximal_mu: float = 0.0, lr: float = 0.0
-) -> TrainConfig:
-    t = cfg.train
-    return TrainConfig(
-        epochs=epochs,
-        batch_size=t.batch_size,
-        lr=lr or t.lr,
-        momentum=t.momentum,
-        weight_decay=t.weight_decay,
-        proximal_mu=proximal_mu,
-    )
-
-
-def _generator(ctx: RoundContext, user: str, purpose: str) -> torch.Generator:
-    return torch.Generator().manual_seed(
-        user_seed(ctx.cfg.run.seed, ctx.server_round, user, purpose)
-    )
-
-
-def _with_own_head(model: FedModel, ctx: RoundContext, user: str, *, before: int) -> None:
-    """FedPer: keep the global body, swap in this user's stored head if it has one."""
-    stored = ctx.state(user, before=before)
-    if stored is None:
-        return
-    head = {k: stored.state_dict[k] for k in head_keys(model)}
-    model.load_state_dict(head, strict=False)
-
-
 def _straggler_draw(ctx: RoundContext, user: str) -> random.Random | None:
     """The user's straggler stream this round, positioned after the straggler draw, or
     None when the user is not a straggler this round."""
@@ -159,31 +126,22 @@ def train_user(
     bench: Workbench, ctx: RoundContext, user: UserData
 ) -> tuple[StateDict, dict[str, float]]:
     """Local training from the global weights; returns the update and its train metrics."""
-    method = ctx.cfg.personalization.method
+    method = method_of(ctx.cfg)
     model = bench.model(ctx.spec)
     model.load_state_dict(ctx.global_weights)
-    if method == "fedper":
-        _with_own_head(model, ctx, user.user_id, before=ctx.server_round)
-    x, y = _tensors(user.x_train, user.y_train)
+    method.before_training(model, ctx, user.user_id)
+    x, y = tensors(user.x_train, user.y_train)
     mu = ctx.proximal_mu
     stats = train(
         model,
         x,
         y,
-        _train_config(ctx.cfg, epochs=local_epochs(ctx, user.user_id), proximal_mu=mu),
+        train_config(ctx.cfg, epochs=local_epochs(ctx, user.user_id), proximal_mu=mu),
         anchor=ctx.global_weights if mu > 0 else None,
-        generator=_generator(ctx, user.user_id, "train"),
+        generator=generator(ctx, user.user_id, "train"),
     )
-    update = _snapshot(model)
-    if method == "fedper":
-        # The trained head is this user's; the body part of `update` goes to the server.
-        ctx.keep_state(user.user_id, update)
-        if _writes_models(ctx):
-            ctx.store.save(
-                user.user_id, "personal", spec=ctx.spec, state_dict=update, round=ctx.server_round
-            )
-    elif method == "ditto":
-        _train_ditto_personal(bench, ctx, user, x, y)
+    update = snapshot(model)
+    method.after_training(bench, ctx, user, update, (x, y))
     return update, {"num-examples": stats.num_examples, "train-loss": stats.loss}
 
 
@@ -222,16 +180,15 @@ def _train_stack(
     bench: Workbench, ctx: RoundContext, users: list[UserData]
 ) -> Iterator[tuple[UserData, StateDict, dict[str, float]]]:
     """:func:`train_user` for ``users`` as one stack (and Ditto's personal models as another)."""
-    method = ctx.cfg.personalization.method
+    method = method_of(ctx.cfg)
     model = bench.model(ctx.spec)
     mu = ctx.proximal_mu
-    data = [_tensors(u.x_train, u.y_train) for u in users]
+    data = [tensors(u.x_train, u.y_train) for u in users]
     starts = []
     for user in users:
         model.load_state_dict(ctx.global_weights)
-        if method == "fedper":
-            _with_own_head(model, ctx, user.user_id, before=ctx.server_round)
-        starts.append(_snapshot(model))
+        method.before_training(model, ctx, user.user_id)
+        starts.append(snapshot(model))
     trained = train_stacked(
         model,
         [
@@ -241,60 +198,15 @@ def _train_stack(
                 start=start,
                 epochs=local_epochs(ctx, user.user_id),
                 anchor=ctx.global_weights if mu > 0 else None,
-                generator=_generator(ctx, user.user_id, "train"),
+                generator=generator(ctx, user.user_id, "train"),
             )
             for user, (x, y), start in zip(users, data, starts, strict=True)
         ],
-        _train_config(ctx.cfg, epochs=ctx.cfg.train.epochs, proximal_mu=mu),
+        train_config(ctx.cfg, epochs=ctx.cfg.train.epochs, proximal_mu=mu),
     )
-    if method == "ditto":
-        _train_ditto_stack(bench, ctx, users, data)
+    method.after_stack(bench, ctx, users, data, [update for update, _ in trained])
     for user, (update, stats) in zip(users, trained, strict=True):
-        if method == "fedper":
-            ctx.keep_state(user.user_id, update)
-            if _writes_models(ctx):
-                ctx.store.save(
-                    user.user_id,
-                    "personal",
-                    spec=ctx.spec,
-                    state_dict=update,
-                    round=ctx.server_round,
-                )
         yield user, update, {"num-examples": stats.num_examples, "train-loss": stats.loss}
-
-
-def _train_ditto_stack(
-    bench: Workbench,
-    ctx: RoundContext,
-    users: list[UserData],
-    data: list[tuple[torch.Tensor, torch.Tensor]],
-) -> None:
-    """:func:`_train_ditto_personal` for ``users`` as one stack."""
-    lam = ctx.cfg.personalization.ditto_lambda
-    starts = []
-    for user in users:
-        stored = ctx.state(user.user_id, before=ctx.server_round)
-        starts.append(stored.state_dict if stored is not None else ctx.global_weights)
-    personal = train_stacked(
-        bench.model(ctx.spec, "personal"),
-        [
-            StackedUser(
-                x=x,
-                y=y,
-                start=start,
-                anchor=ctx.global_weights if lam > 0 else None,
-                generator=_generator(ctx, user.user_id, "ditto"),
-            )
-            for user, (x, y), start in zip(users, data, starts, strict=True)
-        ],
-        _train_config(ctx.cfg, epochs=ctx.cfg.personalization.ditto_epochs, proximal_mu=lam),
-    )
-    for user, (weights, _) in zip(users, personal, strict=True):
-        ctx.keep_state(user.user_id, weights)
-        if _writes_models(ctx):
-            ctx.store.save(
-                user.user_id, "personal", spec=ctx.spec, state_dict=weights, round=ctx.server_round
-            )
 
 
 class WeightedMean:
@@ -337,45 +249,17 @@ class WeightedMean:
         return {"num-examples": self.examples, "train-loss": self._loss / self.examples}
 
 
-def _train_ditto_personal(
-    bench: Workbench, ctx: RoundContext, user: UserData, x: torch.Tensor, y: torch.Tensor
-) -> None:
-    personal = bench.model(ctx.spec, "personal")
-    stored = ctx.state(user.user_id, before=ctx.server_round)
-    personal.load_state_dict(stored.state_dict if stored is not None else ctx.global_weights)
-    lam = ctx.cfg.personalization.ditto_lambda
-    train(
-        personal,
-        x,
-        y,
-        _train_config(ctx.cfg, epochs=ctx.cfg.personalization.ditto_epochs, proximal_mu=lam),
-        anchor=ctx.global_weights if lam > 0 else None,
-        generator=_generator(ctx, user.user_id, "ditto"),
-    )
-    trained = _snapshot(personal)
-    ctx.keep_state(user.user_id, trained)
-    if _writes_models(ctx):
-        ctx.store.save(
-            user.user_id, "personal", spec=ctx.spec, state_dict=trained, round=ctx.server_round
-        )
-
-
-def _writes_models(ctx: RoundContext) -> bool:
-    store = ctx.cfg.store
-    return store.save_models == "every-round" or ctx.server_round >= ctx.cfg.run.num_rounds
-
-
 def evaluate_user(bench: Workbench, ctx: RoundContext, user: UserData) -> dict[str, float]:
     """Loss/accuracy of the global and the personal model on the user's own test split.
 
     Also writes both models to the user's store, so they outlive the run (every round, or
     in the final round only: ``store.save-models``).
     """
-    method = ctx.cfg.personalization.method
+    method = method_of(ctx.cfg)
     write = _writes_models(ctx)
     model = bench.model(ctx.spec)
     model.load_state_dict(ctx.global_weights)
-    x_test, y_test = _tensors(user.x_test, user.y_test)
+    x_test, y_test = tensors(user.x_test, user.y_test)
     g = evaluate(model, x_test, y_test)
     if write:
         ctx.store.save(
@@ -387,37 +271,15 @@ def evaluate_user(bench: Workbench, ctx: RoundContext, user: UserData) -> dict[s
             metrics={"loss": g.loss, "accuracy": g.accuracy, "num-examples": g.num_examples},
         )
 
-    personal_round = ctx.server_round
-    if method == "none":
-        p = g
-    elif method == "finetune":
-        x, y = _tensors(user.x_train, user.y_train)
-        pers = ctx.cfg.personalization
-        train(
-            model,
-            x,
-            y,
-            _train_config(ctx.cfg, epochs=pers.finetune_epochs, lr=pers.finetune_lr),
-            generator=_generator(ctx, user.user_id, "finetune"),
-            parameters=head_keys(model) if pers.finetune_head_only else None,
-        )
-        p = evaluate(model, x_test, y_test)
-    elif method == "fedper":
-        _with_own_head(model, ctx, user.user_id, before=ctx.server_round + 1)
-        p = evaluate(model, x_test, y_test)
-    else:  # ditto: the stored personal model, trained only when this user was sampled
-        stored = ctx.state(user.user_id, before=ctx.server_round + 1)
-        if stored is not None:
-            model.load_state_dict(stored.state_dict)
-            personal_round = stored.round
-        p = evaluate(model, x_test, y_test)
+    personal_round = method.personalize(bench, ctx, user, model)
+    p = g if personal_round is None else evaluate(model, x_test, y_test)
     if write:
         ctx.store.save(
             user.user_id,
             "personal",
             spec=ctx.spec,
-            state_dict=_snapshot(model),
-            round=personal_round,
+            state_dict=snapshot(model),
+            round=ctx.server_round if personal_round is None else personal_round,
             metrics={"loss": p.loss, "accuracy": p.accuracy, "num-examples": p.num_examples},
         )
     return {

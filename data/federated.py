@@ -25,7 +25,7 @@ from .partition import (
     split_train_test,
 )
 from .seeds import file_user_rng, shared_rng, user_rng
-from .spec import DataError, DataSpec
+from .spec import DATASETS, PARTITIONERS, DataError, DatasetEntry, DataSpec, PartitionerEntry
 
 DEFAULT_CACHE_SIZE = 1024
 
@@ -159,11 +159,60 @@ class FederatedDataset:
 def load_federated_dataset(spec: DataSpec) -> FederatedDataset:
     """Validate ``spec`` and build the `FederatedDataset` it describes."""
     spec.validate()
-    if spec.dataset == "digits":
-        return _digits(spec)
-    if spec.dataset in ("synthetic", "synthetic-iid"):
-        return _synthetic(spec)
-    return _file(spec)
+    return DATASETS.get(spec.dataset).load(spec)
+
+
+def register_dataset(
+    name: str, *, help: str, uses: tuple[str, ...] = (), options: dict | None = None
+) -> Callable[[Callable[[DataSpec], FederatedDataset]], Callable[[DataSpec], FederatedDataset]]:
+    """Decorator: ``load(spec) -> FederatedDataset`` becomes ``data.dataset = name``.
+
+    ``uses`` names the ``data.*`` keys it reads; ``options`` (:class:`pollinate.registry.
+    Option` by key) are its own keys, ``data.<key>``, read from ``spec.options``.
+    """
+
+    def decorator(
+        load: Callable[[DataSpec], FederatedDataset],
+    ) -> Callable[[DataSpec], FederatedDataset]:
+        DATASETS.add(DatasetEntry(name, help, load, uses, dict(options or {})))
+        return load
+
+    return decorator
+
+
+def register_partitioner(
+    name: str, *, help: str, uses: tuple[str, ...] = ()
+) -> Callable[[Splitter], Splitter]:
+    """Decorator: ``split(labels, spec, rng) -> (indices per user, detail)`` becomes
+    ``data.partitioner = name`` (for ``digits``)."""
+
+    def decorator(split: Splitter) -> Splitter:
+        PARTITIONERS.add(PartitionerEntry(name, help, split, uses))
+        return split
+
+    return decorator
+
+
+Splitter = Callable[[np.ndarray, DataSpec, np.random.Generator], tuple[list[np.ndarray], str]]
+
+
+@register_partitioner("iid", help="uniformly at random")
+def _iid(labels: np.ndarray, spec: DataSpec, rng: np.random.Generator) -> tuple[list, str]:
+    return partition_iid(len(labels), spec.num_users, rng), "iid"
+
+
+@register_partitioner("dirichlet", help="label skew, Dirichlet(alpha) per class", uses=("alpha",))
+def _dirichlet(labels: np.ndarray, spec: DataSpec, rng: np.random.Generator) -> tuple[list, str]:
+    parts = partition_dirichlet(labels, spec.num_users, spec.alpha, rng, spec.min_samples)
+    return parts, f"dirichlet alpha={spec.alpha:g}"
+
+
+@register_partitioner(
+    "shards", help="FedAvg's pathological split: label-sorted shards", uses=("shards-per-user",)
+)
+def _shards(labels: np.ndarray, spec: DataSpec, rng: np.random.Generator) -> tuple[list, str]:
+    parts = partition_shards(labels, spec.num_users, spec.shards_per_user, rng)
+    return parts, f"shards {spec.shards_per_user} per user"
 
 
 def user_id_for(k: int, num_users: int) -> str:
@@ -171,6 +220,11 @@ def user_id_for(k: int, num_users: int) -> str:
     return f"user-{k:0{max(4, len(str(num_users - 1)))}d}"
 
 
+@register_dataset(
+    "digits",
+    help="scikit-learn's bundled 8x8 digits (1,797 images, 64 features, 10 classes)",
+    uses=("num-users", "partitioner", "central-test-fraction"),
+)
 def _digits(spec: DataSpec) -> FederatedDataset:
     from sklearn.datasets import load_digits  # bundled with scikit-learn: no download
 
@@ -195,16 +249,7 @@ def _digits(spec: DataSpec) -> FederatedDataset:
             f"most {max_users(len(pool), spec.min_samples)} users with data.min-samples="
             f"{spec.min_samples}, but data.num-users is {spec.num_users}; lower data.num-users"
         )
-    y_pool = y_all[pool]
-    if spec.partitioner == "iid":
-        parts = partition_iid(len(pool), spec.num_users, rng)
-        detail = "iid"
-    elif spec.partitioner == "dirichlet":
-        parts = partition_dirichlet(y_pool, spec.num_users, spec.alpha, rng, spec.min_samples)
-        detail = f"dirichlet alpha={spec.alpha:g}"
-    else:
-        parts = partition_shards(y_pool, spec.num_users, spec.shards_per_user, rng)
-        detail = f"shards {spec.shards_per_user} per user"
+    parts, detail = PARTITIONERS.get(spec.partitioner).split(y_all[pool], spec, rng)
     user_ids = [user_id_for(k, spec.num_users) for k in range(spec.num_users)]
     for user_id, part in zip(user_ids, parts, strict=True):
         if len(part) < spec.min_samples:
@@ -230,6 +275,16 @@ def _digits(spec: DataSpec) -> FederatedDataset:
     )
 
 
+@register_dataset(
+    "synthetic-iid",
+    help="FedProx's Synthetic-IID: every user draws from one shared model",
+    uses=("num-users",),
+)
+@register_dataset(
+    "synthetic",
+    help="FedProx's Synthetic(alpha, beta): one natural partition per user, made lazily",
+    uses=("num-users", "synthetic-alpha", "synthetic-beta"),
+)
 def _synthetic(spec: DataSpec) -> FederatedDataset:
     if spec.min_samples > synthetic.SYNTHETIC_MIN_SAMPLES:
         raise DataError(
@@ -257,6 +312,11 @@ def _synthetic(spec: DataSpec) -> FederatedDataset:
     )
 
 
+@register_dataset(
+    "file",
+    help="your CSV/Parquet table; every distinct user id is one user",
+    uses=("path", "user-column", "label-column"),
+)
 def _file(spec: DataSpec) -> FederatedDataset:
     tables = load_user_file(spec.path, user_column=spec.user_column, label_column=spec.label_column)
     small = {u: len(y) for u, (_, y) in tables.items() if len(y) < spec.min_samples}

@@ -8,11 +8,30 @@ says what is wrong and how to fix it.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING, Any
 
-DATASETS = ("digits", "synthetic", "synthetic-iid", "file")
-PARTITIONERS = ("iid", "dirichlet", "shards")
+from pollinate.registry import Option, Options, Range, Registry, Scalar
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from .federated import FederatedDataset
+
+__all__ = [
+    "DATASETS",
+    "DATA_RANGES",
+    "MAX_CLASSES",
+    "PARTITIONERS",
+    "DataError",
+    "DataOptions",
+    "DataSpec",
+    "DatasetEntry",
+    "PartitionerEntry",
+    "Range",
+    "config_key",
+]
 
 #: Most classes a dataset may have (labels 0..C-1): the model's head is (D, C) and
 #: confusion counts are (C,), so a label like 10**12 would be a multi-terabyte allocation.
@@ -29,72 +48,102 @@ def config_key(field_name: str) -> str:
 
 
 @dataclass(frozen=True)
-class Range:
-    """The allowed values of one numeric setting: ``lo..hi``, each end closed unless open.
+class DatasetEntry:
+    """A registered dataset: ``load(spec)`` builds its users from a validated `DataSpec`.
 
-    Every value must also be finite (NaN and infinities are outside every range). Printed as
-    ``1..1000`` for integer settings and as an interval, e.g. ``(0, 1]``, for float ones.
+    ``uses`` names the ``data.*`` keys it reads (for the README's table); ``options`` are
+    keys of its own (``data.<option>``, read from ``spec.options``).
     """
 
-    lo: float
-    hi: float
-    open_lo: bool = False
-    open_hi: bool = False
+    name: str
+    help: str
+    load: Callable[[DataSpec], FederatedDataset]
+    uses: tuple[str, ...] = ()
+    options: dict[str, Option] = field(default_factory=dict)
 
-    def __contains__(self, value: object) -> bool:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            return False
-        if not math.isfinite(value):
-            return False
-        above = value > self.lo if self.open_lo else value >= self.lo
-        below = value < self.hi if self.open_hi else value <= self.hi
-        return above and below
 
-    def describe(self, integer: bool) -> str:
-        if integer:
-            return f"an integer in {int(self.lo)}..{int(self.hi)}"
-        lo, hi = "(" if self.open_lo else "[", ")" if self.open_hi else "]"
-        return f"a finite number in {lo}{self.lo:g}, {self.hi:g}{hi}"
+@dataclass(frozen=True)
+class PartitionerEntry:
+    """A registered way to split ``digits`` over users: ``split(labels, spec, rng)``
+    returns each user's sample indices and a few words for `describe`."""
 
-    def problem(self, key: str, value: object, integer: bool) -> str | None:
-        """The one-line error for ``value``, or None if it is allowed."""
-        is_int = isinstance(value, int) and not isinstance(value, bool)
-        if value in self and (is_int or not integer):
-            return None
-        return f"{key} must be {self.describe(integer)}, got {value!r}"
+    name: str
+    help: str
+    split: Callable[[np.ndarray, DataSpec, np.random.Generator], tuple[list[np.ndarray], str]]
+    uses: tuple[str, ...] = ()
+    options: dict[str, Option] = field(default_factory=dict)
+
+
+#: Every dataset (the choices of ``data.dataset``), registered in :mod:`.federated`.
+DATASETS: Registry[DatasetEntry] = Registry("data.dataset")
+#: Every partitioner (``data.partitioner``), registered in :mod:`.federated`.
+PARTITIONERS: Registry[PartitionerEntry] = Registry("data.partitioner")
+
+
+def _opt(default: Scalar, help: str, range: Range | None = None, **meta: Any) -> Any:
+    """A `DataOptions` field: its default, its help (the README's table) and its range."""
+    return field(default=default, metadata={"help": help, "range": range, **meta})
 
 
 @dataclass(frozen=True)
 class DataOptions:
-    """The run config's ``[data]`` table: every `DataSpec` field but the seed (the run's)."""
+    """The run config's ``[data]`` table: every `DataSpec` field but the seed (the run's).
 
-    dataset: str = "digits"
-    num_users: int = 20
-    partitioner: str = "dirichlet"
-    alpha: float = 0.5
-    shards_per_user: int = 2
-    synthetic_alpha: float = 1.0
-    synthetic_beta: float = 1.0
-    path: str = ""
-    user_column: str = "user"
-    label_column: str = "label"
-    test_fraction: float = 0.2
-    central_test_fraction: float = 0.2
-    min_samples: int = 4
+    Each field's metadata holds its help text and allowed range: the one rule set for the
+    ``data.*`` keys, which `DataSpec.validate` applies and the run config documents.
+    """
+
+    dataset: str = _opt(
+        "digits", "which users' data; see the datasets below", registry=lambda: DATASETS
+    )
+    num_users: int = _opt(
+        20, "number of users (`digits`, `synthetic*`; a `file` has its own)", Range(1, 1_000_000)
+    )
+    partitioner: str = _opt(
+        "dirichlet", "how `digits` is split over users", registry=lambda: PARTITIONERS
+    )
+    alpha: float = _opt(
+        0.5, "Dirichlet concentration: small = very skewed labels", Range(0, 1e6, open_lo=True)
+    )
+    shards_per_user: int = _opt(2, "label-sorted shards per user (`shards`)", Range(1, 10_000))
+    synthetic_alpha: float = _opt(
+        1.0, "Synthetic(alpha, beta): spread of the per-user models", Range(0, 100)
+    )
+    synthetic_beta: float = _opt(
+        1.0, "Synthetic(alpha, beta): spread of the per-user feature means", Range(0, 100)
+    )
+    path: str = _opt("", "the CSV/Parquet table of `file` (one row per sample)")
+    user_column: str = _opt("user", "`file`: the column naming each row's user")
+    label_column: str = _opt("label", "`file`: the class label column; the rest are features")
+    test_fraction: float = _opt(
+        0.2,
+        "fraction of each user's samples held out as its test set",
+        Range(0, 1, open_lo=True, open_hi=True),
+    )
+    central_test_fraction: float = _opt(
+        0.2,
+        "`digits`: stratified fraction held out before partitioning (server-side test)",
+        Range(0, 1, open_lo=True, open_hi=True),
+    )
+    # 1 train + 1 test sample at least
+    min_samples: int = _opt(4, "fewest samples a user may hold", Range(2, 1_000_000))
+    # A registered dataset's own options (data.<option>): none for the built-in ones.
+    options: Options = field(
+        default_factory=lambda: Options(
+            {key: option.default for key, (option, _) in DATASETS.options().items()}
+        ),
+        metadata={"registry": lambda: DATASETS},
+    )
 
 
-#: Allowed values of every numeric `DataSpec` field (the ``data.*`` config keys and the seed).
-#: Sizes are bounded before anything is allocated; floats must be finite.
+#: The seed is the run's (``run.seed``): numpy's and torch's seeds stay in range.
+SEED_RANGE = Range(0, 2**32 - 1)
+
+#: Allowed values of every numeric `DataSpec` field (the ``data.*`` config keys and the seed),
+#: from the fields' metadata. Sizes are bounded before anything is allocated.
 DATA_RANGES: dict[str, Range] = {
-    "num_users": Range(1, 1_000_000),
-    "alpha": Range(0, 1e6, open_lo=True),
-    "shards_per_user": Range(1, 10_000),
-    "synthetic_alpha": Range(0, 100),
-    "synthetic_beta": Range(0, 100),
-    "test_fraction": Range(0, 1, open_lo=True, open_hi=True),
-    "central_test_fraction": Range(0, 1, open_lo=True, open_hi=True),
-    "min_samples": Range(2, 1_000_000),  # 1 train + 1 test sample at least
-    "seed": Range(0, 2**32 - 1),  # numpy's and torch's seeds stay in range
+    **{f.name: f.metadata["range"] for f in fields(DataOptions) if f.metadata.get("range")},
+    "seed": SEED_RANGE,
 }
 
 
@@ -142,8 +191,9 @@ class DataSpec(DataOptions):
             value = getattr(self, name)
             if not isinstance(value, str):
                 raise DataError(f"{config_key(name)} must be a string, got {value!r}")
-        _choice("dataset", self.dataset, DATASETS)
-        _choice("partitioner", self.partitioner, PARTITIONERS)
+        for registry, name in ((DATASETS, self.dataset), (PARTITIONERS, self.partitioner)):
+            if name not in registry:
+                raise DataError(registry.unknown(name))
         for name, allowed in DATA_RANGES.items():
             integer = isinstance(getattr(DataSpec, name), int)  # the default's type
             reason = allowed.problem(config_key(name), getattr(self, name), integer)
@@ -162,10 +212,3 @@ class DataSpec(DataOptions):
                 "they must name different columns"
             )
         return self
-
-
-def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise DataError(
-            f"unknown {config_key(name)} {value!r}; choose one of: {', '.join(choices)}"
-        )

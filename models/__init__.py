@@ -20,7 +20,9 @@ from .artifact import (
 )
 from .registry import (
     MAX_PARAMETERS,
+    MODELS,
     FedModel,
+    ModelEntry,
     ModelSpec,
     UnknownModelError,
     available_models,
@@ -36,10 +38,12 @@ from .train import EvalStats, TrainConfig, TrainStats, evaluate, predict_proba, 
 __all__ = [
     "FORMAT",
     "MAX_PARAMETERS",
+    "MODELS",
     "ArtifactError",
     "EvalStats",
     "FedModel",
     "ModelArtifact",
+    "ModelEntry",
     "ModelSpec",
     "TrainConfig",
     "TrainStats",

@@ -4,14 +4,16 @@ The body/head split is what personalization needs: FedPer and FedRep share the b
 the head per user, Ditto and fine-tuning retrain the head alone. A new model is one builder
 function that returns ``(body, head)``::
 
-    @register_model("tiny")
+    @register_model("tiny", options={"width": Option(8, "hidden width", Range(1, 4096))})
     def tiny(*, in_features: int, num_classes: int, width: int = 8):
         body = nn.Sequential(nn.Linear(in_features, width), nn.ReLU())  # (B, F) -> (B, W)
         return body, nn.Linear(width, num_classes)  # head: (B, W) -> (B, K)
 
 ``create_model("tiny", in_features=4, num_classes=2, width=16)`` then builds it, validates the
 options against the builder's signature and records them in ``model.spec`` so that the exact
-architecture can be rebuilt later (see ``pollinate.models.artifact``).
+architecture can be rebuilt later (see ``pollinate.models.artifact``). The ``options`` it
+declares are what a run config may set (``model.name = "tiny"``, ``model.width = 16``):
+each becomes a ``model.<option>`` key with that default, range and help.
 
 Inputs are always flat float32 features of shape (B, F); a model that wants another layout
 (e.g. images) reshapes inside its body.
@@ -22,15 +24,19 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from pollinate.registry import Option, Range, Registry
+
 __all__ = [
     "MAX_PARAMETERS",
+    "MODELS",
     "FedModel",
+    "ModelEntry",
     "ModelSpec",
     "UnknownModelError",
     "available_models",
@@ -50,7 +56,24 @@ MAX_PARAMETERS = 100_000_000
 #: returns ``(body, head)``.
 ModelBuilder = Callable[..., tuple[nn.Module, nn.Module]]
 
-_REGISTRY: dict[str, ModelBuilder] = {}
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A registered model: its builder and the builder options a run config may set."""
+
+    name: str
+    help: str
+    builder: ModelBuilder
+    options: dict[str, Option] = field(default_factory=dict)
+
+    def kwargs(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        """Builder keyword arguments from config option values (``base-width`` ->
+        ``base_width``)."""
+        return {key.replace("-", "_"): values[key] for key in self.options}
+
+
+#: Every model, by name: the choices of ``model.name``.
+MODELS: Registry[ModelEntry] = Registry("model.name")
 
 # Arguments every builder receives; everything else in its signature is a model option.
 _REQUIRED = ("in_features", "num_classes")
@@ -136,23 +159,45 @@ class FedModel(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
+def register_model(
+    name: str, *, options: Mapping[str, Option] | None = None, help: str = ""
+) -> Callable[[ModelBuilder], ModelBuilder]:
     """Decorator that adds a builder to the registry under ``name``.
 
     The builder must take keyword-only ``in_features`` and ``num_classes`` plus its own
     options (with defaults), and return ``(body, head)``.
+
+    Parameters
+    ----------
+    name
+        A lowercase identifier: the value of ``model.name``.
+    options
+        The builder options a run config may set, by config key (``hidden``, or
+        ``base-width`` for a ``base_width`` parameter); each default must equal the
+        builder's. Options left out keep the builder's default under a config.
+    help
+        One line for the README's table; the builder's docstring's first line if empty.
     """
     if not name or not name.isidentifier() or name != name.lower():
         raise ValueError(f"model name must be a lowercase identifier, got {name!r}")
+    declared = dict(options or {})
 
     def decorator(builder: ModelBuilder) -> ModelBuilder:
-        if name in _REGISTRY:
+        if name in MODELS:
             raise ValueError(f"model {name!r} is already registered")
         params = inspect.signature(builder).parameters
         missing = [p for p in _REQUIRED if p not in params]
         if missing:
             raise ValueError(f"builder for {name!r} must accept {', '.join(missing)}")
-        _REGISTRY[name] = builder
+        for key, option in declared.items():
+            param = params.get(key.replace("-", "_"))
+            if param is None or param.default != option.default:
+                raise ValueError(
+                    f"model {name!r}: option {key!r} needs a builder parameter "
+                    f"{key.replace('-', '_')} with default {option.default!r}"
+                )
+        doc = (builder.__doc__ or "").strip().splitlines()
+        MODELS.add(ModelEntry(name, help or (doc[0] if doc else name), builder, declared))
         return builder
 
     return decorator
@@ -160,7 +205,7 @@ def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
 
 def available_models() -> list[str]:
     """Registered model names, sorted."""
-    return sorted(_REGISTRY)
+    return sorted(MODELS.names())
 
 
 def create_model(
@@ -198,10 +243,9 @@ def create_model(
     ValueError
         An argument is invalid or not accepted by this model.
     """
-    try:
-        builder = _REGISTRY[name]
-    except KeyError:
-        raise UnknownModelError(name) from None
+    if name not in MODELS:
+        raise UnknownModelError(name)
+    builder = MODELS.get(name).builder
     _check_positive_int("in_features", in_features, name)
     _check_positive_int("num_classes", num_classes, name)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
@@ -282,7 +326,7 @@ def _check_scalars(model: str, kwargs: Mapping[str, Any]) -> None:
 # ---------------------------------------------------------------------------- models
 
 
-@register_model("logreg")
+@register_model("logreg", help="multinomial logistic regression: a linear head, no body")
 def logreg(*, in_features: int, num_classes: int) -> tuple[nn.Module, nn.Module]:
     """Multinomial logistic regression: no body parameters, a linear head."""
     body = nn.Identity()  # (B, F) -> (B, F)
@@ -290,7 +334,14 @@ def logreg(*, in_features: int, num_classes: int) -> tuple[nn.Module, nn.Module]
     return body, head
 
 
-@register_model("mlp")
+@register_model(
+    "mlp",
+    help="multilayer perceptron: `depth` Linear-ReLU layers of width `hidden`",
+    options={
+        "hidden": Option(64, "width of each hidden layer", Range(1, 16_384)),
+        "depth": Option(1, "number of hidden Linear-ReLU layers", Range(1, 64)),
+    },
+)
 def mlp(
     *, in_features: int, num_classes: int, hidden: int = 64, depth: int = 1
 ) -> tuple[nn.Module, nn.Module]:
@@ -305,7 +356,9 @@ def mlp(
     return nn.Sequential(*layers), nn.Linear(hidden, num_classes)  # head: (B, H) -> (B, K)
 
 
-@register_model("cnn")
+@register_model(
+    "cnn", help="small CNN for square images given as flat features (2 conv layers, 1 dense)"
+)
 def cnn(
     *,
     in_features: int,

@@ -61,9 +61,10 @@ from flwr.serverapp.strategy import (
 )
 from flwr.supercore import log
 
-from pollinate.config import STRATEGIES, AttackSection, ConfigError, RunConfig, ValidationSection
+from pollinate.config import AttackSection, ConfigError, RunConfig, ValidationSection
 from pollinate.models.attacks import malicious_users
 from pollinate.models.checks import ensure_finite_model
+from pollinate.registry import UnknownNameError
 from pollinate.server.failures import check_exchange, error_reason
 from pollinate.server.metrics import MetricsRecorder
 from pollinate.server.validation import Candidate, global_vector, screen_updates
@@ -628,20 +629,6 @@ class CohortBulyan(UserCohorts, Bulyan):
             gc.unfreeze()
 
 
-def _krum_family(name: str, s: Any, common: dict[str, Any]) -> UserCohorts:
-    if name == "krum":
-        return CohortKrum(**common, num_malicious_nodes=s.krum_byzantine)
-    if name == "multikrum":
-        strategy = CohortMultiKrum(
-            **common,
-            num_malicious_nodes=s.krum_byzantine,
-            num_nodes_to_select=max(1, s.multikrum_select),
-        )
-        strategy.select_all_but_byzantine = s.multikrum_select == 0
-        return strategy
-    return CohortBulyan(**common, num_malicious_nodes=s.krum_byzantine)
-
-
 def build_strategy(cfg: RunConfig, recorder: MetricsRecorder | None = None) -> UserCohorts:
     """The configured Flower strategy, over users."""
     s = cfg.strategy
@@ -652,31 +639,14 @@ def build_strategy(cfg: RunConfig, recorder: MetricsRecorder | None = None) -> U
         "min_evaluate_nodes": s.min_evaluate_users,
         "min_available_nodes": 1,
     }
-    strategy: UserCohorts
-    if s.name == "fedavg":
-        strategy = CohortFedAvg(**common)
-    elif s.name == "fedprox":
-        strategy = CohortFedProx(**common, proximal_mu=s.proximal_mu)
-    elif s.name in ("fedadam", "fedyogi"):
-        cls = CohortFedAdam if s.name == "fedadam" else CohortFedYogi
-        strategy = cls(
-            **common,
-            eta=s.server_lr,
-            eta_l=cfg.train.lr,
-            beta_1=s.beta_1,
-            beta_2=s.beta_2,
-            tau=s.tau,
-        )
-    elif s.name == "fedmedian":
-        strategy = CohortFedMedian(**common)
-    elif s.name == "fedtrimmedavg":
-        strategy = CohortFedTrimmedAvg(**common, beta=s.trim_beta)
-    elif s.name in ("krum", "multikrum", "bulyan"):
-        strategy = _krum_family(s.name, s, common)
-    else:  # config.resolve refuses it first; a RunConfig built by hand may not have
-        raise ConfigError(
-            f"strategy.name = '{s.name}' is not known; choose one of: {', '.join(STRATEGIES)}"
-        )
+    # The registry imports this module's Cohort classes: imported here, not at the top.
+    from pollinate.server.strategies import STRATEGIES
+
+    try:
+        entry = STRATEGIES.get(s.name)
+    except UnknownNameError as err:  # config.resolve refuses it first; a hand-built one not
+        raise ConfigError(str(err)) from None
+    strategy = entry.build(common, s.options, cfg)
     strategy.bind(
         recorder=recorder,
         min_nodes=s.min_nodes,

@@ -12,8 +12,11 @@ def test_defaults_are_valid() -> None:
 @pytest.mark.parametrize(
     ("changes", "needles"),
     [
-        ({"dataset": "mnist"}, ("unknown data.dataset 'mnist'", "digits, synthetic")),
-        ({"partitioner": "pathological"}, ("unknown data.partitioner", "iid, dirichlet, shards")),
+        ({"dataset": "mnist"}, ("data.dataset = 'mnist' is not known", "digits, synthetic")),
+        (
+            {"partitioner": "pathological"},
+            ("data.partitioner = 'pathological' is not known", "iid, dirichlet, shards"),
+        ),
         ({"num_users": 0}, ("data.num-users", "an integer in 1..")),
         ({"num_users": True}, ("data.num-users",)),
         ({"num_users": "20"}, ("data.num-users", "'20'")),
