@@ -25,6 +25,7 @@ from itertools import islice
 
 import torch
 
+from pollinate import protocol
 from pollinate.client.local import user_seed
 from pollinate.client.store import ModelStore
 from pollinate.config import RunConfig
@@ -184,7 +185,7 @@ def train_user(
             )
     elif method == "ditto":
         _train_ditto_personal(bench, ctx, user, x, y)
-    return update, {"num-examples": stats.num_examples, "train-loss": stats.loss}
+    return update, protocol.train_metrics(stats.num_examples, stats.loss)
 
 
 def train_users(
@@ -260,7 +261,7 @@ def _train_stack(
                     state_dict=update,
                     round=ctx.server_round,
                 )
-        yield user, update, {"num-examples": stats.num_examples, "train-loss": stats.loss}
+        yield user, update, protocol.train_metrics(stats.num_examples, stats.loss)
 
 
 def _train_ditto_stack(
@@ -312,7 +313,7 @@ class WeightedMean:
         self.examples = 0
 
     def add(self, update: StateDict, metrics: dict[str, float]) -> None:
-        n = int(metrics["num-examples"])
+        n = int(metrics[protocol.NUM_EXAMPLES])
         if n <= 0:
             return
         for key, value in update.items():
@@ -322,7 +323,7 @@ class WeightedMean:
             else:
                 self._sum[key] = term
                 self._dtypes[key] = value.dtype
-        self._loss += float(metrics["train-loss"]) * n
+        self._loss += float(metrics[protocol.TRAIN_LOSS]) * n
         self.examples += n
 
     def weights(self) -> StateDict:
@@ -334,7 +335,7 @@ class WeightedMean:
         return out
 
     def metrics(self) -> dict[str, float]:
-        return {"num-examples": self.examples, "train-loss": self._loss / self.examples}
+        return protocol.train_metrics(self.examples, self._loss / self.examples)
 
 
 def _train_ditto_personal(
@@ -384,7 +385,7 @@ def evaluate_user(bench: Workbench, ctx: RoundContext, user: UserData) -> dict[s
             spec=ctx.spec,
             state_dict=ctx.global_weights,
             round=ctx.server_round,
-            metrics={"loss": g.loss, "accuracy": g.accuracy, "num-examples": g.num_examples},
+            metrics={"loss": g.loss, "accuracy": g.accuracy, protocol.NUM_EXAMPLES: g.num_examples},
         )
 
     personal_round = ctx.server_round
@@ -418,12 +419,6 @@ def evaluate_user(bench: Workbench, ctx: RoundContext, user: UserData) -> dict[s
             spec=ctx.spec,
             state_dict=_snapshot(model),
             round=personal_round,
-            metrics={"loss": p.loss, "accuracy": p.accuracy, "num-examples": p.num_examples},
+            metrics={"loss": p.loss, "accuracy": p.accuracy, protocol.NUM_EXAMPLES: p.num_examples},
         )
-    return {
-        "num-examples": g.num_examples,
-        "global-loss": g.loss,
-        "global-accuracy": g.accuracy,
-        "personal-loss": p.loss,
-        "personal-accuracy": p.accuracy,
-    }
+    return protocol.evaluate_metrics(g.num_examples, g.loss, g.accuracy, p.loss, p.accuracy)
