@@ -40,10 +40,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+if TYPE_CHECKING:
+    import torch
+    from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+# The names above are imported where a builder runs, not here: the metrics readers
+# (server/metrics.py, behind `pollinate metrics`) use this module's metric names, and
+# importing Flower's records costs them ~10x their start-up (0.3 s -> 3.4 s measured on a
+# loaded 2-core machine).
 
 # ----------------------------------------------------------------- record keys
 ARRAYS = "arrays"  # Flower's FedAvg arrayrecord_key: the global model, or a cohort mean
@@ -125,6 +131,8 @@ def evaluate_metrics(
 
 def weights_record(flat: torch.Tensor) -> ArrayRecord:
     """A model (or update) as sent: one flat vector (:mod:`pollinate.models.flat`)."""
+    from flwr.app import ArrayRecord
+
     return ArrayRecord({WEIGHTS: flat})
 
 
@@ -139,11 +147,15 @@ def run_config_record(
 ) -> ConfigRecord:
     """What every message of a run carries in ``config``: the run config, the model's
     spec (JSON) and the run key; Flower's strategy adds ``server-round`` per round."""
+    from flwr.app import ConfigRecord
+
     return ConfigRecord({**run_config, MODEL_SPEC: model_spec, RUN_KEY: run_key})
 
 
 def query_content(config: ConfigRecord) -> RecordDict:
     """A ``query`` message: which users does the node host?"""
+    from flwr.app import RecordDict
+
     return RecordDict({CONFIG: config})
 
 
@@ -166,6 +178,8 @@ def instruction_content(
 ) -> RecordDict:
     """A ``train`` or ``evaluate`` message for one node. ``config`` is the round's (the
     Flower strategy's) config; it is copied, not changed."""
+    from flwr.app import ConfigRecord, RecordDict
+
     out = ConfigRecord(dict(config))
     out[SAMPLED_USERS] = users
     if evaluation is not None:
@@ -240,6 +254,8 @@ def describe_instruction(message: Message) -> str:
 # -------------------------------------------------------- node -> server
 def users_content(ids: Iterable[str]) -> RecordDict:
     """The reply to a ``query``: the users this node hosts."""
+    from flwr.app import RecordDict
+
     return RecordDict({USERS: _ids(ids)})
 
 
@@ -276,6 +292,8 @@ class TrainReply:
 
 def evaluate_content(reply: EvaluateReply, prefix: str = "") -> RecordDict:
     """An evaluate reply (``prefix`` = :data:`EVALUATION`: a train reply's carried half)."""
+    from flwr.app import RecordDict
+
     content = RecordDict()
     _put_evaluation(content, reply, prefix)
     return content
@@ -289,6 +307,8 @@ def _put_evaluation(content: RecordDict, reply: EvaluateReply, prefix: str) -> N
 
 def train_content(reply: TrainReply) -> RecordDict:
     """The records of a train reply (layout in the module docstring)."""
+    from flwr.app import ConfigRecord, RecordDict
+
     content = RecordDict()
     if reply.evaluation is not None:
         _put_evaluation(content, reply.evaluation, EVALUATION)
@@ -389,6 +409,8 @@ def read_node_config(node_config: Mapping[str, Any]) -> NodeConfig:
 
 # ------------------------------------------------------------------- helpers
 def _ids(ids: Iterable[str]) -> ConfigRecord:
+    from flwr.app import ConfigRecord
+
     return ConfigRecord({IDS: [str(u) for u in ids]})
 
 

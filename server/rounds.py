@@ -439,6 +439,15 @@ class UserCohorts:
             # cover its evaluation and round r+1's training (one exchange).
             first = evaluation.round if evaluation is not None else round_
             self.recorder.add_bytes(first, sent=arrays.count_bytes() * len(messages))
+        log(
+            INFO,
+            "round %d: %d user(s) to train, %d to evaluate (round %s), on %d node(s)",
+            round_,
+            len(training.users) if training else 0,
+            len(evaluation.users) if evaluation else 0,
+            evaluation.round if evaluation else "-",
+            len(messages),
+        )
         exchange = Exchange(messages, set(trainers), set(evaluators))
         replies = list(grid.send_and_receive(messages, timeout=timeout)) if messages else []
         return replies, exchange
