@@ -44,16 +44,23 @@ def answer(msg: Message) -> Message:
 class TwoNodeGrid:
     """A stand-in Grid: node 11 hosts users a and b, node 22 hosts user c.
 
-    ``lost`` = {(exchange number, node)}: that node's reply is the SuperLink's "node
-    unavailable" error, which names no node, only the message it answers.
+    ``lost`` = {(exchange number, node)}: that node's reply is an error (by default the
+    SuperLink's "node unavailable", which names no node, only the message it answers).
     """
 
     hosts: ClassVar[dict[int, list[str]]] = {11: ["a", "b"], 22: ["c"]}
 
-    def __init__(self, lost: set[tuple[int, int]] | None = None) -> None:
+    def __init__(
+        self,
+        lost: set[tuple[int, int]] | None = None,
+        reason: str = "node unavailable",
+        silent: set[int] | None = None,
+    ) -> None:
         self.queried: list[int] = []
         self.exchanges: list[list[Message]] = []
         self.lost = lost or set()
+        self.reason = reason
+        self.silent = silent or set()  # exchanges no reply comes back from, in time
 
     def get_node_ids(self) -> list[int]:
         return list(self.hosts)
@@ -67,11 +74,13 @@ class TwoNodeGrid:
                 for m in messages
             ]
         self.exchanges.append(messages)
+        if len(self.exchanges) in self.silent:
+            return []
         replies = []
         for i, m in enumerate(messages):
             m.metadata.__dict__["_message_id"] = f"x{len(self.exchanges)}-{i}"  # as on push
             if (len(self.exchanges), m.metadata.dst_node_id) in self.lost:
-                gone = Message(Error(code=1, reason="node unavailable"), reply_to=m)
+                gone = Message(Error(code=1, reason=self.reason), reply_to=m)
                 gone.metadata.__dict__["_src_node_id"] = 0
                 replies.append(gone)
             else:
