@@ -1,6 +1,6 @@
 """Every training reply checked before the Flower strategy aggregates it.
 
-:class:`~pollinate.server.strategy.UserCohorts` expands each node's reply into one message
+:class:`~pollinate.server.rounds.UserCohorts` expands each node's reply into one message
 per user (or one per cohort mean) and hands them to :func:`screen_updates` before Flower's
 ``aggregate_train`` sees them. A message passes when it
 
