@@ -1,6 +1,7 @@
 """The Pollinate ClientApp (Flower Message API).
 
-One Flower node hosts a cohort of users (see :mod:`pollinate.client.local`). Messages:
+One Flower node hosts a cohort of users (see :mod:`pollinate.client.local`). The record
+layout of every message is :mod:`pollinate.protocol`'s; in words:
 
 - ``query``: which users does this node host? Reply ``ConfigRecord "users"`` with ``ids``.
 - ``train``: config ``users`` names the sampled users; for each, train from the global
@@ -40,9 +41,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord
 from flwr.clientapp import ClientApp
 
+from pollinate import protocol
 from pollinate.client.local import hosted_cohort, user_seed
 from pollinate.client.steps import (
     RoundContext,
@@ -69,16 +71,16 @@ _BENCH = Workbench()
 
 def _run_config(msg: Message) -> RunConfig:
     # Validated at the server; message-only keys (server-round, users, ...) are skipped.
-    return resolve(dict(msg.content["config"]), ignore_unknown=True)
+    return resolve(dict(protocol.message_config(msg.content)), ignore_unknown=True)
 
 
 def _store(cfg: RunConfig, context: Context) -> ModelStore:
-    model_dir = str(context.node_config.get("model-dir", "") or "")
+    model_dir = protocol.read_node_config(context.node_config).model_dir
     return ModelStore(Path(model_dir) if model_dir else cfg.store_dir)
 
 
 def _global_weights(msg: Message, spec: ModelSpec) -> StateDict:
-    flat = msg.content.array_records["arrays"].to_torch_state_dict()["weights"]
+    flat = protocol.read_weights(protocol.global_arrays(msg.content))
     weights = unflatten(flat, like=_BENCH.model(spec).state_dict())
     # A node never trains on, evaluates or stores a broken global model (checked in the
     # model's own dtypes: a float64 1e39 is infinite in a float32 model).
@@ -86,48 +88,40 @@ def _global_weights(msg: Message, spec: ModelSpec) -> StateDict:
     return weights
 
 
-def _round_context(msg: Message, context: Context) -> RoundContext:
-    config = msg.content["config"]
+def _round_context(msg: Message, context: Context, ask: protocol.Instruction) -> RoundContext:
     cfg = _run_config(msg)
-    spec = ModelSpec.from_dict(json.loads(str(config["model-spec"])))
+    spec = ModelSpec.from_dict(json.loads(ask.model_spec))
     return RoundContext(
         cfg=cfg,
         spec=spec,
         global_weights=_global_weights(msg, spec),
-        server_round=int(config["server-round"]),  # type: ignore[arg-type]
+        server_round=ask.server_round,
         store=_store(cfg, context),
-        proximal_mu=float(config.get("proximal-mu", 0.0)),  # type: ignore[arg-type]
-        run_key=str(config.get("run-key", "")),
+        proximal_mu=ask.proximal_mu,
+        run_key=ask.run_key,
     )
 
 
-def _sampled_users(
-    msg: Message, context: Context, cfg: RunConfig, key: str = "users"
-) -> Iterator[UserData]:
+def _users(context: Context, cfg: RunConfig, wanted: list[str] | None) -> Iterator[UserData]:
+    """The named users of this node (None: all it hosts)."""
     # One user at a time: a node hosting thousands of users never holds all their data.
     cohort = hosted_cohort(cfg, context.node_config)
-    wanted = msg.content["config"].get(key)
-    ids = cohort.user_ids if wanted is None else [str(u) for u in wanted]  # type: ignore[union-attr]
+    ids = cohort.user_ids if wanted is None else wanted
     return (cohort.users[u] for u in ids)
 
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     cohort = hosted_cohort(_run_config(msg), context.node_config)
-    users = ConfigRecord({"ids": cohort.user_ids})
-    return Message(RecordDict({"users": users}), reply_to=msg)
+    return Message(protocol.users_content(cohort.user_ids), reply_to=msg)
 
 
-def _evaluate_into(
-    content: RecordDict, ctx: RoundContext, users: Iterator[UserData], prefix: str = ""
-) -> None:
-    """``<prefix>metrics/<user>`` for each user, and ``<prefix>users`` listing them."""
-    ids = []
+def _evaluate(ctx: RoundContext, users: Iterator[UserData]) -> protocol.EvaluateReply:
+    """Each user's global and personal model on its own test split."""
+    reply = protocol.EvaluateReply()
     for user in users:
-        metrics = evaluate_user(_BENCH, ctx, user)
-        content[f"{prefix}metrics/{user.user_id}"] = MetricRecord(metrics)
-        ids.append(user.user_id)
-    content[f"{prefix}users"] = ConfigRecord({"ids": ids})
+        reply.metrics[user.user_id] = MetricRecord(evaluate_user(_BENCH, ctx, user))
+    return reply
 
 
 def _attacked(ctx: RoundContext, user: UserData, attacker: bool) -> UserData:
@@ -157,30 +151,26 @@ def _sent_update(ctx: RoundContext, user: str, update: StateDict, attacker: bool
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    ctx = _round_context(msg, context)
-    config = msg.content["config"]
-    content = RecordDict()
-    if "evaluate-users" in config:
+    ask = protocol.read_instruction(msg.content)
+    ctx = _round_context(msg, context, ask)
+    reply = protocol.TrainReply()
+    if ask.evaluation is not None:
         # The previous round's evaluation of this same global model comes first.
-        evaluated = replace(ctx, server_round=int(config["evaluate-round"]))  # type: ignore[arg-type]
-        users = _sampled_users(msg, context, ctx.cfg, key="evaluate-users")
-        _evaluate_into(content, evaluated, users, prefix="evaluate/")
-    mean = WeightedMean() if config.get("node-mean", False) else None
-    attackers = {str(u) for u in config.get("attack-users", [])}  # type: ignore[union-attr]
+        evaluated = replace(ctx, server_round=ask.evaluation.round)
+        reply.evaluation = _evaluate(evaluated, _users(context, ctx.cfg, ask.evaluation.users))
+    mean = WeightedMean() if ask.node_mean else None
     global_flat = flatten(ctx.global_weights).numpy()
-    ids = []
-    rejected: dict[str, str] = {}
-    sampled = _sampled_users(msg, context, ctx.cfg)
     trainers = (
-        _attacked(ctx, user, user.user_id in attackers)
-        for user in sampled
+        _attacked(ctx, user, user.user_id in ask.attack_users)
+        for user in _users(context, ctx.cfg, ask.users)
         if not is_dropped(ctx, user.user_id)
     )
     for user, update, metrics in train_users(_BENCH, ctx, trainers):
-        attacker = user.user_id in attackers
+        attacker = user.user_id in ask.attack_users
         flat = _sent_update(ctx, user.user_id, update, attacker)
+        examples = metrics[protocol.NUM_EXAMPLES]
         if mean is None:
-            content[f"arrays/{user.user_id}"] = ArrayRecord({"weights": flat})
+            reply.updates[user.user_id] = protocol.weights_record(flat)
         else:
             bounds = UpdateBounds(
                 size=global_flat.size,
@@ -188,27 +178,23 @@ def train(msg: Message, context: Context) -> Message:
                 max_examples=user.num_train,  # the node knows the user's real count
                 norm_bound=ctx.cfg.validation.norm_bound,
             )
-            reason = update_reason(flat.numpy(), metrics["num-examples"], bounds, global_flat)
-            if metrics["num-examples"] == 0:
+            reason = update_reason(flat.numpy(), examples, bounds, global_flat)
+            if examples == 0:
                 pass  # nothing trained (no examples, or train.epochs = 0): nothing to add
             elif reason is None:
-                mean.add({"weights": flat}, metrics)
+                mean.add({protocol.WEIGHTS: flat}, metrics)
             else:
-                rejected[user.user_id] = reason
-        content[f"metrics/{user.user_id}"] = MetricRecord(metrics)
-        ids.append(user.user_id)
+                reply.rejected[user.user_id] = reason
+        reply.metrics[user.user_id] = MetricRecord(metrics)
     if mean is not None and mean.examples > 0:
-        content["arrays"] = ArrayRecord({"weights": mean.weights()["weights"]})
-        content["metrics"] = MetricRecord(mean.metrics())
-    if rejected:
-        content["rejected"] = ConfigRecord(rejected)  # type: ignore[arg-type]
-    content["users"] = ConfigRecord({"ids": ids})
-    return Message(content, reply_to=msg)
+        reply.mean = protocol.weights_record(mean.weights()[protocol.WEIGHTS])
+        reply.mean_metrics = MetricRecord(mean.metrics())
+    return Message(protocol.train_content(reply), reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    ctx = _round_context(msg, context)
-    content = RecordDict()
-    _evaluate_into(content, ctx, _sampled_users(msg, context, ctx.cfg))
-    return Message(content, reply_to=msg)
+    ask = protocol.read_instruction(msg.content)
+    ctx = _round_context(msg, context, ask)
+    reply = _evaluate(ctx, _users(context, ctx.cfg, ask.users))
+    return Message(protocol.evaluate_content(reply), reply_to=msg)

@@ -14,6 +14,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from pollinate import protocol
 from pollinate.config import RunConfig, data_spec
 from pollinate.data import (
     DataError,
@@ -90,23 +91,21 @@ def _device_file(
 
 def hosted_cohort(cfg: RunConfig, node_config: Mapping[str, Any]) -> Cohort:
     """The users this node hosts, from its node config (device file or simulation slot)."""
-    data_file = str(node_config.get("data-file", "") or "")
-    if data_file:
-        if not os.path.isfile(data_file):
-            raise DataError(f"node data file '{data_file}' does not exist")
-        user_id = node_config.get("user-id") or None
+    node = protocol.read_node_config(node_config)
+    if node.data_file:
+        if not os.path.isfile(node.data_file):
+            raise DataError(f"node data file '{node.data_file}' does not exist")
         users = _device_file(
-            data_file,
-            os.path.getmtime(data_file),
-            str(node_config.get("user-column", cfg.data.user_column)),
-            str(node_config.get("label-column", cfg.data.label_column)),
-            str(user_id) if user_id is not None else None,
+            node.data_file,
+            os.path.getmtime(node.data_file),
+            node.user_column or cfg.data.user_column,
+            node.label_column or cfg.data.label_column,
+            node.user_id,
             cfg.data.test_fraction,
             cfg.run.seed,
         )
         return Cohort(users)
-    slot = int(node_config.get("partition-id", 0))
-    num_slots = int(node_config.get("num-partitions", 1))
+    slot, num_slots = node.partition_id, node.num_partitions
     return _simulated_cohort(data_spec(cfg), slot, num_slots)
 
 

@@ -18,6 +18,7 @@ from itertools import islice
 
 import torch
 
+from pollinate import protocol
 from pollinate.client.local import user_seed
 from pollinate.client.personalization import method_of
 from pollinate.client.store import ModelStore
@@ -142,7 +143,7 @@ def train_user(
     )
     update = snapshot(model)
     method.after_training(bench, ctx, user, update, (x, y))
-    return update, {"num-examples": stats.num_examples, "train-loss": stats.loss}
+    return update, protocol.train_metrics(stats.num_examples, stats.loss)
 
 
 def train_users(
@@ -206,7 +207,7 @@ def _train_stack(
     )
     method.after_stack(bench, ctx, users, data, [update for update, _ in trained])
     for user, (update, stats) in zip(users, trained, strict=True):
-        yield user, update, {"num-examples": stats.num_examples, "train-loss": stats.loss}
+        yield user, update, protocol.train_metrics(stats.num_examples, stats.loss)
 
 
 class WeightedMean:
@@ -224,7 +225,7 @@ class WeightedMean:
         self.examples = 0
 
     def add(self, update: StateDict, metrics: dict[str, float]) -> None:
-        n = int(metrics["num-examples"])
+        n = int(metrics[protocol.NUM_EXAMPLES])
         if n <= 0:
             return
         for key, value in update.items():
@@ -234,7 +235,7 @@ class WeightedMean:
             else:
                 self._sum[key] = term
                 self._dtypes[key] = value.dtype
-        self._loss += float(metrics["train-loss"]) * n
+        self._loss += float(metrics[protocol.TRAIN_LOSS]) * n
         self.examples += n
 
     def weights(self) -> StateDict:
@@ -246,7 +247,7 @@ class WeightedMean:
         return out
 
     def metrics(self) -> dict[str, float]:
-        return {"num-examples": self.examples, "train-loss": self._loss / self.examples}
+        return protocol.train_metrics(self.examples, self._loss / self.examples)
 
 
 def evaluate_user(bench: Workbench, ctx: RoundContext, user: UserData) -> dict[str, float]:
@@ -268,7 +269,7 @@ def evaluate_user(bench: Workbench, ctx: RoundContext, user: UserData) -> dict[s
             spec=ctx.spec,
             state_dict=ctx.global_weights,
             round=ctx.server_round,
-            metrics={"loss": g.loss, "accuracy": g.accuracy, "num-examples": g.num_examples},
+            metrics={"loss": g.loss, "accuracy": g.accuracy, protocol.NUM_EXAMPLES: g.num_examples},
         )
 
     personal_round = method.personalize(bench, ctx, user, model)
@@ -280,12 +281,6 @@ def evaluate_user(bench: Workbench, ctx: RoundContext, user: UserData) -> dict[s
             spec=ctx.spec,
             state_dict=snapshot(model),
             round=ctx.server_round if personal_round is None else personal_round,
-            metrics={"loss": p.loss, "accuracy": p.accuracy, "num-examples": p.num_examples},
+            metrics={"loss": p.loss, "accuracy": p.accuracy, protocol.NUM_EXAMPLES: p.num_examples},
         )
-    return {
-        "num-examples": g.num_examples,
-        "global-loss": g.loss,
-        "global-accuracy": g.accuracy,
-        "personal-loss": p.loss,
-        "personal-accuracy": p.accuracy,
-    }
+    return protocol.evaluate_metrics(g.num_examples, g.loss, g.accuracy, p.loss, p.accuracy)

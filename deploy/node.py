@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+from pollinate import protocol
 from pollinate.deploy.certs import DeployError, check_node_private_key, private_key_fingerprint
 from pollinate.deploy.proc import (
     SUPERVISOR_ENV,
@@ -109,13 +110,13 @@ def check_data(
 
 def node_config(opts: NodeOptions) -> str:
     """``--node-config`` for the SuperNode: TOML values, paths absolute."""
-    items = {"data-file": str(opts.data.resolve()), "model-dir": str(opts.model_dir.resolve())}
-    if opts.user_id is not None:
-        items["user-id"] = opts.user_id
-    if opts.user_column:
-        items["user-column"] = opts.user_column
-    if opts.label_column:
-        items["label-column"] = opts.label_column
+    items = protocol.device_node_config(
+        str(opts.data.resolve()),
+        str(opts.model_dir.resolve()),
+        user_id=opts.user_id,
+        user_column=opts.user_column,
+        label_column=opts.label_column,
+    )
     parts = []
     for key, value in items.items():
         if "'" not in value:

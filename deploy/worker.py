@@ -33,6 +33,7 @@ from typing import Any
 
 from flwr.app import Message
 
+from pollinate import protocol
 from pollinate.deploy.appdir import APP_NAME, PUBLISHER
 from pollinate.deploy.proc import guard_tree, poll_interval
 
@@ -228,15 +229,7 @@ def task_heartbeat(client: Any) -> Callable[[], bool]:
 
 def _what(message: Message) -> str:
     """``round 2 train``; ``round 1 evaluate + round 2 train`` for a folded message."""
-    kind = message.metadata.message_type
-    try:
-        config = message.content["config"]
-        where = f"round {config['server-round']!s} {kind}"
-    except (KeyError, TypeError, ValueError):
-        return kind
-    if "evaluate-round" in config:
-        where = f"round {config['evaluate-round']!s} evaluate + {where}"
-    return where
+    return protocol.describe_instruction(message)
 
 
 def pull_task_input(client: Any) -> tuple[Any, Any, Any]:

@@ -2,24 +2,26 @@
 
 The same app runs under ``pollinate run`` (in-process simulation), ``flwr run .`` and a
 deployed SuperLink; the run config comes from ``context.run_config`` and is validated here
-once. Model weights travel as one flat vector, ``ArrayRecord {"weights": ...}`` in the order
-of the model's ``state_dict`` (:mod:`pollinate.models.flat`; the ClientApp reads and replies
-the same). Per round it records metrics (:mod:`pollinate.server.metrics`) and saves the global
-model artifact to ``<run dir>/models/``.
+once. Model weights travel as one flat vector in the order of the model's ``state_dict``
+(:mod:`pollinate.models.flat`; the record layout is :mod:`pollinate.protocol`'s). The rounds
+themselves are :meth:`pollinate.server.rounds.UserCohorts.run`; as each ends, this module
+evaluates the global model centrally, records the round's metrics
+(:mod:`pollinate.server.metrics`), saves the global model artifact to
+``<run dir>/models/`` and the checkpoint.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import random
 import time
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
+from pollinate import protocol
 from pollinate.config import RunConfig, data_spec, model_kwargs, resolve, to_toml
 from pollinate.data import load_federated_dataset
 from pollinate.models import FedModel, ModelSpec, create_model, evaluate, save_artifact
@@ -123,7 +125,6 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
 
 
 def _federate(grid: Grid, cfg: RunConfig) -> Path:
-    random.seed(cfg.run.seed)  # Flower samples with the `random` module
     spec, central = model_spec(cfg)
     model = create_model(spec.name, seed=cfg.run.seed, **spec.kwargs)
     run_dir = cfg.run_dir
@@ -162,12 +163,10 @@ def _federate(grid: Grid, cfg: RunConfig) -> Path:
     )
     started = time.perf_counter()
 
-    def end_of_round(flower_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        """Central evaluation, global artifact, the round's metrics row, the checkpoint."""
-        server_round = flower_round + first
-        if ckpt is not None and flower_round == 0:
-            return None  # the checkpoint's round: evaluated and recorded before
-        flat = arrays.to_torch_state_dict()["weights"]
+    def end_of_round(server_round: int, arrays: ArrayRecord, sampler: object) -> None:
+        """Central evaluation, global artifact, the round's metrics row, the checkpoint
+        (``sampler``: the user sampler's state to resume the next round from)."""
+        flat = protocol.read_weights(arrays)
         weights = unflatten(flat, like=model.state_dict())
         # Never written: the strategy checks each aggregate, this guards round 0 too.
         ensure_finite_model(flatten(weights).numpy(), f"round {server_round}'s global model")
@@ -188,7 +187,7 @@ def _federate(grid: Grid, cfg: RunConfig) -> Path:
                     config=saved,
                     run_key=run_key,
                     strategy=strategy_state(strategy),
-                    sampler=strategy.sampler_state(),
+                    sampler=sampler,
                 ),
             )
         tracker.log_round(server_round, row)
@@ -201,22 +200,23 @@ def _federate(grid: Grid, cfg: RunConfig) -> Path:
             time.perf_counter() - started,
             extra={"round_row": row, "num_rounds": cfg.run.num_rounds},  # the live display's
         )
-        return MetricRecord(dict(server)) if server else None
 
-    initial = ckpt.weights if ckpt is not None else flatten(model.state_dict())
-    config = ConfigRecord(
-        {**cfg.to_flat(), "model-spec": json.dumps(spec.to_dict()), "run-key": run_key}
+    initial = protocol.weights_record(
+        ckpt.weights if ckpt is not None else flatten(model.state_dict())
     )
+    config = protocol.run_config_record(cfg.to_flat(), json.dumps(spec.to_dict()), run_key)
     with rundir.writing(writer):
         try:
-            strategy.start(
-                grid=grid,
-                initial_arrays=ArrayRecord({"weights": initial}),
-                num_rounds=cfg.run.num_rounds - first,
+            if ckpt is None:
+                end_of_round(0, initial, strategy.rng.getstate())  # the initial model
+            strategy.run(
+                grid,
+                initial,
+                rounds=range(first + 1, cfg.run.num_rounds + 1),
                 timeout=cfg.server.round_timeout,
                 train_config=config,
                 evaluate_config=ConfigRecord(dict(config)),
-                evaluate_fn=end_of_round,
+                end_of_round=end_of_round,
             )
             _check_some_user_trained(recorder, cfg.run.num_rounds - first)
         except BaseException as err:
@@ -235,7 +235,6 @@ def _federate(grid: Grid, cfg: RunConfig) -> Path:
 def _restore(strategy: UserCohorts, ckpt: Checkpoint) -> None:
     restore_strategy(strategy, ckpt.strategy)
     strategy.restore_sampler(ckpt.sampler)
-    strategy.round_offset = ckpt.round
 
 
 def _commit_round(

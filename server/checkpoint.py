@@ -11,7 +11,7 @@ round's metrics are committed, so the file always names a round whose rows are i
   attribute is configuration, rebuilt from the config;
 - ``sampler``: the user sampler's ``random`` state as it was when round r's sampling was
   done (before round r+1's training was drawn, which rides in round r's evaluation
-  exchange: see :mod:`pollinate.server.strategy`);
+  exchange: see :mod:`pollinate.server.rounds`);
 - ``run_key``: the token that names this run's per-user state in the model store
   (:mod:`pollinate.client.store` keeps FedPer heads / Ditto models by run key and round,
   so a resumed round reads the state its first attempt read);

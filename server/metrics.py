@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pollinate import protocol
+
 if TYPE_CHECKING:  # imported by the readers only: the ServerApp's start-up does without
     import pandas as pd
 
@@ -233,7 +235,7 @@ class MetricsRecorder:
     @staticmethod
     def _round_row(r: int, buf: _RoundBuffer, server: dict[str, float]) -> dict[str, float]:
         def mean(source: dict[str, dict[str, float]], key: str) -> float:
-            return weighted_mean((m[key], m["num-examples"]) for m in source.values())
+            return weighted_mean((m[key], m[protocol.NUM_EXAMPLES]) for m in source.values())
 
         nan = math.nan
         evals = buf.evals
@@ -243,16 +245,16 @@ class MetricsRecorder:
             "round": r,
             "server_loss": server.get("loss", nan),
             "server_accuracy": server.get("accuracy", nan),
-            "train_loss": mean(trained, "train-loss"),
-            "global_loss": mean(evals, "global-loss"),
-            "global_accuracy": mean(evals, "global-accuracy"),
-            "personal_loss": mean(evals, "personal-loss"),
-            "personal_accuracy": mean(evals, "personal-accuracy"),
+            "train_loss": mean(trained, protocol.TRAIN_LOSS),
+            "global_loss": mean(evals, protocol.GLOBAL_LOSS),
+            "global_accuracy": mean(evals, protocol.GLOBAL_ACCURACY),
+            "personal_loss": mean(evals, protocol.PERSONAL_LOSS),
+            "personal_accuracy": mean(evals, protocol.PERSONAL_ACCURACY),
             "global_accuracy_worst10": worst_fraction_mean(
-                m["global-accuracy"] for m in evals.values()
+                m[protocol.GLOBAL_ACCURACY] for m in evals.values()
             ),
             "personal_accuracy_worst10": worst_fraction_mean(
-                m["personal-accuracy"] for m in evals.values()
+                m[protocol.PERSONAL_ACCURACY] for m in evals.values()
             ),
             "train_users": len(trained),
             "eval_users": len(evals),
@@ -275,13 +277,13 @@ class MetricsRecorder:
                 {
                     "round": r,
                     "user": user,
-                    "train_examples": t.get("num-examples", nan),
-                    "train_loss": t.get("train-loss", nan),
-                    "test_examples": e.get("num-examples", nan),
-                    "global_loss": e.get("global-loss", nan),
-                    "global_accuracy": e.get("global-accuracy", nan),
-                    "personal_loss": e.get("personal-loss", nan),
-                    "personal_accuracy": e.get("personal-accuracy", nan),
+                    "train_examples": t.get(protocol.NUM_EXAMPLES, nan),
+                    "train_loss": t.get(protocol.TRAIN_LOSS, nan),
+                    "test_examples": e.get(protocol.NUM_EXAMPLES, nan),
+                    "global_loss": e.get(protocol.GLOBAL_LOSS, nan),
+                    "global_accuracy": e.get(protocol.GLOBAL_ACCURACY, nan),
+                    "personal_loss": e.get(protocol.PERSONAL_LOSS, nan),
+                    "personal_accuracy": e.get(protocol.PERSONAL_ACCURACY, nan),
                     "rejected_reason": buf.rejected.get(user),
                 }
             )

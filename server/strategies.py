@@ -40,7 +40,7 @@ from pollinate.server.strategy import (
 
 __all__ = ["STRATEGIES", "StrategyEntry", "register_strategy"]
 
-#: ``build(common, options, cfg)``: the strategy, unbound (build_strategy binds it).
+#: ``build(common, options, cfg)``: the strategy, over users.
 StrategyBuilder = Callable[[dict[str, Any], Options, RunConfig], UserCohorts]
 #: ``check(options, sampled, num_users)``: why this round size cannot work, or None.
 RoundCheck = Callable[[Options, int, int], str | None]

@@ -1,6 +1,6 @@
 """Every training reply checked before the Flower strategy aggregates it.
 
-:class:`~pollinate.server.strategy.UserCohorts` expands each node's reply into one message
+:class:`~pollinate.server.rounds.UserCohorts` expands each node's reply into one message
 per user (or one per cohort mean) and hands them to :func:`screen_updates` before Flower's
 ``aggregate_train`` sees them. A message passes when it
 
@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 from flwr.app import ArrayRecord, Message
 
+from pollinate import protocol
 from pollinate.config import ValidationSection
 from pollinate.models.checks import (
     delta_norm,
@@ -63,25 +64,26 @@ def _metric_keys(msg: Message) -> tuple[str, ...]:
 
 def _layout_reason(msg: Message, model: ArrayRecord, usual_keys: tuple[str, ...]) -> str | None:
     content = msg.content
-    if list(content.array_records) != ["arrays"]:
-        return f"records {sorted(content.array_records)}; expected one 'arrays' record"
-    if list(content.array_records["arrays"]) != list(model):
-        return f"arrays {list(content.array_records['arrays'])}; the model's are {list(model)}"
+    arrays, metrics, examples = protocol.ARRAYS, protocol.METRICS, protocol.NUM_EXAMPLES
+    if list(content.array_records) != [arrays]:
+        return f"records {sorted(content.array_records)}; expected one '{arrays}' record"
+    if list(content.array_records[arrays]) != list(model):
+        return f"arrays {list(content.array_records[arrays])}; the model's are {list(model)}"
     keys = _metric_keys(msg)
-    if list(content.metric_records) != ["metrics"] or "num-examples" not in keys:
-        return "no 'metrics' record with num-examples"
+    if list(content.metric_records) != [metrics] or examples not in keys:
+        return f"no '{metrics}' record with {examples}"
     if keys != usual_keys:
         return f"metrics {list(keys)} differ from the round's usual {list(usual_keys)}"
     return None
 
 
 def _examples(c: Candidate) -> object:
-    return c.msg.content.metric_records["metrics"]["num-examples"]
+    return c.msg.content.metric_records[protocol.METRICS][protocol.NUM_EXAMPLES]
 
 
 def _is_empty(c: Candidate) -> bool:
-    metrics = c.msg.content.metric_records.get("metrics")
-    return metrics is not None and metrics.get("num-examples") == 0
+    metrics = c.msg.content.metric_records.get(protocol.METRICS)
+    return metrics is not None and metrics.get(protocol.NUM_EXAMPLES) == 0
 
 
 def _basic_reason(
@@ -90,7 +92,7 @@ def _basic_reason(
     reason = _layout_reason(c.msg, model, usual_keys)
     if reason is not None:
         return reason
-    update = c.msg.content.array_records["arrays"]
+    update = c.msg.content.array_records[protocol.ARRAYS]
     for name, ref in model.items():
         array = np.asarray(update[name].numpy())
         reason = shape_reason(array, tuple(ref.shape), np.dtype(ref.numpy().dtype), name)
@@ -116,10 +118,11 @@ def screen_updates(
     norms: dict[str, float] = {}
     for c in candidates:
         reason = _basic_reason(c, model, usual_keys, cfg.max_examples)
-        if reason is not None and _is_empty(c) and "num-examples" in reason:
+        if reason is not None and _is_empty(c) and protocol.NUM_EXAMPLES in reason:
             reason = ""
         if reason is None and (cfg.norm_bound > 0 or cfg.norm_bound_median_multiple > 0):
-            norm = delta_norm(global_vector(c.msg.content.array_records["arrays"]), global_flat)
+            update = c.msg.content.array_records[protocol.ARRAYS]
+            norm = delta_norm(global_vector(update), global_flat)
             reason = norm_reason(norm, cfg.norm_bound, "validation.norm-bound")
             if reason is None:
                 norms[c.key] = norm

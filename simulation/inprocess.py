@@ -18,6 +18,7 @@ from uuid import uuid4
 
 from flwr.app import Context, Message, RecordDict
 
+from pollinate import protocol
 from pollinate.config import RunConfig
 
 
@@ -35,7 +36,7 @@ class InProcessGrid:
             node_id: Context(
                 run_id=1,
                 node_id=node_id,
-                node_config={"partition-id": p, "num-partitions": num_nodes},
+                node_config=protocol.simulated_node_config(p, num_nodes),
                 state=RecordDict(),
                 run_config={},
             )

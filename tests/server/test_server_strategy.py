@@ -1,39 +1,20 @@
-"""Strategies over user cohorts: routing, per-user expansion and the aggregates."""
+"""Strategies over user cohorts: sampling, routing, per-user expansion, the aggregates and
+the explicit round (one exchange per round, evaluation folded into the next training)."""
 
 from __future__ import annotations
 
+import random
 from typing import ClassVar
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord
+from flwr.serverapp.strategy import FedAvg
 
-from pollinate import config
+from pollinate import config, protocol
+from pollinate.server.rounds import Sample, sample_users
 from pollinate.server.strategy import NodeWaitTimeout, build_strategy, wait_for_nodes
-
-
-class TwoNodeGrid:
-    """A stand-in Grid: node 11 hosts users a and b, node 22 hosts user c."""
-
-    hosts: ClassVar[dict[int, list[str]]] = {11: ["a", "b"], 22: ["c"]}
-
-    def __init__(self) -> None:
-        self.queried: list[int] = []
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.hosts)
-
-    def send_and_receive(self, messages, timeout=None):
-        replies = []
-        for m in messages:
-            assert m.metadata.message_type == MessageType.QUERY
-            node = m.metadata.dst_node_id
-            self.queried.append(node)
-            content = RecordDict({"users": ConfigRecord({"ids": self.hosts[node]})})
-            replies.append(Message(content, reply_to=m))
-        return replies
-
 
 # Each user's update: one 2x2 tensor, and its number of training examples.
 UPDATES = {
@@ -43,18 +24,68 @@ UPDATES = {
 }
 
 
-def node_reply(node: int, users: list[str]) -> Message:
-    content = RecordDict()
-    for u in users:
+def answer(msg: Message) -> Message:
+    """What a node's ClientApp replies: every sampled user's update (and evaluation)."""
+    ask = protocol.read_instruction(msg.content)
+    evaluated = ask.evaluation.users if ask.evaluation else (ask.users or [])
+    evaluation = protocol.EvaluateReply(
+        {u: MetricRecord({protocol.NUM_EXAMPLES: 5, "accuracy": 0.5}) for u in evaluated}
+    )
+    if msg.metadata.message_type == MessageType.EVALUATE:
+        return Message(protocol.evaluate_content(evaluation), reply_to=msg)
+    reply = protocol.TrainReply(evaluation=evaluation if ask.evaluation else None)
+    for u in ask.users or []:
         w, n = UPDATES[u]
-        content[f"arrays/{u}"] = ArrayRecord({"w": torch.from_numpy(w)})
-        content[f"metrics/{u}"] = MetricRecord({"num-examples": n, "train-loss": 1.0})
-    content["users"] = ConfigRecord({"ids": users})
-    return Message(content, reply_to=instruction(node))
+        reply.updates[u] = ArrayRecord({"w": torch.from_numpy(w)})
+        reply.metrics[u] = MetricRecord(protocol.train_metrics(n, 1.0))
+    return Message(protocol.train_content(reply), reply_to=msg)
 
 
-def instruction(node: int) -> Message:
-    return Message(RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
+class TwoNodeGrid:
+    """A stand-in Grid: node 11 hosts users a and b, node 22 hosts user c.
+
+    ``lost`` = {(exchange number, node)}: that node's reply is an error (by default the
+    SuperLink's "node unavailable", which names no node, only the message it answers).
+    """
+
+    hosts: ClassVar[dict[int, list[str]]] = {11: ["a", "b"], 22: ["c"]}
+
+    def __init__(
+        self,
+        lost: set[tuple[int, int]] | None = None,
+        reason: str = "node unavailable",
+        silent: set[int] | None = None,
+    ) -> None:
+        self.queried: list[int] = []
+        self.exchanges: list[list[Message]] = []
+        self.lost = lost or set()
+        self.reason = reason
+        self.silent = silent or set()  # exchanges no reply comes back from, in time
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.hosts)
+
+    def send_and_receive(self, messages, timeout=None):
+        messages = list(messages)
+        if all(m.metadata.message_type == MessageType.QUERY for m in messages):
+            self.queried += [m.metadata.dst_node_id for m in messages]
+            return [
+                Message(protocol.users_content(self.hosts[m.metadata.dst_node_id]), reply_to=m)
+                for m in messages
+            ]
+        self.exchanges.append(messages)
+        if len(self.exchanges) in self.silent:
+            return []
+        replies = []
+        for i, m in enumerate(messages):
+            m.metadata.__dict__["_message_id"] = f"x{len(self.exchanges)}-{i}"  # as on push
+            if (len(self.exchanges), m.metadata.dst_node_id) in self.lost:
+                gone = Message(Error(code=1, reason=self.reason), reply_to=m)
+                gone.metadata.__dict__["_src_node_id"] = 0
+                replies.append(gone)
+            else:
+                replies.append(answer(m))
+        return replies[::-1]  # in whatever order the nodes finish
 
 
 def strategy(name: str, **extra: object):
@@ -66,39 +97,84 @@ def start_arrays() -> ArrayRecord:
     return ArrayRecord({"w": torch.zeros(2, 2)})
 
 
+def run(s, num_rounds: int, grid: TwoNodeGrid | None = None):
+    """``s.run`` over ``num_rounds``; the grid and the (round, model) of each round's end."""
+    grid = grid or TwoNodeGrid()
+    ends: list[tuple[int, np.ndarray]] = []
+    final = s.run(
+        grid,
+        start_arrays(),
+        rounds=range(1, num_rounds + 1),
+        train_config=protocol.run_config_record({"x": 1}, "{}", "run-1"),
+        evaluate_config=protocol.run_config_record({"x": 1}, "{}", "run-1"),
+        end_of_round=lambda r, arrays, _: ends.append((r, arrays["w"].numpy().copy())),
+    )
+    return grid, ends, final
+
+
+def by_node(messages: list[Message], key: str) -> dict[int, list[str]]:
+    return {m.metadata.dst_node_id: list(m.content["config"][key]) for m in messages}  # type: ignore[arg-type]
+
+
 def test_one_message_per_node_listing_its_sampled_users() -> None:
-    s = strategy("fedavg")
-    grid = TwoNodeGrid()
-    msgs = list(s.configure_train(1, start_arrays(), ConfigRecord({"x": 1}), grid))
-    assert sorted(grid.queried) == [11, 22]
-    routed = {m.metadata.dst_node_id: list(m.content["config"]["users"]) for m in msgs}
-    assert routed == {11: ["a", "b"], 22: ["c"]}
-    assert all(m.content["config"]["server-round"] == 1 for m in msgs)
-    # A second round does not ask the same nodes again.
-    list(s.configure_train(2, start_arrays(), ConfigRecord({"x": 1}), grid))
+    grid, _, _ = run(strategy("fedavg"), 2)
+    first = grid.exchanges[0]
+    assert by_node(first, protocol.SAMPLED_USERS) == {11: ["a", "b"], 22: ["c"]}
+    assert all(m.content["config"][protocol.SERVER_ROUND] == 1 for m in first)
+    assert all(m.content["config"]["x"] == 1 for m in first)  # the run's config rides along
+    # Later rounds do not ask the same nodes again.
     assert sorted(grid.queried) == [11, 22]
 
 
 def test_fraction_samples_users_not_nodes() -> None:
     s = strategy("fedavg", **{"strategy.fraction-train": 0.34, "strategy.min-train-users": 1})
-    msgs = list(s.configure_train(1, start_arrays(), ConfigRecord(), TwoNodeGrid()))
-    sampled = [u for m in msgs for u in m.content["config"]["users"]]
-    assert len(sampled) == 1  # int(3 * 0.34) = 1 user out of 3, on whichever node hosts it
+    s.directory.refresh(TwoNodeGrid(), ConfigRecord())
+    assert len(s.sample_train(1).users) == 1  # int(3 * 0.34) = 1 user out of 3
+
+
+def test_sampling_draws_what_flowers_sampler_draws_from_a_seeded_random() -> None:
+    users = [f"u{i:02d}" for i in range(30)]
+
+    class UsersAsNodes:
+        def get_node_ids(self) -> list[int]:
+            return list(range(len(users)))
+
+    for fraction, minimum in [(0.3, 1), (0.1, 5), (1.0, 1)]:
+        random.seed(42)
+        flower = FedAvg(fraction_train=fraction, min_train_nodes=minimum, min_available_nodes=1)
+        msgs = flower.configure_train(1, start_arrays(), ConfigRecord(), UsersAsNodes())  # type: ignore[arg-type]
+        expected = [users[m.metadata.dst_node_id] for m in msgs]
+        assert sample_users(random.Random(42), users, fraction, minimum) == expected
+
+
+def test_a_run_leaves_the_global_random_untouched_and_repeats_itself() -> None:
+    extra = {"strategy.fraction-train": 0.67, "strategy.fraction-evaluate": 0.34}
+    random.seed(3)
+    before = random.getstate()
+    grid_a, ends_a, _ = run(strategy("fedavg", **extra), 3)
+    assert random.getstate() == before
+    random.seed(99)  # whatever the caller's global stream holds
+    grid_b, ends_b, _ = run(strategy("fedavg", **extra), 3)
+    for xa, xb in zip(grid_a.exchanges, grid_b.exchanges, strict=True):
+        assert by_node(xa, protocol.SAMPLED_USERS) == by_node(xb, protocol.SAMPLED_USERS)
+    assert [r for r, _ in ends_a] == [1, 2, 3]
+    for (_, wa), (_, wb) in zip(ends_a, ends_b, strict=True):
+        np.testing.assert_array_equal(wa, wb)
+
+
+def test_flowers_start_is_refused() -> None:
+    with pytest.raises(TypeError, match=r"\.run\(\)"):
+        strategy("fedavg").start(grid=TwoNodeGrid(), initial_arrays=start_arrays())
 
 
 def test_fedprox_sends_proximal_mu_through_flowers_own_configure() -> None:
-    s = strategy("fedprox", **{"strategy.proximal-mu": 0.25})
-    msgs = list(s.configure_train(1, start_arrays(), ConfigRecord(), TwoNodeGrid()))
-    assert all(m.content["config"]["proximal-mu"] == 0.25 for m in msgs)
+    grid, _, _ = run(strategy("fedprox", **{"strategy.proximal-mu": 0.25}), 1)
+    assert all(m.content["config"][protocol.PROXIMAL_MU] == 0.25 for m in grid.exchanges[0])
 
 
 def aggregate(s) -> np.ndarray:
-    grid = TwoNodeGrid()
-    list(s.configure_train(1, start_arrays(), ConfigRecord(), grid))
-    replies = [node_reply(22, ["c"]), node_reply(11, ["a", "b"])]
-    arrays, metrics = s.aggregate_train(1, replies)
-    assert arrays is not None and metrics is not None
-    return arrays["w"].numpy()
+    _, _, final = run(s, 1)
+    return final["w"].numpy()
 
 
 def test_fedavg_aggregate_is_example_weighted_mean_of_user_updates() -> None:
@@ -131,12 +207,12 @@ def test_fedadam_moves_from_the_current_model_toward_the_average() -> None:
 
 
 def test_node_error_replies_count_as_failures_and_are_skipped() -> None:
-    from flwr.app import Error
-
     s = strategy("fedavg")
-    list(s.configure_train(1, start_arrays(), ConfigRecord(), TwoNodeGrid()))
-    bad = Message(Error(code=1, reason="boom"), reply_to=instruction(22))
-    arrays, _ = s.aggregate_train(1, [node_reply(11, ["a", "b"]), bad])
+    grid = TwoNodeGrid(lost={(1, 22)})
+    s.directory.refresh(grid, ConfigRecord())
+    config = protocol.run_config_record({}, "{}", "run-1")
+    replies, sent = s.send(grid, start_arrays(), config, Sample(1, ["a", "b", "c"]), None, None)
+    arrays = s.aggregate_training(1, sent, replies, start=start_arrays())
     wa, na = UPDATES["a"]
     wb, nb = UPDATES["b"]
     np.testing.assert_allclose(arrays["w"].numpy(), (wa * na + wb * nb) / (na + nb), rtol=1e-6)
@@ -154,52 +230,23 @@ def test_waiting_for_nodes_times_out_with_a_clear_message() -> None:
 # ------------------------------------------------- evaluation and next training folded
 
 
-def folded_reply(msg: Message) -> Message:
-    """A node's answer to a folded message: its evaluations, then its users' updates."""
-    config = msg.content["config"]
-    content = RecordDict()
-    evaluated = [str(u) for u in config["evaluate-users"]]  # type: ignore[union-attr]
-    for u in evaluated:
-        content[f"evaluate/metrics/{u}"] = MetricRecord({"num-examples": 5, "accuracy": 0.5})
-    content["evaluate/users"] = ConfigRecord({"ids": evaluated})
-    trained = [str(u) for u in config["users"]]  # type: ignore[union-attr]
-    for u in trained:
-        w, n = UPDATES[u]
-        content[f"arrays/{u}"] = ArrayRecord({"w": torch.from_numpy(w)})
-        content[f"metrics/{u}"] = MetricRecord({"num-examples": n, "train-loss": 1.0})
-    content["users"] = ConfigRecord({"ids": trained})
-    return Message(content, reply_to=msg)
-
-
-def pushed(messages: list[Message]) -> list[Message]:
-    """The messages with the ids a grid gives them when it pushes them."""
-    for i, m in enumerate(messages):
-        m.metadata.__dict__["_message_id"] = f"m{i}"
-    return messages
-
-
 def test_the_next_rounds_training_rides_on_this_rounds_evaluation() -> None:
-    s = strategy("fedmedian", **{"run.num-rounds": 2})
-    grid = TwoNodeGrid()
-    list(s.configure_train(1, start_arrays(), ConfigRecord({"x": 1}), grid))
-    msgs = pushed(list(s.configure_evaluate(1, start_arrays(), ConfigRecord({"x": 1}), grid)))
-    assert {m.metadata.message_type for m in msgs} == {MessageType.TRAIN}
-    for key in ("evaluate-users", "users"):
-        routed = {m.metadata.dst_node_id: list(m.content["config"][key]) for m in msgs}  # type: ignore[arg-type]
-        assert routed == {11: ["a", "b"], 22: ["c"]}
-    assert all(m.content["config"]["evaluate-round"] == 1 for m in msgs)
-    assert all(m.content["config"]["server-round"] == 2 for m in msgs)
-
-    metrics = s.aggregate_evaluate(1, [folded_reply(m) for m in msgs])
-    assert metrics is not None and metrics["accuracy"] == pytest.approx(0.5)
-    # Round 2 sends nothing: its training came back with round 1's evaluation.
-    assert list(s.configure_train(2, start_arrays(), ConfigRecord({"x": 1}), grid)) == []
-    arrays, _ = s.aggregate_train(2, [])
-    stacked = np.stack([w for w, _ in UPDATES.values()])
-    np.testing.assert_allclose(arrays["w"].numpy(), np.median(stacked, axis=0))
+    grid, ends, final = run(strategy("fedmedian"), 2)
+    # Two rounds, three exchanges: train 1 | evaluate 1 + train 2 | evaluate 2.
+    assert len(grid.exchanges) == 3
+    folded = grid.exchanges[1]
+    assert {m.metadata.message_type for m in folded} == {MessageType.TRAIN}
+    for key in (protocol.EVALUATE_USERS, protocol.SAMPLED_USERS):
+        assert by_node(folded, key) == {11: ["a", "b"], 22: ["c"]}
+    assert all(m.content["config"][protocol.EVALUATE_ROUND] == 1 for m in folded)
+    assert all(m.content["config"][protocol.SERVER_ROUND] == 2 for m in folded)
+    # Round 1 ends (its evaluation is in) with round 1's model, before round 2's aggregate.
+    median = np.median(np.stack([w for w, _ in UPDATES.values()]), axis=0)
+    assert [r for r, _ in ends] == [1, 2]
+    np.testing.assert_allclose(ends[0][1], median)
+    np.testing.assert_allclose(final["w"].numpy(), median)  # the same updates again
     # The last round's evaluation has no next round to carry.
-    last = list(s.configure_evaluate(2, start_arrays(), ConfigRecord({"x": 1}), grid))
-    assert {m.metadata.message_type for m in last} == {MessageType.EVALUATE}
+    assert {m.metadata.message_type for m in grid.exchanges[2]} == {MessageType.EVALUATE}
 
 
 class Failures:
@@ -216,24 +263,12 @@ class Failures:
 
 
 def test_a_node_lost_in_a_folded_exchange_fails_both_halves() -> None:
-    from flwr.app import Error
-
-    s = strategy("fedavg", **{"run.num-rounds": 2})
+    s = strategy("fedavg")
     s.recorder = recorder = Failures()
-    grid = TwoNodeGrid()
-    list(s.configure_train(1, start_arrays(), ConfigRecord(), grid))
-    msgs = pushed(list(s.configure_evaluate(1, start_arrays(), ConfigRecord(), grid)))
-    lost = next(m for m in msgs if m.metadata.dst_node_id == 22)
-    # The SuperLink's "node unavailable" reply names no node, only the message it answers.
-    gone = Message(Error(code=1, reason="node unavailable"), reply_to=lost)
-    gone.metadata.__dict__["_src_node_id"] = 0
-    replies = [folded_reply(m) for m in msgs if m is not lost] + [gone]
-    assert s.aggregate_evaluate(1, replies) is not None
-    list(s.configure_train(2, start_arrays(), ConfigRecord(), grid))
-    arrays, _ = s.aggregate_train(2, [])
+    _, _, final = run(s, 2, TwoNodeGrid(lost={(2, 22)}))
     wa, na = UPDATES["a"]
     wb, nb = UPDATES["b"]
-    np.testing.assert_allclose(arrays["w"].numpy(), (wa * na + wb * nb) / (na + nb), rtol=1e-6)
+    np.testing.assert_allclose(final["w"].numpy(), (wa * na + wb * nb) / (na + nb), rtol=1e-6)
     assert recorder.failures == {1: 1, 2: 1}  # round 1's evaluation and round 2's training
 
 
