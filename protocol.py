@@ -187,7 +187,7 @@ def instruction_content(
         out[EVALUATE_ROUND] = evaluation.round
     if node_mean:
         out[NODE_MEAN] = True
-    if attack_users:
+    if attack_users is not None:
         out[ATTACK_USERS] = attack_users
     return RecordDict({ARRAYS: arrays, CONFIG: out})
 

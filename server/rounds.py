@@ -431,7 +431,10 @@ class UserCohorts:
                     users=users,
                     evaluation=carried,
                     node_mean=self.sends_cohort_means,
-                    attack_users=[u for u in users if u in self.attackers],
+                    # Every node hears of the attack (an empty list where it hosts none).
+                    attack_users=[u for u in users if u in self.attackers]
+                    if self.attackers
+                    else None,
                 )
             messages.append(Message(content, dst_node_id=node, message_type=kind))
         if self.recorder is not None:
