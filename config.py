@@ -14,6 +14,9 @@ section, e.g. ``personalization.finetune-epochs``.
 from __future__ import annotations
 
 import difflib
+import importlib
+import os
+import sys
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -292,11 +295,31 @@ def _key(section: str, name: str) -> str:
     return f"{section}.{name.replace('_', '-')}"
 
 
+#: Modules to import before the schema is built (comma-separated): where your own models,
+#: strategies, methods and datasets register. Child processes (the simulation's workers,
+#: a device's ClientApp) inherit it, so set it where the run starts and on every device.
+PLUGINS_ENV = "POLLINATE_PLUGINS"
+
+
+def _import_plugins() -> None:
+    for name in filter(None, (m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(","))):
+        if name in sys.modules:
+            continue
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            raise ConfigError(
+                f"{PLUGINS_ENV} names module {name!r}, which cannot be imported ({err}); "
+                "fix the name or its PYTHONPATH"
+            ) from None
+
+
 def schema(*, load: bool = True) -> dict[str, Key]:
     """Every config key with its default, range, choices and help (:mod:`pollinate.schema`).
 
     ``load=False``: only the registries this process has imported (see ``resolve``).
     """
+    _import_plugins()
     return keys(RunConfig, load=load)
 
 

@@ -309,3 +309,28 @@ def test_data_keys_follow_one_rule_set() -> None:
         with pytest.raises(ValueError) as from_data:
             spec.validate()
         assert one_line_error(flat) == str(from_data.value)
+
+
+def test_plugins_named_in_the_environment_register_from_the_cli(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    registries: None,
+) -> None:
+    (tmp_path / "mylab_models.py").write_text(
+        "from torch import nn\n"
+        "from pollinate.models import register_model\n"
+        "from pollinate.registry import Option, Range\n"
+        "@register_model('lab', options={'lab-width': Option(3, 'w', Range(1, 9))})\n"
+        "def lab(*, in_features, num_classes, lab_width=3):\n"
+        "    return nn.Linear(in_features, lab_width), nn.Linear(lab_width, num_classes)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv(config.PLUGINS_ENV, "mylab_models")
+    monkeypatch.delitem(__import__("sys").modules, "mylab_models", raising=False)
+    assert (
+        config.resolve({"model.name": "lab", "model.lab-width": 5}).model.options["lab-width"] == 5
+    )
+    monkeypatch.setenv(config.PLUGINS_ENV, "no_such_module_here")
+    assert main(["config"]) == 2
+    assert "POLLINATE_PLUGINS names module 'no_such_module_here'" in capsys.readouterr().err
