@@ -73,18 +73,6 @@ EVALUATE_USERS = "evaluate-users"
 EVALUATE_ROUND = "evaluate-round"
 NODE_MEAN = "node-mean"
 ATTACK_USERS = "attack-users"
-# Keys only messages carry: not run config keys (config.resolve skips them).
-MESSAGE_KEYS = (
-    SERVER_ROUND,
-    PROXIMAL_MU,
-    MODEL_SPEC,
-    RUN_KEY,
-    SAMPLED_USERS,
-    EVALUATE_USERS,
-    EVALUATE_ROUND,
-    NODE_MEAN,
-    ATTACK_USERS,
-)
 
 # ---------------------------------------------------------------- metric names
 NUM_EXAMPLES = "num-examples"  # Flower's weighted_by_key: every reply's weight
@@ -187,7 +175,7 @@ def instruction_content(
         out[EVALUATE_ROUND] = evaluation.round
     if node_mean:
         out[NODE_MEAN] = True
-    if attack_users is not None:
+    if attack_users is not None:  # an attack is simulated: which users play attacker
         out[ATTACK_USERS] = attack_users
     return RecordDict({ARRAYS: arrays, CONFIG: out})
 

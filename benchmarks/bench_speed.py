@@ -160,7 +160,7 @@ def run_plain(job: Job, out: Path) -> dict[str, Any]:
     )
     weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
     cfg = TrainConfig(epochs=job.epochs, batch_size=job.batch_size, lr=job.lr)
-    random.seed(job.seed)  # Flower's sampler draws from `random`, as Pollinate's server does
+    random.seed(job.seed)  # the draws of Pollinate's sampler, random.Random(seed)
     round_ends = [time.time()]
     for server_round in range(1, job.rounds + 1):
         sampled = sorted(random.sample(range(job.users), job.sampled))

@@ -283,7 +283,6 @@ class UserCohorts:
         self.directory = UserDirectory(self.settings)
         self.rng = random.Random(self.settings.seed)
         self.attackers: frozenset[str] = frozenset()
-        self._model_dtype: np.dtype | None = None  # the initial model's
 
     def start(self, *args: Any, **kwargs: Any) -> Any:
         raise TypeError(
@@ -305,6 +304,7 @@ class UserCohorts:
     ) -> ArrayRecord:
         """Rounds ``rounds`` from the global model ``arrays`` (that of round
         ``rounds.start - 1``, already ended); returns the final global model."""
+        dtype = global_vector(arrays).dtype  # the users' models': each aggregate is checked in it
         due: int | None = None  # the round whose evaluation rides on the next exchange
         for r in rounds:
             # 1. who: round r-1's evaluation and round r's training, from one stream
@@ -322,7 +322,7 @@ class UserCohorts:
                 end_of_round(evaluation.round, arrays, resume_from)
                 self._begin(r)  # round r's clock runs until its evaluation is in
             # 4. round r's global model
-            new = self.aggregate_training(r, sent, replies, start=arrays)
+            new = self.aggregate_training(r, sent, replies, start=arrays, dtype=dtype)
             arrays = arrays if new is None else new
             due = r
         if due is not None:  # the last round's evaluation travels alone
@@ -406,8 +406,6 @@ class UserCohorts:
     ) -> tuple[list[Message], Exchange]:
         """One message per node: train ``training``'s users, evaluate ``evaluation``'s
         first (a train message carries it), or, with no training, just evaluate."""
-        if self._model_dtype is None:  # the initial model's: what the users' models use
-            self._model_dtype = global_vector(arrays).dtype
         trainers = self.directory.by_node(training.users if training else [])
         evaluators = self.directory.by_node(evaluation.users if evaluation else [])
         if training is not None:
@@ -431,7 +429,6 @@ class UserCohorts:
                     users=users,
                     evaluation=carried,
                     node_mean=self.sends_cohort_means,
-                    # Every node hears of the attack (an empty list where it hosts none).
                     attack_users=[u for u in users if u in self.attackers]
                     if self.attackers
                     else None,
@@ -487,10 +484,16 @@ class UserCohorts:
         return super().aggregate_evaluate(server_round, per_user)  # type: ignore[misc]
 
     def aggregate_training(
-        self, server_round: int, exchange: Exchange, replies: list[Message], *, start: ArrayRecord
+        self,
+        server_round: int,
+        exchange: Exchange,
+        replies: list[Message],
+        *,
+        start: ArrayRecord,
+        dtype: np.dtype | None = None,
     ) -> ArrayRecord | None:
         """Round ``server_round``'s new global model from the training half (None: no
-        update was left, the model stays ``start``)."""
+        update was left, the model stays ``start``); it must be finite in ``dtype``."""
         trained = exchange.replies_of(replies, exchange.trainers)
         sent = len(exchange.trainers)
         check_exchange(server_round, "train", sent, trained, self.settings.round_timeout)
@@ -502,7 +505,7 @@ class UserCohorts:
             # Never send on a broken model (an aggregate that overflowed, a server
             # optimizer that diverged): the run stops here, before anything is written.
             ensure_finite_model(
-                global_vector(arrays), f"round {server_round}'s global model", self._model_dtype
+                global_vector(arrays), f"round {server_round}'s global model", dtype
             )
         return arrays
 

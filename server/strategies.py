@@ -12,9 +12,9 @@ is resolved)::
         return CohortFedFoo(**common, rate=options.number("foo-rate"))
 
 ``strategy.name = "fedfoo"`` and ``strategy.foo-rate`` are then valid config keys with that
-default, range and help; ``common`` holds Flower's sampling arguments (fractions and
-minimums over users). The strategy is a Flower strategy with
-:class:`~pollinate.server.strategy.UserCohorts` in front.
+default, range and help; ``common`` holds the sampling fractions, the cohort settings and
+the recorder, which every strategy passes on to its constructor unchanged. The strategy
+is a Flower strategy with :class:`~pollinate.server.rounds.UserCohorts` in front.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from pollinate.server.strategy import (
 
 __all__ = ["STRATEGIES", "StrategyEntry", "register_strategy"]
 
-#: ``build(common, options, cfg)``: the strategy, over users.
+#: ``build(common, options, cfg)``: the strategy, configured once by its constructor.
 StrategyBuilder = Callable[[dict[str, Any], Options, RunConfig], UserCohorts]
 #: ``check(options, sampled, num_users)``: why this round size cannot work, or None.
 RoundCheck = Callable[[Options, int, int], str | None]
