@@ -173,6 +173,11 @@ def summary_table(rounds: pd.DataFrame) -> str:
             f"{'central':<10} {f(last['server_accuracy']):>10} {'':>10} "
             f"{f(last['server_loss']):>10}   (global model, held-out central test set)"
         )
+    eps = rounds["epsilon"].dropna() if "epsilon" in rounds else rounds.iloc[:0, 0]
+    if len(eps):  # [privacy]: the ε spent (the run's, or the largest user's; README "Privacy")
+        mean = rounds.loc[eps.index[-1], "epsilon_mean"]
+        spread = f" (mean over users {mean:.3f})" if abs(mean - eps.iloc[-1]) > 1e-9 else ""
+        lines.append(f"privacy    ε = {eps.iloc[-1]:.3f} spent{spread}")
     rejected = int(rounds["rejected"].sum()) if "rejected" in rounds else 0
     if rejected:  # update validation refused some updates (reasons: metrics --clients)
         worst = rounds.loc[rounds["rejected"].idxmax()]

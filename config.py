@@ -26,6 +26,7 @@ import tomllib
 
 from pollinate.data import DataError, DataOptions, DataSpec
 from pollinate.data.spec import MAX_CLASSES, SEED_RANGE
+from pollinate.privacy_options import PrivacyOptions, privacy_problem
 from pollinate.registry import Options, Range, Scalar
 from pollinate.schema import Key, RegistryRef, keys, options_field, setting
 
@@ -259,6 +260,8 @@ class RunConfig:
     tracking: TrackingSection = field(default_factory=TrackingSection)
     validation: ValidationSection = field(default_factory=ValidationSection)
     attack: AttackSection = field(default_factory=AttackSection)
+    # `[privacy]`: defined, with each key's meaning, in pollinate.privacy_options.
+    privacy: PrivacyOptions = field(default_factory=PrivacyOptions)
 
     def to_flat(self) -> dict[str, Scalar]:
         """The flat ``section.key`` mapping (Flower's run-config shape)."""
@@ -439,7 +442,25 @@ def _check(cfg: RunConfig) -> None:
         raise ConfigError(str(err)) from None
     _check_validation(cfg)
     _check_attack(cfg)
+    _check_privacy(cfg)
     _check_model_size(cfg)
+
+
+def _check_privacy(cfg: RunConfig) -> None:
+    reason = privacy_problem(
+        cfg.privacy,
+        strategy=cfg.strategy.name,
+        norm_bound_median_multiple=cfg.validation.norm_bound_median_multiple,
+    )
+    if reason:
+        raise ConfigError(reason)
+    if cfg.run.resume and cfg.privacy.method != "none":
+        # The accountant's history is not in the checkpoint: a resumed run would count ε
+        # from zero.
+        raise ConfigError(
+            "run.resume cannot continue a differentially private run yet (the ε spent is not "
+            "checkpointed); start it again with run.overwrite"
+        )
 
 
 def _check_validation(cfg: RunConfig) -> None:

@@ -32,6 +32,10 @@ SUITES: dict[str, tuple[list[str], list[str]]] = {
     "fidelity_personalization.py": ([], ["--rounds", "3", "--seeds", "0"]),
     "bench_stream.py": ([], ["--quick"]),
     "bench_attacks.py": ([], ["--rounds", "3", "--seeds", "0", "--fractions", "0.2"]),
+    "bench_privacy.py": (
+        [],
+        ["--rounds", "2", "--seeds", "0", "--epsilons", "8", "--datasets", "digits"],
+    ),
 }
 # Suites that keep their run folders under --runs (fidelity_common.run).
 CACHED_RUNS = (
@@ -39,6 +43,7 @@ CACHED_RUNS = (
     "fidelity_fedavg.py",
     "fidelity_personalization.py",
     "bench_attacks.py",
+    "bench_privacy.py",
 )
 
 

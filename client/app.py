@@ -46,6 +46,13 @@ from flwr.clientapp import ClientApp
 
 from pollinate import protocol
 from pollinate.client.local import hosted_cohort, user_seed
+from pollinate.client.privacy import (
+    KEY_CLIPPING_NORM,
+    KEY_NORM_BIT,
+    STOPPED_USERS,
+    USERS_KEY,
+    first_round_over_budget,
+)
 from pollinate.client.steps import (
     RoundContext,
     StateDict,
@@ -62,6 +69,7 @@ from pollinate.models import ModelSpec
 from pollinate.models.attacks import flip_labels, poison
 from pollinate.models.checks import UpdateBounds, ensure_finite_model, update_reason
 from pollinate.models.flat import flatten, unflatten
+from pollinate.models.privacy import clip_update
 
 app = ClientApp()
 
@@ -160,14 +168,32 @@ def train(msg: Message, context: Context) -> Message:
         reply.evaluation = _evaluate(evaluated, _users(context, ctx.cfg, ask.evaluation.users))
     mean = WeightedMean() if ask.node_mean else None
     global_flat = flatten(ctx.global_weights).numpy()
+    # [privacy] (client/privacy.py): under user-level DP every user counts once in the mean,
+    # its update clipped to C here (client-side clipping) before it enters the cohort's
+    # mean or leaves the node; a user whose ε budget is spent trains no more.
+    config = protocol.message_config(msg.content)
+    user_dp = ctx.cfg.privacy.method == "user"
+    clip = config.get(KEY_CLIPPING_NORM, 0.0)
+    clip_norm = float(clip) if isinstance(clip, int | float) else 0.0
+    stopped_users = config.get(STOPPED_USERS, [])
+    stopped = {str(u) for u in stopped_users} if isinstance(stopped_users, list) else set()
+    clipped_users = 0
     trainers = (
         _attacked(ctx, user, user.user_id in ask.attack_users)
         for user in _users(context, ctx.cfg, ask.users)
         if not is_dropped(ctx, user.user_id)
+        and user.user_id not in stopped
+        and not first_round_over_budget(ctx.cfg, user.num_train)
     )
     for user, update, metrics in train_users(_BENCH, ctx, trainers):
         attacker = user.user_id in ask.attack_users
         flat = _sent_update(ctx, user.user_id, update, attacker)
+        if user_dp:
+            clipped = False
+            if clip_norm > 0:
+                flat, clipped = clip_update(flat, flatten(ctx.global_weights), clip_norm)
+            metrics[USERS_KEY] = 1
+            metrics[KEY_NORM_BIT] = int(clipped)
         examples = metrics[protocol.NUM_EXAMPLES]
         if mean is None:
             reply.updates[user.user_id] = protocol.weights_record(flat)
@@ -182,13 +208,18 @@ def train(msg: Message, context: Context) -> Message:
             if examples == 0:
                 pass  # nothing trained (no examples, or train.epochs = 0): nothing to add
             elif reason is None:
-                mean.add({protocol.WEIGHTS: flat}, metrics)
+                mean.add({protocol.WEIGHTS: flat}, metrics, weight=1 if user_dp else 0)
+                clipped_users += int(metrics.get(KEY_NORM_BIT, 0))
             else:
                 reply.rejected[user.user_id] = reason
         reply.metrics[user.user_id] = MetricRecord(metrics)
     if mean is not None and mean.examples > 0:
         reply.mean = protocol.weights_record(mean.weights()[protocol.WEIGHTS])
-        reply.mean_metrics = MetricRecord(mean.metrics())
+        mean_metrics = mean.metrics()
+        if user_dp:  # the cohort stands for this many users, this many of them clipped
+            mean_metrics[USERS_KEY] = int(mean.total_weight)
+            mean_metrics[KEY_NORM_BIT] = clipped_users
+        reply.mean_metrics = MetricRecord(mean_metrics)
     return Message(protocol.train_content(reply), reply_to=msg)
 
 

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
+from pollinate.client.privacy import dp_sgd_for, note_steps
 from pollinate.client.tools import StateDict, generator, snapshot, tensors, train_config
 from pollinate.client.tools import writes_models as _writes_models
 from pollinate.config import RunConfig
@@ -135,14 +136,16 @@ class FineTune(Method):
     ) -> int | None:
         o = ctx.cfg.personalization.options
         x, y = tensors(user.x_train, user.y_train)
-        train(
+        stats = train(
             model,
             x,
             y,
             train_config(ctx.cfg, epochs=o.integer("finetune-epochs"), lr=o.number("finetune-lr")),
             generator=generator(ctx, user.user_id, "finetune"),
             parameters=head_keys(model) if o.flag("finetune-head-only") else None,
+            private=dp_sgd_for(ctx.cfg, user.num_train),  # local DP: training on private data
         )
+        note_steps(user.user_id, stats.steps)
         return ctx.server_round
 
 
@@ -214,14 +217,16 @@ class Ditto(Method):
         personal.load_state_dict(self._start(ctx, user.user_id))
         lam, config = self._config(ctx)
         x, y = data
-        train(
+        stats = train(
             personal,
             x,
             y,
             config,
             anchor=ctx.global_weights if lam > 0 else None,
             generator=generator(ctx, user.user_id, "ditto"),
+            private=dp_sgd_for(ctx.cfg, user.num_train),  # local DP: training on private data
         )
+        note_steps(user.user_id, stats.steps)
         _keep_personal(ctx, user.user_id, snapshot(personal))
 
     def after_stack(

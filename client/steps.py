@@ -21,6 +21,7 @@ import torch
 from pollinate import protocol
 from pollinate.client.local import user_seed
 from pollinate.client.personalization import method_of
+from pollinate.client.privacy import dp_metrics, dp_sgd_for, local_dp_on, take_noted_steps
 from pollinate.client.store import ModelStore
 from pollinate.client.tools import StateDict, generator, snapshot, tensors, train_config
 from pollinate.client.tools import writes_models as _writes_models
@@ -140,10 +141,15 @@ def train_user(
         train_config(ctx.cfg, epochs=local_epochs(ctx, user.user_id), proximal_mu=mu),
         anchor=ctx.global_weights if mu > 0 else None,
         generator=generator(ctx, user.user_id, "train"),
+        private=dp_sgd_for(ctx.cfg, user.num_train),
     )
     update = snapshot(model)
     method.after_training(bench, ctx, user, update, (x, y))
-    return update, protocol.train_metrics(stats.num_examples, stats.loss)
+    metrics = protocol.train_metrics(stats.num_examples, stats.loss)
+    if local_dp_on(ctx.cfg):  # the update's DP-SGD steps and the personal model's (Ditto)
+        steps = stats.steps + take_noted_steps(user.user_id)
+        metrics.update(dp_metrics(ctx.cfg, user.num_train, steps))
+    return update, metrics
 
 
 def train_users(
@@ -156,6 +162,10 @@ def train_users(
     cannot train falls back to one user at a time, said once per process.
     """
     size = ctx.cfg.train.stack_users
+    if size > 1 and local_dp_on(ctx.cfg):
+        # DP-SGD clips each example's gradient: per-user loops, not the stacked models.
+        _fall_back_once("privacy.method = 'local' trains with DP-SGD")
+        size = 0
     it = iter(users)
     while chunk := list(islice(it, max(size, 1))):
         if size > 1:
@@ -223,13 +233,17 @@ class WeightedMean:
         self._dtypes: dict[str, torch.dtype] = {}
         self._loss = 0.0
         self.examples = 0
+        self.total_weight = 0.0
 
-    def add(self, update: StateDict, metrics: dict[str, float]) -> None:
+    def add(self, update: StateDict, metrics: dict[str, float], weight: float = 0.0) -> None:
+        """Add one user's update, weighted by its examples (or by ``weight`` if given:
+        user-level DP weights every user 1)."""
         n = int(metrics[protocol.NUM_EXAMPLES])
         if n <= 0:
             return
+        w = weight or n
         for key, value in update.items():
-            term = value.detach().to(torch.float64) * n
+            term = value.detach().to(torch.float64) * w
             if key in self._sum:
                 self._sum[key] += term
             else:
@@ -237,12 +251,13 @@ class WeightedMean:
                 self._dtypes[key] = value.dtype
         self._loss += float(metrics[protocol.TRAIN_LOSS]) * n
         self.examples += n
+        self.total_weight += w
 
     def weights(self) -> StateDict:
         out = {}
         for key, total in self._sum.items():
             dtype = self._dtypes[key]
-            mean = total / self.examples
+            mean = total / self.total_weight
             out[key] = mean.to(dtype) if dtype.is_floating_point else mean
         return out
 
@@ -283,4 +298,7 @@ def evaluate_user(bench: Workbench, ctx: RoundContext, user: UserData) -> dict[s
             round=ctx.server_round if personal_round is None else personal_round,
             metrics={"loss": p.loss, "accuracy": p.accuracy, protocol.NUM_EXAMPLES: p.num_examples},
         )
-    return protocol.evaluate_metrics(g.num_examples, g.loss, g.accuracy, p.loss, p.accuracy)
+    metrics = protocol.evaluate_metrics(g.num_examples, g.loss, g.accuracy, p.loss, p.accuracy)
+    if local_dp_on(ctx.cfg):  # fine-tuning is DP-SGD on the user's data too: it spends ε
+        metrics.update(dp_metrics(ctx.cfg, user.num_train, take_noted_steps(user.user_id)))
+    return metrics

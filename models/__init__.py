@@ -33,7 +33,7 @@ from .registry import (
     register_model,
     state_shapes,
 )
-from .train import EvalStats, TrainConfig, TrainStats, evaluate, predict_proba, train
+from .train import EvalStats, TrainConfig, TrainStats, dp_sgd_steps, evaluate, predict_proba, train
 
 __all__ = [
     "FORMAT",
@@ -52,6 +52,7 @@ __all__ = [
     "available_models",
     "body_keys",
     "create_model",
+    "dp_sgd_steps",
     "evaluate",
     "head_keys",
     "load_artifact",

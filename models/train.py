@@ -8,6 +8,7 @@ FedProx and Ditto (``anchor`` + ``proximal_mu``) and FedPer / FedRep / fine-tuni
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -15,7 +16,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["EvalStats", "TrainConfig", "TrainStats", "evaluate", "predict_proba", "train"]
+from .privacy import DPSGD, private_step_gradient
+
+__all__ = [
+    "EvalStats",
+    "TrainConfig",
+    "TrainStats",
+    "dp_sgd_steps",
+    "evaluate",
+    "predict_proba",
+    "train",
+]
 
 
 @dataclass(frozen=True)
@@ -96,6 +107,7 @@ def train(
     anchor: dict[str, torch.Tensor] | None = None,
     generator: torch.Generator | None = None,
     parameters: list[str] | None = None,
+    private: DPSGD | None = None,
 ) -> TrainStats:
     """Train ``model`` in place with SGD on cross-entropy.
 
@@ -120,6 +132,11 @@ def train(
         Names of the parameters to update (e.g. ``head_keys(model)``); the rest stay
         bit-identical. Buffer names are accepted and ignored. Default: all parameters with
         ``requires_grad``.
+    private
+        DP-SGD (:mod:`.privacy`): each step's batch is a Poisson sample (every example in
+        with probability q = batch / N, N / batch steps an epoch) and its gradient the
+        noisy mean of clipped per-example gradients. The proximal term's gradient depends
+        on no example and is added unclipped.
 
     Returns
     -------
@@ -179,6 +196,11 @@ def train(
         trainable = [named[p_name] for p_name in selected]
         opt = _SGD(trainable, cfg) if trainable else None
         model.train()
+        if private is not None and opt is not None:
+            steps, dp_loss, dp_seen = _train_private(
+                model, x, y, cfg, private, selected, prox, opt, generator
+            )
+            return TrainStats(loss=dp_loss / max(dp_seen, 1), num_examples=n, steps=steps)
         for _ in range(cfg.epochs):
             # Full batch: order does not change the gradient, so do not draw from the RNG.
             order = torch.randperm(n, generator=generator).to(device) if batch < n else None
@@ -207,6 +229,55 @@ def train(
         model.train(was_training)
     seen = n * cfg.epochs
     return TrainStats(loss=float(loss_sum) / seen, num_examples=n, steps=steps)
+
+
+def _train_private(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: TrainConfig,
+    private: DPSGD,
+    selected: list[str],
+    prox: list[tuple[torch.Tensor, torch.Tensor]],
+    opt: _SGD,
+    generator: torch.Generator | None,
+) -> tuple[int, float, int]:
+    """DP-SGD epochs: (steps, summed loss, examples seen)."""
+    n = len(x)
+    batch = n if cfg.batch_size <= 0 else min(cfg.batch_size, n)
+    rate = batch / n
+    steps_per_epoch = math.ceil(n / batch)
+    named = dict(model.named_parameters())
+    loss_sum, seen, steps = 0.0, 0, 0
+    for _ in range(cfg.epochs * steps_per_epoch):
+        # Poisson sampling: the batch size varies, the expected one is q * n = batch.
+        take = (
+            torch.rand(n, generator=generator) < rate
+            if rate < 1
+            else torch.ones(n, dtype=torch.bool)
+        )
+        xb, yb = x[take.to(x.device)], y[take.to(y.device)]  # (b, F), (b,)
+        if len(xb):
+            with torch.no_grad():
+                loss_sum += float(F.cross_entropy(model(xb), yb)) * len(yb)
+            seen += len(yb)
+        grads = private_step_gradient(model, selected, xb, yb, private, rate * n, generator)
+        opt.zero_grad()
+        for name, g in grads.items():
+            named[name].grad = g
+        for w, w0 in prox:
+            w.grad = w.grad + cfg.proximal_mu * (w.detach() - w0)  # type: ignore[operator]
+        opt.step()
+        steps += 1
+    return steps, loss_sum, seen
+
+
+def dp_sgd_steps(num_examples: int, cfg: TrainConfig) -> tuple[float, int]:
+    """(sampling rate q, steps) of :func:`train` with ``private`` on ``num_examples``."""
+    if cfg.epochs == 0 or num_examples == 0:
+        return 1.0, 0
+    batch = num_examples if cfg.batch_size <= 0 else min(cfg.batch_size, num_examples)
+    return batch / num_examples, cfg.epochs * math.ceil(num_examples / batch)
 
 
 class _SGD:

@@ -67,6 +67,8 @@ ROUND_COLUMNS = (
     "bytes_received",
     "finished_at",
     "rejected",
+    "epsilon",
+    "epsilon_mean",
 )
 CLIENT_COLUMNS = (
     "round",
@@ -78,11 +80,15 @@ CLIENT_COLUMNS = (
     "global_accuracy",
     "personal_loss",
     "personal_accuracy",
+    "epsilon",
     "rejected_reason",
 )
 # Columns added after the first release: a metrics.db written before them gets them
 # (ALTER TABLE) when a recorder opens it, and the readers fill them in when reading one.
-_ADDED = {"rounds": {"rejected": "REAL"}, "clients": {"rejected_reason": "TEXT"}}
+_ADDED = {
+    "rounds": {"rejected": "REAL", "epsilon": "REAL", "epsilon_mean": "REAL"},
+    "clients": {"rejected_reason": "TEXT", "epsilon": "REAL"},
+}
 _TEXT_COLUMNS = ("user", "rejected_reason")
 
 _SCHEMA = f"""
@@ -124,6 +130,10 @@ class _RoundBuffer:
     rejected: dict[str, str] = field(default_factory=dict)
     bytes_sent: int = 0
     bytes_received: int = 0
+    # [privacy]: ε spent by the end of the round (largest and mean over users), per user.
+    epsilon: float = math.nan
+    epsilon_mean: float = math.nan
+    user_epsilon: dict[str, float] = field(default_factory=dict)
 
 
 class MetricsRecorder:
@@ -212,6 +222,19 @@ class MetricsRecorder:
     def user_evaluated(self, server_round: int, user: str, metrics: dict[str, float]) -> None:
         self._buffer(server_round).evals[user] = metrics
 
+    def privacy_spent(
+        self,
+        server_round: int,
+        *,
+        epsilon: float,
+        epsilon_mean: float,
+        per_user: dict[str, float] | None = None,
+    ) -> None:
+        """The ε spent so far (the run's, or the largest user's), and per user."""
+        buf = self._buffer(server_round)
+        buf.epsilon, buf.epsilon_mean = epsilon, epsilon_mean
+        buf.user_epsilon = dict(per_user or {})
+
     def end_round(
         self, server_round: int, server_metrics: dict[str, float] | None = None
     ) -> dict[str, float]:
@@ -264,6 +287,8 @@ class MetricsRecorder:
             "bytes_received": buf.bytes_received,
             "finished_at": time.time(),
             "rejected": len(buf.rejected),
+            "epsilon": buf.epsilon,
+            "epsilon_mean": buf.epsilon_mean,
         }
 
     @staticmethod
@@ -284,6 +309,7 @@ class MetricsRecorder:
                     "global_accuracy": e.get(protocol.GLOBAL_ACCURACY, nan),
                     "personal_loss": e.get(protocol.PERSONAL_LOSS, nan),
                     "personal_accuracy": e.get(protocol.PERSONAL_ACCURACY, nan),
+                    "epsilon": buf.user_epsilon.get(user, nan),
                     "rejected_reason": buf.rejected.get(user),
                 }
             )

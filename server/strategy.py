@@ -127,4 +127,6 @@ def build_strategy(cfg: RunConfig, recorder: MetricsRecorder | None = None) -> U
     except UnknownNameError as err:  # config.resolve refuses it first; a hand-built one not
         raise ConfigError(str(err)) from None
     strategy = entry.build(common, s.options, cfg)
-    return strategy
+    from pollinate.server.privacy import with_privacy  # it builds on this module
+
+    return with_privacy(strategy, cfg.privacy, seed=cfg.run.seed, num_rounds=cfg.run.num_rounds)
