@@ -234,6 +234,45 @@ class ValidationSection:
 
 
 @dataclass(frozen=True)
+class PrivacySection:
+    # Secure aggregation (SecAgg+, Bell et al. 2020; pollinate.server.secagg): the server
+    # learns only the sum of a round's updates. Needs an example-weighted-mean strategy.
+    secure_aggregation: bool = setting(
+        False, "secure aggregation (SecAgg+): the server learns only each round's sum"
+    )
+    # On SecAgg+'s ring: a node and its (k - 1) nearest neighbours hold its shares.
+    secagg_num_shares: int = setting(
+        3,
+        "shares of each node's secrets, one per ring neighbour (itself included); odd, "
+        "at most the round's nodes",
+        Range(3, 100_000),
+    )
+    # Fewer colluding nodes learn nothing from their shares.
+    secagg_reconstruction_threshold: int = setting(
+        2,
+        "shares that rebuild a secret (below num-shares): a round survives while every "
+        "node keeps this many live neighbours",
+        Range(2, 100_000),
+    )
+    # The aggregate's error is about 2 x clipping-range / quantization-range / (sum of
+    # weights / max-weight) per value.
+    secagg_clipping_range: float = setting(
+        8.0,
+        "each value of (weight / max-weight) x update is clipped to +-this before quantization",
+        Range(0, 1e6, open_lo=True),
+    )
+    # A round's sum of n quantized values must stay below the 2^32 modulus: n < 2^32 / this.
+    secagg_quantization_range: int = setting(
+        4_194_304, "integer levels of the quantization (2^22)", Range(2, 2**30)
+    )
+    secagg_max_weight: float = setting(
+        1000.0,
+        "the largest node weight (its training examples) expected; above it, values clip",
+        Range(0, 1e12, open_lo=True),
+    )
+
+
+@dataclass(frozen=True)
 class AttackSection:
     # Simulated attackers, to measure defences (pollinate.models.attacks). Off by default.
     kind: str = setting("none", "how attackers poison their updates", choices=ATTACKS)
@@ -259,6 +298,7 @@ class RunConfig:
     tracking: TrackingSection = field(default_factory=TrackingSection)
     validation: ValidationSection = field(default_factory=ValidationSection)
     attack: AttackSection = field(default_factory=AttackSection)
+    privacy: PrivacySection = field(default_factory=PrivacySection)
 
     def to_flat(self) -> dict[str, Scalar]:
         """The flat ``section.key`` mapping (Flower's run-config shape)."""
@@ -439,6 +479,7 @@ def _check(cfg: RunConfig) -> None:
         raise ConfigError(str(err)) from None
     _check_validation(cfg)
     _check_attack(cfg)
+    _check_secure_aggregation(cfg)
     _check_model_size(cfg)
 
 
@@ -448,6 +489,37 @@ def _check_validation(cfg: RunConfig) -> None:
         raise ConfigError(
             "validation.norm-bound-median-multiple must be 0 (off) or >= 1 (a multiple of "
             f"the round's median update norm), got {v.norm_bound_median_multiple}"
+        )
+
+
+# Built-in strategies that need every individual update: a secure sum hides them (any
+# other strategy without pollinate.server.strategy's `mean_of_updates` is refused when
+# it is built).
+NEEDS_EACH_UPDATE = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
+
+
+def _check_secure_aggregation(cfg: RunConfig) -> None:
+    p = cfg.privacy  # ranges: RANGES
+    if not p.secure_aggregation:
+        return
+    if cfg.strategy.name in NEEDS_EACH_UPDATE:
+        raise ConfigError(
+            f"strategy.name = '{cfg.strategy.name}' needs every user's own update, which "
+            "privacy.secure-aggregation hides from the server; use fedavg, fedprox, "
+            "fedadam or fedyogi, or turn secure aggregation off"
+        )
+    if cfg.validation.norm_bound_median_multiple != 0:
+        raise ConfigError(
+            "validation.norm-bound-median-multiple needs every update's norm, which "
+            "privacy.secure-aggregation hides from the server; use validation.norm-bound "
+            "(checked on the device) or set it to 0"
+        )
+    n, t = p.secagg_num_shares, p.secagg_reconstruction_threshold
+    if t >= n:
+        raise ConfigError(
+            f"privacy.secagg-reconstruction-threshold = {t} must be below "
+            f"privacy.secagg-num-shares = {n} (a node's secret is split into that many "
+            "shares; below it, a round survives a dropped neighbour)"
         )
 
 
@@ -517,6 +589,12 @@ def check_against_data(
     reason = strategies.get(s.name).check_round(s.options, sampled=sampled, num_users=num_users)
     if reason:
         raise ConfigError(reason)
+    if cfg.privacy.secure_aggregation and num_nodes < 2:
+        raise ConfigError(
+            f"privacy.secure-aggregation needs at least 2 Flower nodes (a sum over one node is "
+            f"that node's update) but this simulation runs {num_nodes}; set "
+            "simulation.num-nodes = 2 or more"
+        )
     if s.min_nodes > num_nodes:
         raise ConfigError(
             f"strategy.min-nodes = {s.min_nodes} but this simulation runs {num_nodes} Flower "

@@ -46,6 +46,7 @@ from flwr.clientapp import ClientApp
 
 from pollinate import protocol
 from pollinate.client.local import hosted_cohort, user_seed
+from pollinate.client.secagg import secure_aggregation_mod
 from pollinate.client.steps import (
     RoundContext,
     StateDict,
@@ -149,7 +150,7 @@ def _sent_update(ctx: RoundContext, user: str, update: StateDict, attacker: bool
     )
 
 
-@app.train()
+@app.train(mods=[secure_aggregation_mod])  # SecAgg+ stages, when the server runs them
 def train(msg: Message, context: Context) -> Message:
     ask = protocol.read_instruction(msg.content)
     ctx = _round_context(msg, context, ask)

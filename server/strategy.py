@@ -127,4 +127,11 @@ def build_strategy(cfg: RunConfig, recorder: MetricsRecorder | None = None) -> U
     except UnknownNameError as err:  # config.resolve refuses it first; a hand-built one not
         raise ConfigError(str(err)) from None
     strategy = entry.build(common, s.options, cfg)
+    if cfg.privacy.secure_aggregation and not strategy.mean_of_updates:
+        # A registered strategy beyond config.py's list of the robust built-ins.
+        raise ConfigError(
+            f"strategy.name = '{s.name}' does not aggregate by the weighted mean of the "
+            "updates, the only aggregate privacy.secure-aggregation can compute; use fedavg "
+            "or turn secure aggregation off"
+        )
     return strategy
