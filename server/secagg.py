@@ -15,12 +15,13 @@ masked vectors, unmask). Flower's workflow drives a legacy ``Strategy``; here
 :class:`SecureAggregationGrid` drives the same stages under a Message-API strategy:
 
 - it wraps the ServerApp's grid; a ``train`` exchange (one message per node, from
-  :class:`~pollinate.server.strategy.UserCohorts`) becomes the four stages, the real
-  train message travelling with the third; other exchanges pass through;
-- its replies to the strategy are one message carrying the unmasked aggregate (the global
-  model plus the weighted mean of the updates) for all the round's users, with each user's
-  plain metrics, and the error replies of the nodes that dropped. The strategy's
-  ``aggregate_train`` (FedAvg, FedProx, FedAdam, FedYogi) so never holds a node's update;
+  :class:`~pollinate.server.rounds.UserCohorts`) becomes the four stages, the strategy's
+  own train message travelling with the third; other exchanges pass through;
+- its replies to the strategy are the nodes' replies without arrays (each user's plain
+  metrics, the carried evaluation), one of which carries the unmasked aggregate (the
+  global model plus the weighted mean of the updates) as its "cohort mean", and the error
+  replies of the nodes that dropped. The strategy's ``aggregate_train`` (FedAvg, FedProx,
+  FedAdam, FedYogi) so holds one update per round, never a node's;
 - the client side is Flower's ``secaggplus_mod`` (:mod:`pollinate.client.secagg`).
 
 The cryptography (ECDH key agreement, Shamir shares, Fernet, the mask generator,
@@ -481,14 +482,18 @@ def node_replies(
     update the strategy aggregates; marked :data:`SECURE_AGGREGATE`). With ``rejected``
     there is no aggregate and every user is named rejected for it."""
     combined = _weighted_metrics(state.trained, state.weight_key)
-    replies = sorted(state.trained, key=lambda r: r.metadata.src_node_id)
+    replies = []
     carrier: Message | None = None
-    for reply in replies:
+    for got in sorted(state.trained, key=lambda r: r.metadata.src_node_id):
+        kept = {
+            name: record
+            for name, record in got.content.items()
+            if not (name.startswith("fitres.") or name == RECORD_KEY_CONFIGS)
+            and not (isinstance(record, ArrayRecord) and len(record) == 0)  # cleared by the mod
+        }
+        reply = Message(RecordDict(kept), reply_to=state.sent[got.metadata.src_node_id])
+        replies.append(reply)
         c = reply.content
-        for name in [n for n in c if n.startswith("fitres.") or n == RECORD_KEY_CONFIGS]:
-            del c[name]
-        for name in [n for n, rec in c.array_records.items() if len(rec) == 0]:
-            del c[name]
         users = [str(u) for u in cast(Any, c["users"])["ids"]]
         if rejected and users:
             refused = dict(c.config_records.get("rejected", {}))

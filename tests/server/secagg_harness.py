@@ -73,5 +73,5 @@ class LoopbackGrid(Grid):
             # A copy, as the wire makes one: the node must not touch the server's objects.
             reply = self.app(copy.deepcopy(msg), self.contexts[node])
             replies.append(reply)
-        self.received.extend(replies)
+        self.received.extend(copy.deepcopy(r) for r in replies)  # as they arrived
         return replies

@@ -177,12 +177,14 @@ def test_the_server_side_never_holds_an_individual_update() -> None:
             for plain in (update, node_model(n).double().numpy(), quantized):
                 assert not np.allclose(body, plain, atol=1e-3)
                 assert abs(np.corrcoef(body, plain)[0, 1]) < 0.3
-    # What the strategy gets: one aggregate standing for every user, no per-node arrays.
+    # What the strategy gets: each node's reply (its users' metrics) and one aggregate,
+    # carried by one of them; no other arrays.
     with_arrays = [r for r in replies if not r.has_error() and r.content.array_records]
     assert len(with_arrays) == 1 and is_secure_aggregate(with_arrays[0])
-    assert sorted(cast(Any, with_arrays[0].content["users"])["ids"]) == sorted(
+    assert sorted(u for r in replies for u in cast(Any, r.content["users"])["ids"]) == sorted(
         f"u{n}" for n in NODES
     )
+    assert {r.metadata.src_node_id for r in replies} == set(NODES)
     # Every reply the nodes sent had its arrays cleared by Flower's mod.
     for r in loop.received:
         assert all(len(rec) == 0 for rec in r.content.array_records.values())
@@ -221,9 +223,10 @@ def test_dropouts_after_training_beyond_threshold_reject_the_round() -> None:
         die_at={NODES[0]: Stage.UNMASK, NODES[1]: Stage.UNMASK},
         reconstruction_threshold=4,
     )
-    (agg,) = [r for r in replies if is_secure_aggregate(r)]
-    assert "arrays" not in agg.content.array_records  # no aggregate: the model stays
-    assert set(agg.content["rejected"].keys()) == {f"u{n}" for n in NODES}
+    good = [r for r in replies if not r.has_error()]
+    assert not any(r.content.array_records for r in good)  # no aggregate: the model stays
+    rejected = {u for r in good for u in r.content.config_records["rejected"]}
+    assert rejected == {f"u{n}" for n in NODES}  # every user trained, none counted
 
 
 def test_sparse_graph_secagg_plus() -> None:
