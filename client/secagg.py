@@ -27,6 +27,7 @@ import numpy as np
 from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
+from pollinate import protocol
 from pollinate.flower_compat.secagg import (
     RECORD_KEY_CONFIGS,
     Code,
@@ -62,16 +63,18 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppC
 
 
 def node_update(
-    msg: Message, reply: Message, weight_key: str = "num-examples"
+    msg: Message, reply: Message, weight_key: str = protocol.NUM_EXAMPLES
 ) -> tuple[np.ndarray, int]:
     """The node's mean update (its mean model minus the global model) and its weight (the
     reply metric ``weight_key``: its examples); zeros and 0 if none of its users trained."""
-    global_flat = msg.content.array_records["arrays"]["weights"].numpy().astype(np.float64)
+    global_flat = (
+        msg.content.array_records[protocol.ARRAYS][protocol.WEIGHTS].numpy().astype(np.float64)
+    )
     content = reply.content
-    if "arrays" not in content.array_records:
+    if protocol.ARRAYS not in content.array_records:
         return np.zeros_like(global_flat), 0
-    mean = content.array_records["arrays"]["weights"].numpy().astype(np.float64)
-    weight = int(cast(Any, content.metric_records["metrics"])[weight_key])
+    mean = content.array_records[protocol.ARRAYS][protocol.WEIGHTS].numpy().astype(np.float64)
+    weight = int(cast(Any, content.metric_records[protocol.METRICS])[weight_key])
     return mean - global_flat, weight
 
 
@@ -80,7 +83,11 @@ def _update_as_fitres(msg: Message, context: Context, call_next: ClientAppCallab
     if reply.has_error():
         return reply
     settings = context.state.config_records.get(_SETTINGS)
-    key = str(settings.get(WEIGHT_KEY, "num-examples")) if settings is not None else "num-examples"
+    key = (
+        str(settings.get(WEIGHT_KEY, protocol.NUM_EXAMPLES))
+        if settings is not None
+        else protocol.NUM_EXAMPLES
+    )
     update, examples = node_update(msg, reply, key)
     _warn_if_clipped(update, examples, context)
     fit = FitRes(

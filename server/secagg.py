@@ -62,6 +62,7 @@ from flwr.app import (
 from flwr.common import bytes_to_ndarray
 from flwr.serverapp import Grid
 
+from pollinate import protocol
 from pollinate.config import PrivacySection
 from pollinate.flower_compat.secagg import (
     RECORD_KEY_CONFIGS,
@@ -104,7 +105,7 @@ class SecAggSettings:
     # The node metric that weighs its update in the mean (FedAvg's: its examples). A
     # uniform mean over users (user-level DP) weighs by the node's user count instead;
     # max-weight must then bound that count.
-    weight_key: str = "num-examples"
+    weight_key: str = protocol.NUM_EXAMPLES
 
     @classmethod
     def from_config(cls, p: PrivacySection) -> SecAggSettings:
@@ -144,7 +145,7 @@ class _Round:
     forward: dict[int, tuple[list[int], list[bytes]]] = field(default_factory=dict)
     masked_sum: list[np.ndarray] = field(default_factory=list)
     trained: list[Message] = field(default_factory=list)  # stage-2 replies, arrays emptied
-    weight_key: str = "num-examples"
+    weight_key: str = protocol.NUM_EXAMPLES
 
     @property
     def sampled(self) -> set[int]:
@@ -217,7 +218,9 @@ def secure_train_exchange(
     """The replies of a SecAgg+ round over ``messages`` (one train message per node):
     the nodes' replies (see :func:`node_replies`) and the errors of dropped nodes."""
     sent = {m.metadata.dst_node_id: m for m in messages}
-    server_round = int(cast(Any, messages[0].content["config"]).get("server-round", 0))
+    server_round = int(
+        cast(Any, messages[0].content[protocol.CONFIG]).get(protocol.SERVER_ROUND, 0)
+    )
     num_shares = settings.shares_for(len(sent))
     state = _Round(
         server_round=server_round,
@@ -467,7 +470,7 @@ def _dequantized_mean(
 
 
 def _node_weight(reply: Message, key: str) -> float:
-    metrics = reply.content.metric_records.get("metrics")
+    metrics = reply.content.metric_records.get(protocol.METRICS)
     return float(cast(Any, metrics)[key]) if metrics is not None else 0.0
 
 
@@ -494,20 +497,20 @@ def node_replies(
         reply = Message(RecordDict(kept), reply_to=state.sent[got.metadata.src_node_id])
         replies.append(reply)
         c = reply.content
-        users = [str(u) for u in cast(Any, c["users"])["ids"]]
+        users = [str(u) for u in cast(Any, c[protocol.USERS])[protocol.IDS]]
         if rejected and users:
-            refused = dict(c.config_records.get("rejected", {}))
+            refused = dict(c.config_records.get(protocol.REJECTED, {}))
             refused.update({u: rejected for u in users})
-            c["rejected"] = ConfigRecord(cast(Any, refused))
+            c[protocol.REJECTED] = ConfigRecord(cast(Any, refused))
         if carrier is None and users:
             carrier = reply
     if carrier is not None and mean_update is not None and not rejected:
-        first = next(iter(state.sent.values())).content.array_records["arrays"]
-        global_flat = first.to_torch_state_dict()["weights"]
+        first = next(iter(state.sent.values())).content.array_records[protocol.ARRAYS]
+        global_flat = first.to_torch_state_dict()[protocol.WEIGHTS]
         update = torch.from_numpy(np.asarray(mean_update, dtype=np.float64).reshape(-1))
         weights = (global_flat.double() + update).to(global_flat.dtype)
-        carrier.content["arrays"] = ArrayRecord({"weights": weights})
-        carrier.content["metrics"] = MetricRecord(cast(Any, combined))
+        carrier.content[protocol.ARRAYS] = ArrayRecord({protocol.WEIGHTS: weights})
+        carrier.content[protocol.METRICS] = MetricRecord(cast(Any, combined))
         carrier.content[SECURE_AGGREGATE] = ConfigRecord(
             {"nodes": len(state.trained), "dropped": len(state.sampled) - len(state.trained)}
         )
@@ -515,12 +518,14 @@ def node_replies(
 
 
 # Metrics that count (examples, users): summed over the nodes, not averaged.
-COUNTS = ("num-examples", "dp-users")
+COUNTS = (protocol.NUM_EXAMPLES, "dp-users")
 
 
 def _weighted_metrics(replies: list[Message], weight_key: str) -> dict[str, float | int]:
     """The nodes' ``metrics`` averaged by ``weight_key``, counts summed, as FedAvg does."""
-    rows = [cast(Any, r.content["metrics"]) for r in replies if _node_weight(r, weight_key) > 0]
+    rows = [
+        cast(Any, r.content[protocol.METRICS]) for r in replies if _node_weight(r, weight_key) > 0
+    ]
     total = sum(float(m[weight_key]) for m in rows)
     out: dict[str, float | int] = {}
     for key in rows[0].keys() if rows else []:
