@@ -538,6 +538,12 @@ def check_against_data(
     reason = strategies.get(s.name).check_round(s.options, sampled=sampled, num_users=num_users)
     if reason:
         raise ConfigError(reason)
+    if cfg.privacy.secure_aggregation and num_nodes < 2:
+        raise ConfigError(
+            f"privacy.secure-aggregation needs at least 2 Flower nodes (a sum over one node is "
+            f"that node's update) but this simulation runs {num_nodes}; set "
+            "simulation.num-nodes = 2 or more"
+        )
     if s.min_nodes > num_nodes:
         raise ConfigError(
             f"strategy.min-nodes = {s.min_nodes} but this simulation runs {num_nodes} Flower "

@@ -81,23 +81,36 @@ class PrivacyOptions:
     secure_aggregation: bool = setting(
         False, "SecAgg+ (Bell et al. 2020): the server learns only the sum of a round's updates"
     )
+    # On SecAgg+'s ring: a node and its (k - 1) nearest neighbours hold its shares.
     secagg_num_shares: int = setting(
-        3, "SecAgg+: shares each user's secret is split into", Range(2, 100_000)
+        3,
+        "SecAgg+: shares of each node's secrets, one per ring neighbour (itself included); "
+        "odd, at most the round's nodes",
+        Range(3, 100_000),
     )
+    # Fewer colluding nodes learn nothing from their shares.
     secagg_reconstruction_threshold: int = setting(
-        3, "SecAgg+: shares needed to rebuild a secret (<= num-shares)", Range(2, 100_000)
+        2,
+        "SecAgg+: shares that rebuild a secret (below num-shares): a round survives while "
+        "every node keeps this many live neighbours",
+        Range(2, 100_000),
     )
+    # The aggregate's error is about 2 x clipping-range / quantization-range / (sum of
+    # weights / max-weight) per value.
     secagg_clipping_range: float = setting(
         8.0,
-        "SecAgg+: update values are clipped to +-this before quantization",
-        Range(0, 1e12, open_lo=True),
+        "SecAgg+: each value of (weight / max-weight) x update is clipped to +-this before "
+        "quantization",
+        Range(0, 1e6, open_lo=True),
     )
+    # A round's sum of n quantized values must stay below the 2^32 modulus: n < 2^32 / this.
     secagg_quantization_range: int = setting(
-        4_194_304, "SecAgg+: quantization levels over the clipping range", Range(2, 2**31)
+        4_194_304, "SecAgg+: integer levels of the quantization (2^22)", Range(2, 2**30)
     )
     secagg_max_weight: float = setting(
         1000.0,
-        "SecAgg+: the largest weight (examples) one update may carry",
+        "SecAgg+: the largest node weight (its training examples) expected; above it, "
+        "values clip",
         Range(0, 1e12, open_lo=True),
     )
 
@@ -121,11 +134,12 @@ def privacy_problem(
 
 
 def _secagg_problem(p: PrivacyOptions, strategy: str, median_multiple: float) -> str | None:
-    if p.secagg_reconstruction_threshold > p.secagg_num_shares:
+    n, t = p.secagg_num_shares, p.secagg_reconstruction_threshold
+    if t >= n:
         return (
-            f"privacy.secagg-reconstruction-threshold = {p.secagg_reconstruction_threshold} "
-            f"exceeds privacy.secagg-num-shares = {p.secagg_num_shares}: a secret split into "
-            "that many shares could never be rebuilt; lower the threshold"
+            f"privacy.secagg-reconstruction-threshold = {t} must be below "
+            f"privacy.secagg-num-shares = {n} (a node's secret is split into that many "
+            "shares; below it, a round survives a dropped neighbour)"
         )
     if not p.secure_aggregation:
         return None
@@ -145,6 +159,12 @@ def _secagg_problem(p: PrivacyOptions, strategy: str, median_multiple: float) ->
         return (
             "privacy.clip-on = 'server' cannot clip updates the server never sees "
             "(privacy.secure-aggregation); use privacy.clip-on = 'client'"
+        )
+    if p.method == "user" and p.clipping == "adaptive":
+        # Adaptive clipping counts clipped updates from per-update bits the sum hides.
+        return (
+            "privacy.clipping = 'adaptive' needs each update's clipped bit, which "
+            "privacy.secure-aggregation hides; use privacy.clipping = 'fixed'"
         )
     return None
 

@@ -76,6 +76,13 @@ ATTACK_USERS = "attack-users"
 
 # ---------------------------------------------------------------- metric names
 NUM_EXAMPLES = "num-examples"  # Flower's weighted_by_key: every reply's weight
+# Privacy (pollinate.client.privacy / server.privacy): a reply's users in a uniform
+# per-user mean (user-level DP's weight), its users past their ε budget, and Flower's own
+# DP keys (flwr's KEY_CLIPPING_NORM / KEY_NORM_BIT, spelled as Flower spells them).
+DP_USERS = "dp-users"
+PRIVACY_STOPPED = "privacy-stopped"
+CLIPPING_NORM = "clipping_norm"
+NORM_BIT = "norm_bit"
 TRAIN_LOSS = "train-loss"
 GLOBAL_LOSS = "global-loss"
 GLOBAL_ACCURACY = "global-accuracy"

@@ -53,6 +53,7 @@ from pollinate.client.privacy import (
     USERS_KEY,
     first_round_over_budget,
 )
+from pollinate.client.secagg import secure_aggregation_mod
 from pollinate.client.steps import (
     RoundContext,
     StateDict,
@@ -157,7 +158,7 @@ def _sent_update(ctx: RoundContext, user: str, update: StateDict, attacker: bool
     )
 
 
-@app.train()
+@app.train(mods=[secure_aggregation_mod])  # SecAgg+ stages, when the server runs them
 def train(msg: Message, context: Context) -> Message:
     ask = protocol.read_instruction(msg.content)
     ctx = _round_context(msg, context, ask)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+from pollinate import protocol
 from pollinate.config import RunConfig
 from pollinate.models import TrainConfig, dp_sgd_steps
 from pollinate.models.privacy import DPSGD, epsilon, noise_for_epsilon
@@ -25,12 +26,12 @@ from pollinate.privacy_options import default_delta
 
 # Flower's names (flwr.supercore.differential_privacy), repeated: this module does not
 # need Flower, and tests/client/test_privacy.py checks they are equal.
-KEY_CLIPPING_NORM = "clipping_norm"
-KEY_NORM_BIT = "norm_bit"
+KEY_CLIPPING_NORM = protocol.CLIPPING_NORM
+KEY_NORM_BIT = protocol.NORM_BIT
 # Config key: users the server's accountant has stopped (their budget is spent).
-STOPPED_USERS = "privacy-stopped"
+STOPPED_USERS = protocol.PRIVACY_STOPPED
 # Train-metric key: the users an update stands for (1, or a cohort mean's count).
-USERS_KEY = "dp-users"
+USERS_KEY = protocol.DP_USERS
 
 
 # DP-SGD steps a personalization method took for a user (Ditto's personal model, the

@@ -40,6 +40,7 @@ from pollinate.server.checkpoint import (
 from pollinate.server.datasplit import DATA_SPLIT_NAME, start_data_split
 from pollinate.server.grid import is_deployed, responsive
 from pollinate.server.metrics import MetricsRecorder
+from pollinate.server.secagg import secure_grid
 from pollinate.server.strategy import UserCohorts, build_strategy
 from pollinate.server.tracking import open_tracking
 
@@ -210,7 +211,7 @@ def _federate(grid: Grid, cfg: RunConfig) -> Path:
             if ckpt is None:
                 end_of_round(0, initial, strategy.rng.getstate())  # the initial model
             strategy.run(
-                grid,
+                secure_grid(grid, cfg.privacy),  # SecAgg+ train exchanges if asked
                 initial,
                 rounds=range(first + 1, cfg.run.num_rounds + 1),
                 timeout=cfg.server.round_timeout,

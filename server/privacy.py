@@ -55,8 +55,8 @@ from pollinate.server.validation import Candidate
 
 _logger = logging.getLogger("pollinate")
 
-STOPPED_USERS = "privacy-stopped"  # = pollinate.client.privacy.STOPPED_USERS (tested)
-USERS_KEY = "dp-users"  # = pollinate.client.privacy.USERS_KEY (tested)
+STOPPED_USERS = protocol.PRIVACY_STOPPED
+USERS_KEY = protocol.DP_USERS
 
 
 class PrivacyLedger:

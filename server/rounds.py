@@ -80,6 +80,9 @@ class CohortSettings:
     round_timeout: float | None = None
     validation: ValidationSection = field(default_factory=ValidationSection)
     attack: AttackSection = field(default_factory=AttackSection)
+    # privacy.secure-aggregation: each train exchange is a SecAgg+ round (server/secagg.py,
+    # which wraps the grid); nodes then always send their cohort's mean.
+    secure_aggregation: bool = False
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> CohortSettings:
@@ -93,6 +96,7 @@ class CohortSettings:
             round_timeout=cfg.server.round_timeout,
             validation=cfg.validation,
             attack=cfg.attack,
+            secure_aggregation=cfg.privacy.secure_aggregation,
         )
 
 
@@ -371,6 +375,8 @@ class UserCohorts:
     def sends_cohort_means(self) -> bool:
         """Nodes send their cohort's mean: the aggregate is the mean, and no check needs
         every user's own update (the round's median norm does)."""
+        if self.settings.secure_aggregation:
+            return True  # the masked sum is of the nodes' means
         return self.mean_of_updates and self.settings.validation.norm_bound_median_multiple == 0
 
     # ------------------------------------------------------------ the exchange

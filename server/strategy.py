@@ -127,6 +127,13 @@ def build_strategy(cfg: RunConfig, recorder: MetricsRecorder | None = None) -> U
     except UnknownNameError as err:  # config.resolve refuses it first; a hand-built one not
         raise ConfigError(str(err)) from None
     strategy = entry.build(common, s.options, cfg)
+    if cfg.privacy.secure_aggregation and not strategy.mean_of_updates:
+        # A registered strategy beyond config.py's list of the robust built-ins.
+        raise ConfigError(
+            f"strategy.name = '{s.name}' does not aggregate by the weighted mean of the "
+            "updates, the only aggregate privacy.secure-aggregation can compute; use fedavg "
+            "or turn secure aggregation off"
+        )
     from pollinate.server.privacy import with_privacy  # it builds on this module
 
     return with_privacy(strategy, cfg.privacy, seed=cfg.run.seed, num_rounds=cfg.run.num_rounds)

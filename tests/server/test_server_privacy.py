@@ -255,7 +255,7 @@ def test_a_nodes_cohort_mean_equals_clipping_user_by_user(tmp_path) -> None:
         ),
         (
             {"privacy.secagg-reconstruction-threshold": 5, "privacy.secagg-num-shares": 3},
-            "never be rebuilt",
+            "must be below",
         ),
         ({"privacy.method": "dp"}, "choose one of: none, user, local"),
         ({"privacy.delta": 1.0}, "privacy.delta"),
