@@ -11,23 +11,15 @@ back to that with a one-line warning.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from pollinate.flower_compat._core import (
-    SUPPORTED_RANGE,
-    flower_version,
-    mark_engaged,
-    parameters,
-)
-from pollinate.flower_compat._names import flower_module
+from pollinate.flower_compat._core import mark_engaged, parameters
+from pollinate.flower_compat._names import flower_module, stock_instead
 
 MODULE = "flwr.supercore.logger"
 NAME = f"{MODULE}.update_console_handler"
 EXPECT = ("level", "timestamps", "colored")
-
-log = logging.getLogger("pollinate.flower_compat")
 
 
 def _console_settings(logger_module: object) -> tuple[bool, bool]:
@@ -42,14 +34,7 @@ def plain_console() -> Iterator[bool]:
     logger = flower_module(MODULE)
     update = getattr(logger, "update_console_handler", None)
     if update is None or parameters(update) != EXPECT:
-        log.warning(
-            "flwr %s: %s is not as Pollinate expects (%s); Flower's log keeps its colours "
-            "(Pollinate supports flwr%s)",
-            flower_version(),
-            NAME,
-            ", ".join(EXPECT),
-            SUPPORTED_RANGE,
-        )
+        stock_instead(NAME, f"does not take ({', '.join(EXPECT)})", "log lines go to a file")
         yield False
         return
     timestamps, colored = _console_settings(logger)

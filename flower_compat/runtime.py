@@ -52,6 +52,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
 from pollinate.flower_compat._core import require_parameters
+from pollinate.flower_compat._names import flower_attribute, flower_module
 
 log = logging.getLogger("pollinate.worker")
 
@@ -59,28 +60,33 @@ LOCAL_RETRY_MAX = 1  # s between tries while the SuperNode's local API is down
 OBJECT_RETRY = (0.01, 0.5)  # s: first retry of a missing object, and the cap
 COMPLETED, FAILED = SubStatus.COMPLETED, SubStatus.FAILED
 
-# What this module calls, with the parameters it passes (checked once, at import).
-SIGNATURES: dict[str, tuple[Callable[..., Any], tuple[str, ...]]] = {
-    "RuntimeHttpClient.from_server_address": (
-        RuntimeHttpClient.from_server_address,
+# What this module calls, with the parameters it passes: (module, attribute path, params).
+SIGNATURES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    (
+        "flwr.supercore.runtime",
+        "RuntimeHttpClient.from_server_address",
         ("server_address", "insecure", "root_certificates", "interceptors", "retry_invoker"),
     ),
-    "run_clientapp.push_message": (push_message, ("client", "message", "context")),
-    "run_clientapp.push_task_output": (
-        push_task_output,
+    ("flwr.supernode.runtime.run_clientapp", "push_message", ("client", "message", "context")),
+    (
+        "flwr.supernode.runtime.run_clientapp",
+        "push_task_output",
         ("client", "context", "sub_status", "details"),
     ),
-    "HeartbeatSender": (HeartbeatSender, ("heartbeat_fn",)),
-    "make_pull_object_fn_protobuf": (
-        make_pull_object_fn_protobuf,
+    ("flwr.supercore.heartbeat", "HeartbeatSender", ("heartbeat_fn",)),
+    (
+        "flwr.supercore.inflatable.inflatable_protobuf_utils",
+        "make_pull_object_fn_protobuf",
         ("pull_object_protobuf", "node", "run_id"),
     ),
-    "make_confirm_message_received_fn_protobuf": (
-        make_confirm_message_received_fn_protobuf,
+    (
+        "flwr.supercore.inflatable.inflatable_protobuf_utils",
+        "make_confirm_message_received_fn_protobuf",
         ("confirm_message_received_protobuf", "node", "run_id"),
     ),
-    "pull_and_inflate_object_from_tree": (
-        pull_and_inflate_object_from_tree,
+    (
+        "flwr.supercore.inflatable.inflatable_utils",
+        "pull_and_inflate_object_from_tree",
         (
             "object_tree",
             "pull_object_fn",
@@ -93,15 +99,18 @@ SIGNATURES: dict[str, tuple[Callable[..., Any], tuple[str, ...]]] = {
             "backoff_cap",
         ),
     ),
-    "make_simple_http_retry_invoker": (make_simple_http_retry_invoker, ()),
-    "retry.exponential": (exponential, ("base_delay", "multiplier", "max_delay")),
-}
+    ("flwr.supercore.retry", "make_simple_http_retry_invoker", ()),
+    ("flwr.supercore.retry", "exponential", ("base_delay", "multiplier", "max_delay")),
+)
 
 
 def check_signatures() -> None:
     """:class:`FlowerIncompatible` unless every function above takes what it is passed."""
-    for what, (fn, expected) in SIGNATURES.items():
-        require_parameters(fn, expected, what=what)
+    for module, path, expected in SIGNATURES:
+        fn: Any = flower_module(module)
+        for part in path.split("."):
+            fn = flower_attribute(fn, part)
+        require_parameters(fn, expected, what=f"{module}.{path}")
 
 
 check_signatures()
