@@ -21,6 +21,7 @@ import pollinate.flower_compat as fc
 from pollinate.deploy.certs import create_certs
 from pollinate.flower_compat import _names, runtime
 from pollinate.flower_compat.console import plain_console
+from pollinate.flower_compat.control_errors import api_error_code, flower_error_code
 from pollinate.flower_compat.ended_runs import RunEnded, ended_runs_dropped, failing_on_ended_run
 from pollinate.flower_compat.fleet_activation import ActivationEvents, activation_observed
 from pollinate.flower_compat.heartbeat import heartbeat_every
@@ -290,7 +291,7 @@ def test_failed_connection_attempts_are_reported_by_flowers_retry_invoker() -> N
 def _changed(*params: str) -> Callable[..., Any]:
     namespace: dict[str, Any] = {}
     exec(f"def changed({', '.join(params)}): pass", namespace)
-    return namespace["changed"]  # type: ignore[no-any-return]
+    return namespace["changed"]
 
 
 def _noop(*_: Any) -> None:
@@ -410,3 +411,19 @@ def test_a_changed_signature_falls_back_to_stock_with_one_warning(
     assert "stock" in warnings[0]
     assert fc.SUPPORTED_RANGE in warnings[0]
     assert not fc.active_patches()
+
+
+# ------------------------------------------------------------------- Control API replies
+
+
+def test_the_flwr_cli_error_code_is_flowers_api_error_code() -> None:
+    from flwr.supercore.error import ApiErrorCode
+
+    assert api_error_code("PUBLIC_KEY_ALREADY_IN_USE") == int(
+        ApiErrorCode.PUBLIC_KEY_ALREADY_IN_USE
+    )
+    reply = "Using SuperLink: pollinate (x)\n\n[code: 23] Public key already in use."
+    assert flower_error_code(reply) == 23
+    assert flower_error_code("connection refused") is None
+    with pytest.raises(fc.FlowerIncompatible, match="NO_SUCH_CODE"):
+        api_error_code("NO_SUCH_CODE")
