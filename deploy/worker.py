@@ -9,7 +9,9 @@ to it: it imports everything once, then loops
 
 over the SuperNode's local Runtime API (the same protocol ``flower-superexec`` +
 ``flwr-clientapp`` speak, see ``flwr/supernode/runtime/run_clientapp.py``), so a message
-costs the training itself plus a few local HTTP calls.
+costs the training itself plus a few local HTTP calls. The protocol's Flower pieces (all
+non-public) are in :mod:`pollinate.flower_compat.runtime_api`, with the reasons for the three
+places where the worker's differ from ``flwr-clientapp``'s.
 
 The worker runs the Pollinate ClientApp *installed on this device*; it does not install
 or execute code shipped in the run's FAB. A run of any other app gets an error reply.
@@ -34,7 +36,7 @@ from flwr.app import Message
 from pollinate import protocol
 from pollinate.deploy.appdir import APP_NAME, PUBLISHER
 from pollinate.deploy.proc import guard_tree, poll_interval
-from pollinate.flower_compat import runtime
+from pollinate.flower_compat import runtime_api as runtime
 
 log = logging.getLogger("pollinate.worker")
 
