@@ -19,6 +19,7 @@ from typing import Any
 
 from pollinate.deploy.certs import DeployError
 from pollinate.deploy.proc import child_env
+from pollinate.flower_compat.control_errors import api_error_code, flower_error_code
 
 CONNECTION = "pollinate"
 
@@ -108,7 +109,7 @@ def register_key(flwr_home: Path, public_key: Path) -> tuple[int | None, bool]:
     try:
         reply = flwr_json(flwr_home, "supernode", "register", str(public_key), CONNECTION)
     except LinkError as err:
-        if "already in use" in str(err):
+        if flower_error_code(str(err)) == api_error_code("PUBLIC_KEY_ALREADY_IN_USE"):
             return None, False
         raise
     return int(reply["node-id"]), True

@@ -36,6 +36,7 @@ from functools import partial
 from pathlib import Path
 
 from pollinate import protocol
+from pollinate.deploy import events
 from pollinate.deploy.certs import DeployError, check_node_private_key, private_key_fingerprint
 from pollinate.deploy.proc import (
     SUPERVISOR_ENV,
@@ -214,13 +215,18 @@ class _Events:
         self.connect_failures = 0
 
     def supernode(self, line: str) -> None:
-        if "SuperNode ID:" in line:
-            self.node_id = line.rsplit(":", 1)[1].strip()
+        """Reads the launcher's event lines (:mod:`.events`), never Flower's own log text."""
+        parsed = events.parse(line)
+        if parsed is None:
+            return
+        event, fields = parsed
+        if event == events.NODE_JOINED:
+            self.node_id = fields.get("node_id", "?")
             self.echo(f"node: joined the federation as node {self.node_id}")
             self.connect_failures = 0
-        elif "Failed to activate SuperNode" in line:
+        elif event == events.NODE_REFUSED:
             self.refused = True
-        elif "Connection attempt failed" in line:
+        elif event == events.CONNECT_FAILED:
             self.connect_failures += 1
 
     def worker(self, line: str) -> None:

@@ -38,6 +38,8 @@ from pathlib import Path
 from types import FrameType
 from typing import IO
 
+import psutil
+
 STOP_GRACE = 10.0
 
 
@@ -99,67 +101,33 @@ def become_subreaper() -> bool:
         return False
 
 
-def _parent_map() -> dict[int, int]:
-    """pid -> ppid for every process (``/proc`` on Linux, ``ps`` elsewhere)."""
-    parents: dict[int, int] = {}
-    proc = Path("/proc")
-    if proc.is_dir():
-        for entry in proc.iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            # "pid (comm) state ppid ...": comm may contain spaces and parentheses.
-            fields = stat[stat.rfind(")") + 2 :].split()
-            parents[int(entry.name)] = int(fields[1])
-        return parents
-    out = subprocess.run(["ps", "-A", "-o", "pid=,ppid="], capture_output=True, text=True)
-    for line in out.stdout.splitlines():
-        pid, ppid = line.split()
-        parents[int(pid)] = int(ppid)
-    return parents
-
-
 def descendants(pid: int) -> list[int]:
-    """Every live descendant of ``pid`` (children first)."""
-    children: dict[int, list[int]] = {}
-    for child, parent in _parent_map().items():
-        children.setdefault(parent, []).append(child)
-    found: list[int] = []
-    queue = deque(children.get(pid, []))
-    while queue:
-        p = queue.popleft()
-        found.append(p)
-        queue.extend(children.get(p, []))
-    return found
+    """Every live descendant of ``pid``."""
+    try:
+        return [child.pid for child in psutil.Process(pid).children(recursive=True)]
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return []
 
 
-def start_time(pid: int) -> int | None:
-    """When ``pid`` started (clock ticks since boot, Linux), None if it is not running.
+def start_time(pid: int) -> float | None:
+    """When ``pid`` started (seconds since the epoch), None if it is not running.
 
     A pid and its start time name one process: pids are recycled, the pair is not.
     """
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        return float(psutil.Process(pid).create_time())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
         return None
-    return int(stat[stat.rfind(")") + 2 :].split()[19])
 
 
 def alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie, exited but not reaped, is not)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
-        return True
-    # A zombie is dead for our purposes.
-    with contextlib.suppress(OSError):
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return stat[stat.rfind(")") + 2] != "Z"
-    return True
+    except psutil.AccessDenied:
+        return True  # someone else's process: alive
 
 
 def poll_interval(waited: float, share: float, low: float, high: float) -> float:
@@ -277,7 +245,7 @@ class Supervisor:
         log_dir: Path,
         *,
         echo: Callable[[str, str], None] | None = None,
-        record: Callable[[list[tuple[int, int | None]]], None] | None = None,
+        record: Callable[[list[tuple[int, float | None]]], None] | None = None,
     ) -> None:
         """``record`` is told (pid, start time) of every child whenever one starts, so a
         successor can kill what survived this process (see ``state.single_instance``)."""

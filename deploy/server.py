@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from pollinate.config import ConfigError, RunConfig, to_toml
-from pollinate.deploy import link
+from pollinate.deploy import events, link
 from pollinate.deploy.appdir import write_app_dir
 from pollinate.deploy.certs import (
     CertPaths,
@@ -57,7 +57,6 @@ from pollinate.deploy.state import (
     single_instance,
     write_json,
 )
-from pollinate.deploy.superlink import ADMIN_REFUSED, KEY_REFUSED, TLS_REFUSED, parse_refusal
 
 DEFAULT_ADDRESS = "127.0.0.1:9092"
 STATUS_POLL = 0.5  # metrics.db, a local file
@@ -199,42 +198,43 @@ def _round_line(row: Any, num_rounds: int) -> str:
 
 
 def refusal_message(line: str, state: ServerDir) -> str | None:
-    """A SuperLink log line turned into the message ``server start`` prints, if it is one."""
-    parsed = parse_refusal(line)
-    if parsed is not None:
-        marker, f = parsed
-        peer = f.get("peer", "?")
-        if marker == TLS_REFUSED:
-            reason = f.get("reason", "?")
-            if reason == "HTTP_REQUEST":
-                return (
-                    f"refused a connection from {peer}: it spoke plain HTTP to this TLS server "
-                    "(a node started with --insecure? devices need --root-cert ca.crt instead)"
-                )
+    """A SuperLink event line turned into the message ``server start`` prints, if it is one."""
+    parsed = events.parse(line)
+    if parsed is None:
+        return None
+    event, f = parsed
+    peer = f.get("peer", "?")
+    if event == events.TLS_REFUSED:
+        reason = f.get("reason", "?")
+        if reason == "HTTP_REQUEST":
             return (
-                f"refused a TLS connection from {peer} ({reason}): the device does not trust "
-                f"this server's certificate? give it --root-cert {state.certs / 'ca.crt'}"
+                f"refused a connection from {peer}: it spoke plain HTTP to this TLS server "
+                "(a node started with --insecure? devices need --root-cert ca.crt instead)"
             )
-        if marker == KEY_REFUSED:
-            key = f.get("key", "?")
-            if f.get("why") == "unregistered":
-                return (
-                    f"refused a node with an unregistered key {key}; to admit it run: "
-                    f"pollinate server register-node ITS_KEY.pub --state-dir {state.root}"
-                )
+        return (
+            f"refused a TLS connection from {peer} ({reason}): the device does not trust "
+            f"this server's certificate? give it --root-cert {state.certs / 'ca.crt'}"
+        )
+    if event == events.KEY_REFUSED:
+        key = f.get("key", "?")
+        if f.get("why") == "unregistered":
             return (
-                f"node with key {key} reconnected while its previous session is still open; "
-                "it is admitted once that session times out (about 20 s)"
+                f"refused a node with an unregistered key {key}; to admit it run: "
+                f"pollinate server register-node ITS_KEY.pub --state-dir {state.root}"
             )
-        if marker == ADMIN_REFUSED:
-            return (
-                f"refused an admin request from {peer} ({f.get('path', '?')}): the control API "
-                "answers only on this host"
-            )
-    if "[Fleet.ActivateNode] Activated node_id=" in line:
-        return f"node {line.rsplit('=', 1)[1].strip()} joined"
-    if "[Fleet.DeactivateNode] Deactivated node_id=" in line:
-        return f"node {line.rsplit('=', 1)[1].strip()} left"
+        return (
+            f"node with key {key} reconnected while its previous session is still open; "
+            "it is admitted once that session times out (about 20 s)"
+        )
+    if event == events.ADMIN_REFUSED:
+        return (
+            f"refused an admin request from {peer} ({f.get('path', '?')}): the control API "
+            "answers only on this host"
+        )
+    if event == events.NODE_ACTIVATED:
+        return f"node {f.get('node_id', '?')} joined"
+    if event == events.NODE_DEACTIVATED:
+        return f"node {f.get('node_id', '?')} left"
     return None
 
 

@@ -187,6 +187,6 @@ def single_instance(info_file: Path, what: str, **fields: Any) -> Iterator[dict[
         os.close(fd)
 
 
-def record_children(info_file: Path, children: list[tuple[int, int | None]]) -> None:
+def record_children(info_file: Path, children: list[tuple[int, float | None]]) -> None:
     """Note the session's children (pid, start time) for :func:`single_instance`'s cleanup."""
     write_json(info_file, {**read_json(info_file), "children": [list(c) for c in children]})

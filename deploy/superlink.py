@@ -10,54 +10,49 @@ stop runs) and Runtime API (the ServerApp) on one port. This launcher runs Flowe
   ServerApp. ``pollinate server ...`` and ``flwr ... `` on this host are unaffected;
 - **refusals are named**: a TLS handshake that fails (e.g. a node started with
   ``--insecure`` talking plain HTTP to this TLS port, or one that does not trust our CA),
-  and a node key that is not registered, produce one ``pollinate:`` log line each (once a
-  minute per peer), which ``pollinate server start`` turns into a message;
+  and a node key that is not registered, produce one event line each (once a minute per
+  peer, :mod:`pollinate.deploy.events`), which ``pollinate server start`` turns into a
+  message; so do nodes joining and leaving, learnt from Flower's Fleet handlers, not from
+  its log text;
 - log lines carry timestamps and no colour codes (they go to a file);
 - it dies when its parent (``pollinate server start``) dies, however that dies, and takes
   the ``flower-superexec`` and ``flwr-serverapp`` it started along
   (:func:`pollinate.deploy.proc.guard_tree`).
+
+Each change to Flower is one module of :mod:`pollinate.flower_compat`, saying why.
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
-import re
 import sys
+import threading
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
-log = logging.getLogger("pollinate.superlink")
+from pollinate.deploy import events
+from pollinate.deploy.certs import key_fingerprint
+from pollinate.deploy.proc import guard_tree
+from pollinate.flower_compat.console import plain_console
+from pollinate.flower_compat.entry_points import flower_superlink
+from pollinate.flower_compat.fleet_activation import ActivationEvents, activation_observed
+from pollinate.flower_compat.superlink_app import wrapped_superlink_app
+from pollinate.flower_compat.tls_handshake import handshake_failures_reported
 
 PUBLIC_PREFIXES = ("/v1/fleet/", "/health")
 LOOPBACK = ("127.", "::1", "localhost")
-REPEAT_AFTER = 60.0
-
-# Markers `pollinate server start` looks for in this process's output.
-TLS_REFUSED = "pollinate: tls-refused"
-KEY_REFUSED = "pollinate: key-refused"
-ADMIN_REFUSED = "pollinate: admin-refused"
+REPEAT_AFTER = events.REPEAT_AFTER
 
 Scope = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Any]
-
-_last_said: dict[tuple[str, str], float] = {}
 
 # ``POLLINATE_REQUEST_STATS=1``: count requests per path and print the counts every
 # STATS_EVERY s (benchmarks read the last line: the SuperLink's CPU is spent per request).
 REQUESTS = "pollinate: requests"
 STATS_EVERY = 1.0
 _requests: dict[str, int] | None = None
-
-
-def _say(marker: str, peer: str, detail: str) -> None:
-    """One line per (peer, detail) per minute; a retrying client does not flood the log."""
-    now = time.monotonic()
-    if now - _last_said.get((peer, detail), -REPEAT_AFTER) >= REPEAT_AFTER:
-        _last_said[(peer, detail)] = now
-        print(f"{marker} peer={peer} {detail}", flush=True)
 
 
 def _is_loopback(client: tuple[str, int] | None) -> bool:
@@ -82,7 +77,9 @@ class LoopbackAdmin:
             same_host = client is not None and server is not None and client[0] == server[0]
             if not (_is_loopback(client) or same_host):
                 peer = client[0] if client else "?"
-                _say(ADMIN_REFUSED, peer, f"path={scope['path']}")
+                events.say_at_most_every(
+                    REPEAT_AFTER, events.ADMIN_REFUSED, peer=peer, path=scope["path"]
+                )
                 body = b'{"detail": "this API answers only on the server host"}'
                 await send(
                     {
@@ -99,54 +96,28 @@ class LoopbackAdmin:
         await self.app(scope, receive, send)
 
 
-def _patch_tls_logging() -> None:
-    """Log failed TLS handshakes (asyncio only logs them in debug mode)."""
-    import asyncio.sslproto as sslproto
-
-    original = sslproto.SSLProtocol._on_handshake_complete
-
-    def on_handshake_complete(self: Any, handshake_exc: BaseException | None) -> None:
-        # Flower's and our own port checks connect and hang up: asyncio then passes the
-        # ConnectionResetError *class*; only real handshake failures are worth a line.
-        if isinstance(handshake_exc, BaseException) and not isinstance(
-            handshake_exc, ConnectionError
-        ):
-            peer = "?"
-            with contextlib.suppress(Exception):
-                peer = str(self._transport.get_extra_info("peername")[0])
-            reason = getattr(handshake_exc, "reason", None) or type(handshake_exc).__name__
-            _say(TLS_REFUSED, peer, f"reason={reason}")
-        original(self, handshake_exc)
-
-    sslproto.SSLProtocol._on_handshake_complete = on_handshake_complete  # type: ignore[method-assign]
+def _tls_refused(peer: str, reason: str) -> None:
+    events.say_at_most_every(REPEAT_AFTER, events.TLS_REFUSED, peer=peer, reason=reason)
 
 
-def _patch_activation_logging() -> None:
-    from flwr.superlink.servicer.fleet import fleet_handlers
+def _key_refused(public_key: bytes, registered: bool) -> None:
+    try:
+        key = key_fingerprint(public_key)
+    except Exception:
+        key = "?"
+    why = "still-online" if registered else "unregistered"
+    events.say_at_most_every(REPEAT_AFTER, events.KEY_REFUSED, peer="-", why=why, key=key)
 
-    from pollinate.deploy.certs import key_fingerprint
 
-    original = fleet_handlers.activate_node
-
-    def activate_node(request: Any, state: Any) -> Any:
-        try:
-            return original(request=request, state=state)
-        except Exception as err:
-            try:
-                key = key_fingerprint(request.public_key)
-            except Exception:
-                key = "?"
-            why = "unregistered" if "No SuperNode found" in str(err) else "still-online"
-            _say(KEY_REFUSED, "-", f"why={why} key={key}")
-            raise
-
-    fleet_handlers.activate_node = activate_node
+ACTIVATION = ActivationEvents(
+    joined=lambda node_id: events.say(events.NODE_ACTIVATED, node_id=node_id),
+    left=lambda node_id: events.say(events.NODE_DEACTIVATED, node_id=node_id),
+    refused=_key_refused,
+)
 
 
 def _print_request_stats() -> None:
     """Every STATS_EVERY s, one line with the request counts so far (if they changed)."""
-    import threading
-
     global _requests
     _requests = {}
 
@@ -163,46 +134,26 @@ def _print_request_stats() -> None:
     threading.Thread(target=report, name="request-stats", daemon=True).start()
 
 
-def patch_flower() -> None:
-    # Plain asyncio rather than uvloop, so failed TLS handshakes can be logged.
-    sys.modules.setdefault("uvloop", None)  # type: ignore[arg-type]
-    import flwr.superlink.main as superlink_main
-    from flwr.supercore.logger import update_console_handler
-
-    update_console_handler(timestamps=True, colored=False)
-    create_app = superlink_main.create_app
-
-    def create_hardened_app(*args: Any, **kwargs: Any) -> Any:
-        return LoopbackAdmin(create_app(*args, **kwargs))
-
-    superlink_main.create_app = create_hardened_app
-    _patch_tls_logging()
-    _patch_activation_logging()
-    if os.environ.get("POLLINATE_REQUEST_STATS"):
-        _print_request_stats()
-
-
-def parse_refusal(line: str) -> tuple[str, dict[str, str]] | None:
-    """(marker, fields) for a line this launcher printed, else None."""
-    for marker in (TLS_REFUSED, KEY_REFUSED, ADMIN_REFUSED):
-        if line.startswith(marker):
-            fields = dict(re.findall(r"(\w+)=(\S+)", line[len(marker) :]))
-            return marker, fields
-    return None
+@contextmanager
+def patched_flower() -> Iterator[None]:
+    """Every change this launcher makes to Flower's SuperLink, undone when the block ends."""
+    with ExitStack() as stack:
+        stack.enter_context(plain_console())  # log lines go to a file
+        stack.enter_context(handshake_failures_reported(_tls_refused))
+        stack.enter_context(wrapped_superlink_app(LoopbackAdmin))
+        stack.enter_context(activation_observed(ACTIVATION))
+        if os.environ.get("POLLINATE_REQUEST_STATS"):
+            _print_request_stats()
+        yield
 
 
 def main(argv: list[str]) -> None:
-    from pollinate.deploy.proc import guard_tree
-
     guard_tree()  # before anything is started: nothing outlives `pollinate ... start`
-    patch_flower()
-    from flwr.superlink.cli.flower_superlink import flower_superlink
-
-    sys.argv = ["flower-superlink", *argv]
-    flower_superlink()
+    with patched_flower():
+        flower_superlink(argv)
 
 
-__all__ = ["LoopbackAdmin", "main", "parse_refusal", "patch_flower"]
+__all__ = ["LoopbackAdmin", "main", "patched_flower"]
 
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -22,26 +22,37 @@ launcher runs Flower's own ``flower_supernode()`` with these changes and nothing
   for arrays that never come, and the SuperNode, waiting for that reply, takes no other
   message — a surviving device never answered the restarted server's run;
 
-and it dies when its parent (``pollinate node start``) dies, however that dies.
+it reports joining, refusal and failed connection attempts as Pollinate event lines
+(:mod:`pollinate.deploy.events`), so ``pollinate node start`` reads no Flower log text;
+and it dies when its parent (``pollinate node start``) dies, however that dies. Each
+change is one module of :mod:`pollinate.flower_compat`, which says why it is needed.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
-import time as _time
-from collections.abc import Callable
-from types import ModuleType
-from typing import Any
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 
-from pollinate.deploy.proc import poll_interval
+from pollinate.deploy import events
+from pollinate.deploy.proc import guard_tree, poll_interval
+from pollinate.flower_compat.console import plain_console
+from pollinate.flower_compat.ended_runs import ended_runs_dropped
+from pollinate.flower_compat.entry_points import flower_supernode
+from pollinate.flower_compat.heartbeat import heartbeat_every
+from pollinate.flower_compat.node_connection import ConnectionEvents, connection_observed
+from pollinate.flower_compat.object_pull import fast_object_pull
+from pollinate.flower_compat.reconnect import reconnect_within
+from pollinate.flower_compat.supernode_poll import supernode_sleeps
 
 POLL_MIN = 0.05
 POLL_MAX = 3.0  # Flower's own idle poll
 POLL_SHARE = 0.1
 REPLY_POLL = 0.02
 OBJECT_RETRY = 0.05  # each retry is a request to the SuperLink, the bottleneck
+OBJECT_RETRY_CAP = 0.5
 HEARTBEAT = 10  # seconds; the SuperLink rejects anything below 10
 RECONNECT_MAX = 5  # seconds between retries while the server is down
 
@@ -50,111 +61,53 @@ POLL_MIN = float(os.environ.get("POLLINATE_POLL_MIN", POLL_MIN))
 POLL_MAX = float(os.environ.get("POLLINATE_POLL_MAX", POLL_MAX))
 
 
-class _Clock(ModuleType):
-    """Stands in for ``time`` inside Flower's SuperNode loop: only ``sleep`` differs."""
+class Clock:
+    """The SuperNode loop's sleeps: an adaptive idle poll, a fast wait for local replies."""
 
     def __init__(self) -> None:
-        super().__init__("time")
         self.idle_since: float | None = None  # None: busy with a message
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(_time, name)
-
     def sleep(self, seconds: float) -> None:
-        if seconds >= 1:  # "no message, wait for a while"
+        if seconds >= 1:  # Flower's "no message, wait for a while"
             if self.idle_since is None:
-                self.idle_since = _time.monotonic()
-            idle = _time.monotonic() - self.idle_since
-            _time.sleep(poll_interval(idle, POLL_SHARE, POLL_MIN, POLL_MAX))
+                self.idle_since = time.monotonic()
+            idle = time.monotonic() - self.idle_since
+            time.sleep(poll_interval(idle, POLL_SHARE, POLL_MIN, POLL_MAX))
         else:  # waiting for the local ClientApp's reply
-            _time.sleep(min(seconds, REPLY_POLL))
+            time.sleep(min(seconds, REPLY_POLL))
 
     def reset(self) -> None:
         self.idle_since = None
 
 
-def patch_flower() -> None:
-    import flwr.supercore.heartbeat as heartbeat
-    import flwr.supercore.retry.http_retry as http_retry
-    import flwr.supernode.fleet_http_connection as fleet
-    import flwr.supernode.start_client_internal as sci
-    from flwr.supercore.logger import update_console_handler
-
-    update_console_handler(timestamps=True, colored=False)  # for log files
-    clock = _Clock()
-    sci.time = clock
-    pull = sci._pull_and_store_message
-
-    def pull_and_reset(*args: Any, **kwargs: Any) -> int | None:
-        run_id = pull(*args, **kwargs)
-        if run_id is not None:
-            clock.reset()
-        return run_id
-
-    sci._pull_and_store_message = _dropping_ended_runs(pull_and_reset)
-    # The SuperLink lists a message before all of its objects are uploaded; Flower's
-    # object pull then waits a whole second before retrying.
-    sci.pull_objects = functools.partial(
-        sci.pull_objects, initial_backoff=OBJECT_RETRY, backoff_cap=0.5
+def connection_events() -> ConnectionEvents:
+    """The connection's events as Pollinate event lines for ``pollinate node start``."""
+    return ConnectionEvents(
+        joined=lambda node_id: events.say(events.NODE_JOINED, node_id=node_id),
+        refused=lambda: events.say(events.NODE_REFUSED),
+        attempt_failed=lambda: events.say(events.CONNECT_FAILED),
     )
-    heartbeat.HEARTBEAT_DEFAULT_INTERVAL = HEARTBEAT
-    fleet.HEARTBEAT_DEFAULT_INTERVAL = HEARTBEAT
-    http_retry.MAX_RETRY_DELAY = RECONNECT_MAX  # read at each retry
-    heartbeat.exponential = _capped(heartbeat.exponential)
 
 
-class RunEnded(RuntimeError):
-    """The run ended on the SuperLink while one of its messages was being received."""
-
-
-def _dropping_ended_runs(pull_and_store: Callable[..., int | None]) -> Callable[..., int | None]:
-    """``_pull_and_store_message`` whose object download treats an ended run as a failure.
-
-    Flower creates the message's task before downloading its arrays and cleans up
-    (message deleted, task finished as failed) on an ``Exception`` only; an ended run
-    raises ``RunNotRunningException``, a ``BaseException``, and skipped that cleanup.
-    """
-    from flwr.supercore.run import RunNotRunningException
-
-    def failing(fn: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(fn)
-        def call(*args: Any, **kwargs: Any) -> Any:
-            try:
-                return fn(*args, **kwargs)
-            except RunNotRunningException:
-                raise RunEnded("the run is no longer running on the SuperLink") from None
-
-        return call
-
-    @functools.wraps(pull_and_store)
-    def pull(*args: Any, **kwargs: Any) -> int | None:
-        for name in ("pull_object", "confirm_message_received"):  # used after the task exists
-            if name in kwargs:
-                kwargs[name] = failing(kwargs[name])
-        return pull_and_store(*args, **kwargs)
-
-    return pull
-
-
-def _capped(exponential: Callable[..., Any]) -> Callable[..., Any]:
-    """Flower's ``exponential`` backoff, at most ``RECONNECT_MAX`` s between tries."""
-
-    def capped(*args: Any, max_delay: float | None = None, **kwargs: Any) -> Any:
-        limit = RECONNECT_MAX if max_delay is None else min(max_delay, RECONNECT_MAX)
-        return exponential(*args, max_delay=limit, **kwargs)
-
-    return capped
+@contextmanager
+def patched_flower() -> Iterator[None]:
+    """Every change this launcher makes to Flower's SuperNode, undone when the block ends."""
+    clock = Clock()
+    with ExitStack() as stack:
+        stack.enter_context(plain_console())  # for log files
+        stack.enter_context(connection_observed(connection_events()))
+        stack.enter_context(ended_runs_dropped())
+        stack.enter_context(supernode_sleeps(clock.sleep, clock.reset))
+        stack.enter_context(fast_object_pull(OBJECT_RETRY, OBJECT_RETRY_CAP))
+        stack.enter_context(heartbeat_every(HEARTBEAT))
+        stack.enter_context(reconnect_within(RECONNECT_MAX))
+        yield
 
 
 def main(argv: list[str]) -> None:
-    from pollinate.deploy.proc import guard_tree
-
     guard_tree()  # before anything is started: nothing outlives `pollinate ... start`
-    patch_flower()
-    from flwr.supernode.cli.flower_supernode import flower_supernode
-
-    sys.argv = ["flower-supernode", *argv]
-    flower_supernode()
+    with patched_flower():
+        flower_supernode(argv)
 
 
 if __name__ == "__main__":

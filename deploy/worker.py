@@ -9,7 +9,9 @@ to it: it imports everything once, then loops
 
 over the SuperNode's local Runtime API (the same protocol ``flower-superexec`` +
 ``flwr-clientapp`` speak, see ``flwr/supernode/runtime/run_clientapp.py``), so a message
-costs the training itself plus a few local HTTP calls.
+costs the training itself plus a few local HTTP calls. The protocol's Flower pieces (all
+non-public) are in :mod:`pollinate.flower_compat.runtime_api`, with the reasons for the three
+places where the worker's differ from ``flwr-clientapp``'s.
 
 The worker runs the Pollinate ClientApp *installed on this device*; it does not install
 or execute code shipped in the run's FAB. A run of any other app gets an error reply.
@@ -27,15 +29,14 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Callable
 from types import FrameType
-from typing import Any
 
 from flwr.app import Message
 
 from pollinate import protocol
 from pollinate.deploy.appdir import APP_NAME, PUBLISHER
 from pollinate.deploy.proc import guard_tree, poll_interval
+from pollinate.flower_compat import runtime_api as runtime
 
 log = logging.getLogger("pollinate.worker")
 
@@ -45,7 +46,6 @@ FAB_ID = f"{PUBLISHER}/{APP_NAME}"
 POLL_MIN = 0.01
 POLL_MAX = 0.5
 POLL_SHARE = 0.1
-LOCAL_RETRY_MAX = 1  # s between tries while the SuperNode's local API is down
 
 
 class _Stop(BaseException):
@@ -58,31 +58,18 @@ def _raise_stop(_signum: int, _frame: FrameType | None) -> None:
 
 def run_worker(runtime_api_address: str, *, max_tasks: int | None = None) -> int:
     """Serve tasks until SIGTERM/SIGINT (or ``max_tasks``); returns the number served."""
-    # Heavy imports once, before the first task arrives.
-    from flwr.proto.runtime_pb2 import AcquireTaskRequest
-    from flwr.supercore.constant import TaskType
-    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
-    from flwr.supercore.runtime import RuntimeHttpClient
-
     from pollinate.client.app import app as client_app
 
-    warm_up()
-    client = RuntimeHttpClient.from_server_address(
-        server_address=runtime_api_address,
-        insecure=True,
-        root_certificates=None,
-        interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")],
-        retry_invoker=local_retry_invoker(),
-    )
+    warm_up()  # heavy imports and torch's first-use costs once, before the first task
+    client = runtime.connect(runtime_api_address)
     served = 0
     idle_since = time.monotonic()
-    request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
     try:
         while max_tasks is None or served < max_tasks:
-            res = client.AcquireTask(request)
-            if res.HasField("task") and res.token:
+            token = runtime.acquire_task(client)
+            if token is not None:
                 t0 = time.perf_counter()
-                what = run_task(runtime_api_address, res.token, client_app)
+                what = run_task(runtime_api_address, token, client_app)
                 log.info("%s in %.2f s", what, time.perf_counter() - t0)
                 served += 1
                 idle_since = time.monotonic()
@@ -99,39 +86,20 @@ def run_task(runtime_api_address: str, token: str, client_app: object) -> str:
 
     Returns what was done, for the log: ``round 2 train done`` (or ``failed``).
     """
-    from flwr.app.error import Error
-    from flwr.common.constant import ErrorCode, SubStatus
-    from flwr.supercore.heartbeat import HeartbeatSender
-    from flwr.supercore.interceptors import (
-        RuntimeTokenHttpInterceptor,
-        RuntimeVersionHttpInterceptor,
-    )
-    from flwr.supercore.runtime import RuntimeHttpClient
-    from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
-
-    client = RuntimeHttpClient.from_server_address(
-        server_address=runtime_api_address,
-        insecure=True,
-        root_certificates=None,
-        interceptors=[
-            RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
-            RuntimeTokenHttpInterceptor(token),
-        ],
-        retry_invoker=local_retry_invoker(),
-    )
-    heartbeat = HeartbeatSender(task_heartbeat(client))
+    client = runtime.connect(runtime_api_address, token=token)
+    heartbeat = runtime.heartbeat_sender(client)
     message = reply = context = None
-    sub_status, details = SubStatus.FAILED, "ClientApp task failed"
+    completed, details = False, "ClientApp task failed"
     dropped = False
     try:
         heartbeat.start()
-        message, context, run = pull_task_input(client)
+        message, context, run = runtime.pull_task_input(client)
         if run.fab_id != FAB_ID:
             raise RuntimeError(
                 f"this device runs only the Pollinate ClientApp ({FAB_ID}), not {run.fab_id!r}"
             )
         reply = client_app(message=message, context=context)  # type: ignore[operator]
-        sub_status, details = SubStatus.COMPLETED, ""
+        completed, details = True, ""
     except _Stop:
         raise
     except Exception as ex:  # the ClientApp's failure becomes the reply, as in Flower
@@ -143,16 +111,13 @@ def run_task(runtime_api_address: str, token: str, client_app: object) -> str:
         log.exception("ClientApp task failed")
         details = f"{type(ex)}:<'{ex}'>"
         if message is not None:
-            reply = Message(
-                Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details),
-                reply_to=message,
-            )
+            reply = runtime.error_reply(message, details)
     finally:
         try:
             if reply is not None and context is not None and not dropped:
-                push_message(client, reply, context)
+                runtime.push_reply(client, reply, context)
             if not dropped:
-                push_task_output(client, context=context, sub_status=sub_status, details=details)
+                runtime.finish_task(client, context, completed=completed, details=details)
         except Exception:
             log.exception("could not hand the reply back to the SuperNode")
         finally:
@@ -163,7 +128,7 @@ def run_task(runtime_api_address: str, token: str, client_app: object) -> str:
         return "task dropped"
     if message is None:
         return "task failed before its message arrived"
-    return f"{_what(message)} {'done' if sub_status == SubStatus.COMPLETED else 'failed'}"
+    return f"{_what(message)} {'done' if completed else 'failed'}"
 
 
 def _token_void(error: BaseException) -> bool:
@@ -172,106 +137,9 @@ def _token_void(error: BaseException) -> bool:
     return getattr(response, "status_code", None) == 401
 
 
-def local_retry_invoker() -> Any:
-    """Flower's retries for the local Runtime API, fit for a worker that outlives tasks.
-
-    ``make_simple_http_retry_invoker`` with two changes: a 401 (this task's token is
-    void: the SuperNode restarted, e.g. to rejoin a restarted server as a new node) fails
-    the *task* instead of signalling SIGINT to end the process, and a SuperNode that is
-    restarting is retried at most ``LOCAL_RETRY_MAX`` s apart instead of 20 s.
-    """
-    import httpx
-    from flwr.supercore.retry import exponential, make_simple_http_retry_invoker
-
-    invoker = make_simple_http_retry_invoker()
-    flower_should_giveup = invoker.should_giveup
-
-    def should_giveup(exc: Exception) -> bool:
-        if isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code == 401:
-            return True
-        return bool(flower_should_giveup(exc)) if flower_should_giveup else False
-
-    invoker.should_giveup = should_giveup
-    invoker.wait_gen_factory = lambda: exponential(max_delay=LOCAL_RETRY_MAX)
-    return invoker
-
-
-def task_heartbeat(client: Any) -> Callable[[], bool]:
-    """Flower's task heartbeat (``make_task_heartbeat_fn_http``) minus its SIGINT.
-
-    When the SuperNode has dropped the task (its run ended on the server mid-download),
-    Flower's heartbeat signals SIGINT to end the one-task ``flwr-clientapp`` process;
-    here that would stop the warm worker for good. The task itself then fails on its own
-    (its message is gone) and the worker takes the next one.
-    """
-    import httpx
-    from flwr.proto.runtime_pb2 import SendTaskHeartbeatRequest
-
-    request = SendTaskHeartbeatRequest()
-
-    def beat() -> bool:
-        try:
-            res = client.SendTaskHeartbeat(request)
-        except httpx.TransportError:
-            return False
-        except httpx.HTTPStatusError as err:
-            if err.response.status_code in (503, 504):
-                return False
-            if err.response.status_code == 401:  # a restarted SuperNode: the task is void
-                return True
-            raise
-        if not res.success:
-            log.warning("the SuperNode dropped this task (its run ended)")
-        return True
-
-    return beat
-
-
 def _what(message: Message) -> str:
     """``round 2 train``; ``round 1 evaluate + round 2 train`` for a folded message."""
     return protocol.describe_instruction(message)
-
-
-def pull_task_input(client: Any) -> tuple[Any, Any, Any]:
-    """Message, Context and Run of the acquired task.
-
-    ``flwr.supernode.runtime.run_clientapp.pull_task_input`` with one change: the SuperNode
-    offers a task while it is still downloading the message's arrays, and Flower's object
-    pull then backs off for a whole second; here it retries after 10 ms, growing to 0.5 s.
-    """
-    from flwr.common.serde import context_from_proto, run_from_proto
-    from flwr.proto.node_pb2 import Node
-    from flwr.proto.runtime_pb2 import PullAppMessagesRequest, PullTaskInputRequest
-    from flwr.supercore.inflatable.inflatable_protobuf_utils import (
-        make_confirm_message_received_fn_protobuf,
-        make_pull_object_fn_protobuf,
-    )
-    from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
-    from flwr.supercore.task_identity import TaskIdentity
-
-    res = client.PullTaskInput(PullTaskInputRequest())
-    TaskIdentity.task_id = res.task_id
-    TaskIdentity.run_id = res.run.run_id
-    TaskIdentity.node_id = res.context.node_id
-    context = context_from_proto(res.context)
-    run = run_from_proto(res.run)
-    pulled = client.PullMessages(PullAppMessagesRequest())
-    if not pulled.messages_list:
-        raise RuntimeError("No messages received from Runtime API")
-    node = Node(node_id=context.node_id)
-    tree = pulled.message_object_trees[0]
-    message = pull_and_inflate_object_from_tree(
-        tree,
-        make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
-        make_confirm_message_received_fn_protobuf(
-            client.ConfirmMessageReceived, node, context.run_id
-        ),
-        return_type=Message,
-        initial_backoff=0.01,
-        backoff_cap=0.5,
-    )
-    message.metadata.__dict__["_message_id"] = tree.object_id
-    return message, context, run
 
 
 def warm_up() -> None:

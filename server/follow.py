@@ -11,13 +11,14 @@ machine lost power): the writer records its pid and host in the ``run`` table.
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
 import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+import psutil
 
 from pollinate.server.metrics import DB_NAME, ROUND_COLUMNS, MetricsError
 
@@ -129,12 +130,8 @@ def writer_gone(info: dict[str, str]) -> bool:
 def process_alive(pid: int) -> bool:
     """Whether ``pid`` is a live process (a zombie, exited but not reaped, is not)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
+    except psutil.AccessDenied:
         return True  # someone else's process: alive
-    stat = Path(f"/proc/{pid}/stat")
-    with contextlib.suppress(OSError):
-        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    return True

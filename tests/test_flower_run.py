@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from pollinate.server.metrics import read_rounds, read_run_info
@@ -21,15 +22,9 @@ FLWR = shutil.which("flwr", path=str(Path(sys.executable).parent)) or shutil.whi
 
 def processes_mentioning(needle: str) -> list[int]:
     pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if needle in cmdline:
-            pids.append(int(proc.name))
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        if needle in " ".join(proc.info["cmdline"] or []):
+            pids.append(proc.pid)
     return pids
 
 

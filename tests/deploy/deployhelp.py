@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import pytest
 
 from pollinate.data.examples import write_digits_user_files
@@ -22,20 +23,25 @@ TAG = "POLLINATE_TEST_TAG"
 
 
 def tagged_pids(tag: str) -> list[int]:
+    """Live (not zombie) processes whose environment carries ``TAG=tag``."""
     found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+    for proc in psutil.process_iter(["pid", "status"]):
+        if proc.pid == os.getpid() or proc.info["status"] == psutil.STATUS_ZOMBIE:
             continue
         try:
-            environ = (entry / "environ").read_bytes()
-            stat = (entry / "stat").read_text()
-        except OSError:
+            if proc.environ().get(TAG) == tag:
+                found.append(proc.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
-        if stat[stat.rfind(")") + 2] == "Z":
-            continue
-        if f"{TAG}={tag}".encode() in environ.split(b"\0"):
-            found.append(int(entry.name))
     return found
+
+
+def command_line(pid: int) -> str:
+    """``pid``'s command line, '' if it is gone."""
+    try:
+        return " ".join(psutil.Process(pid).cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return ""
 
 
 @dataclass
@@ -177,11 +183,5 @@ def write_device_files(root: Path, num: int, rows: int = 120) -> list[Path]:
 def _describe(pids: list[int]) -> str:
     out = []
     for pid in pids:
-        try:
-            out.append(
-                f"{pid}: "
-                + Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:120]
-            )
-        except OSError:
-            out.append(str(pid))
+        out.append(f"{pid}: {command_line(pid)[:120]}")
     return "; ".join(out)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from deployhelp import TAG, Deployment, Proc, tagged_pids, write_device_files
+from deployhelp import TAG, Deployment, Proc, command_line, tagged_pids, write_device_files
 
 pytestmark = pytest.mark.slow
 
@@ -38,10 +38,7 @@ def server_side_pids(dep: Deployment) -> list[str]:
     """Command lines of the live processes of this test that belong to a server."""
     found = []
     for pid in tagged_pids(dep.env[TAG]):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
+        cmdline = command_line(pid)
         if any(name in cmdline for name in SERVER_SIDE):
             found.append(f"{pid}: {cmdline[:100]}")
     return found

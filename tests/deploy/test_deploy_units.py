@@ -172,8 +172,10 @@ def test_refusal_lines_become_messages(tmp_path: Path) -> None:
     assert msg is not None and "10.0.0.7" in msg and "plain HTTP" in msg
     msg = refusal_message("pollinate: key-refused peer=- why=unregistered key=SHA256:abc", state)
     assert msg is not None and "unregistered key SHA256:abc" in msg and "register-node" in msg
-    msg = refusal_message("INFO 2026: [Fleet.ActivateNode] Activated node_id=42", state)
-    assert msg == "node 42 joined"
+    assert refusal_message("pollinate: node-activated node_id=42", state) == "node 42 joined"
+    assert refusal_message("pollinate: node-deactivated node_id=42", state) == "node 42 left"
+    # Flower's own log text says nothing to Pollinate, even where it reads the same.
+    assert refusal_message("INFO 2026: [Fleet.ActivateNode] Activated node_id=42", state) is None
     assert refusal_message("INFO 2026: something else", state) is None
 
 

@@ -1,0 +1,435 @@
+"""The deployment's patches to Flower: each engages on the real Flower code and is undone,
+and a changed signature of what it patches is caught (an error, or stock with a warning)."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import ssl
+import sys
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+import pollinate.flower_compat as fc
+from pollinate.deploy.certs import create_certs
+from pollinate.flower_compat import _names
+from pollinate.flower_compat import runtime_api as runtime
+from pollinate.flower_compat.console import plain_console
+from pollinate.flower_compat.control_errors import api_error_code, flower_error_code
+from pollinate.flower_compat.ended_runs import RunEnded, ended_runs_dropped, failing_on_ended_run
+from pollinate.flower_compat.fleet_activation import ActivationEvents, activation_observed
+from pollinate.flower_compat.heartbeat import heartbeat_every
+from pollinate.flower_compat.node_connection import ConnectionEvents, connection_observed
+from pollinate.flower_compat.object_pull import fast_object_pull
+from pollinate.flower_compat.reconnect import reconnect_within
+from pollinate.flower_compat.superlink_app import wrapped_superlink_app
+from pollinate.flower_compat.supernode_poll import StandInTime, supernode_sleeps
+from pollinate.flower_compat.tls_handshake import handshake_failures_reported
+
+SCI = "flwr.supernode.start_client_internal"
+
+
+def _mod(name: str) -> Any:
+    return importlib.import_module(name)
+
+
+def _engaged(name: str) -> int:
+    return fc.engaged[name]
+
+
+@pytest.fixture(autouse=True)
+def _warnings_said_again() -> None:
+    """Each test may see the one-line fallback warning (it is said once per process)."""
+    _names._said.clear()
+    fc._core._warned.clear()
+
+
+def _pull_kwargs(receive: Callable[[], Any]) -> dict[str, Any]:
+    """Arguments for Flower's ``_pull_and_store_message`` when no message is waiting."""
+    return {
+        "state": None,
+        "object_store": None,
+        "node_config": {},
+        "receive": receive,
+        "get_run": None,
+        "get_fab": None,
+        "pull_object": lambda run_id, obj_id: b"",
+        "confirm_message_received": lambda run_id, obj_id: None,
+        "trusted_entities": None,
+    }
+
+
+# ------------------------------------------------------------------------ SuperLink
+
+
+def _link_state() -> Any:
+    from flwr.superlink.config_loader import (
+        get_federation_manager,
+        get_objectstore_linkstate_factories,
+    )
+
+    _, factory = get_objectstore_linkstate_factories(
+        ":flwr-in-memory:", get_federation_manager(is_simulation=False)
+    )
+    return factory.state()
+
+
+def test_activation_reports_join_refusal_and_leave_from_flowers_handlers() -> None:
+    from flwr.proto.fleet_pb2 import ActivateNodeRequest, DeactivateNodeRequest
+
+    handlers = _mod("flwr.superlink.servicer.fleet.fleet_handlers")
+    stock = handlers.activate_node
+    state = _link_state()
+    seen: list[tuple[str, object]] = []
+    events = ActivationEvents(
+        joined=lambda n: seen.append(("joined", n)),
+        left=lambda n: seen.append(("left", n)),
+        refused=lambda key, registered: seen.append(("refused", registered)),
+    )
+    before = _engaged(f"{handlers.__name__}.activate_node")
+    with activation_observed(events):
+        with pytest.raises(Exception):  # noqa: B017 - Flower's FlowerError
+            handlers.activate_node(
+                request=ActivateNodeRequest(public_key=b"unknown", heartbeat_interval=30),
+                state=state,
+            )
+        node_id = state.create_node("aid", "name", b"known", 30)
+        response = handlers.activate_node(
+            request=ActivateNodeRequest(public_key=b"known", heartbeat_interval=30), state=state
+        )
+        with pytest.raises(Exception):  # noqa: B017 - its session is still open
+            handlers.activate_node(
+                request=ActivateNodeRequest(public_key=b"known", heartbeat_interval=30),
+                state=state,
+            )
+        handlers.deactivate_node(request=DeactivateNodeRequest(node_id=node_id), state=state)
+    assert response.node_id == node_id
+    assert seen == [("refused", False), ("joined", node_id), ("refused", True), ("left", node_id)]
+    assert _engaged(f"{handlers.__name__}.activate_node") == before + 3
+    assert handlers.activate_node is stock and not fc.active_patches()
+
+
+def test_superlink_app_is_wrapped_in_the_middleware_inside_the_block_only() -> None:
+    main = _mod("flwr.superlink.main")
+    stock = main.create_app
+    wrapped: list[Any] = []
+
+    def middleware(app: Any) -> Any:
+        wrapped.append(app)
+        return ("wrapped", app)
+
+    with wrapped_superlink_app(middleware) as on:
+        assert on and main.create_app is not stock
+        # The launcher's Flower code imports create_app from the module when it serves.
+        from flwr.superlink.main import create_app
+
+        assert create_app is main.create_app
+    assert main.create_app is stock and not wrapped  # nothing built: nothing wrapped
+
+
+def test_a_failed_tls_handshake_is_reported_with_peer_and_reason(tmp_path: Path) -> None:
+    import asyncio.sslproto as sslproto
+
+    certs, _ = create_certs(tmp_path / "certs", hosts=["127.0.0.1"])
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(certs.server_cert, certs.server_key)
+    reports: list[tuple[str, str]] = []
+    stock = sslproto.SSLProtocol._on_handshake_complete
+
+    async def plain_http_to_tls_port() -> None:
+        server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0, ssl=context)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        await writer.drain()
+        await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        for _ in range(50):
+            if reports:
+                break
+            await asyncio.sleep(0.02)
+        server.close()
+        await server.wait_closed()
+
+    uvloop_before = sys.modules.get("uvloop", "absent")
+    with handshake_failures_reported(lambda peer, reason: reports.append((peer, reason))) as on:
+        assert on
+        if uvloop_before == "absent":  # not imported yet: kept out, uvicorn picks asyncio
+            assert sys.modules["uvloop"] is None
+        # Plain asyncio's loop, as the SuperLink's uvicorn then runs on.
+        with asyncio.Runner(loop_factory=asyncio.SelectorEventLoop) as runner:
+            runner.run(plain_http_to_tls_port())
+    assert reports == [("127.0.0.1", "HTTP_REQUEST")]
+    assert sslproto.SSLProtocol._on_handshake_complete is stock
+    assert sys.modules.get("uvloop", "absent") == uvloop_before  # as it was
+
+
+def test_flowers_console_has_timestamps_and_no_colour_inside_the_block() -> None:
+    logger = _mod("flwr.supercore.logger")
+    handler = logger.console_handler
+    before = (handler.timestamps, handler.colored)
+    with plain_console() as on:
+        assert on and handler.timestamps and not handler.colored
+    assert (handler.timestamps, handler.colored) == before
+
+
+# ------------------------------------------------------------------------ SuperNode
+
+
+def test_the_supernode_loop_sleeps_with_pollinates_clock() -> None:
+    loop = _mod(SCI)
+    slept: list[float] = []
+    messages: list[int] = []
+    before = _engaged(f"{SCI}._pull_and_store_message")
+    with supernode_sleeps(slept.append, lambda: messages.append(1)) as on:
+        assert on and isinstance(loop.time, StandInTime)
+        loop.time.sleep(3)  # what the loop does when the SuperLink has no message
+        assert loop.time.monotonic() > 0  # the rest of `time` is the real one
+        # Flower's own function, called the way its loop calls it: no message waiting.
+        assert loop._pull_and_store_message(**_pull_kwargs(lambda: None)) is None
+    assert slept == [3] and messages == []
+    assert _engaged(f"{SCI}._pull_and_store_message") == before + 1
+    assert loop.time is time and not fc.active_patches()
+
+
+def test_an_ended_run_mid_download_becomes_an_exception_flower_cleans_up() -> None:
+    from flwr.supercore.run import RunNotRunningException
+
+    loop = _mod(SCI)
+    stock = loop._pull_and_store_message
+
+    def download(run_id: int, obj_id: str) -> bytes:
+        raise RunNotRunningException
+
+    with pytest.raises(RunEnded) as err:
+        failing_on_ended_run(download)(1, "x")
+    assert isinstance(err.value, Exception)  # Flower's `except Exception` cleanup runs
+    before = _engaged("ended_runs_dropped")
+    with ended_runs_dropped():
+        assert loop._pull_and_store_message(**_pull_kwargs(lambda: None)) is None
+    assert _engaged("ended_runs_dropped") == before + 1
+    assert loop._pull_and_store_message is stock
+
+
+def test_a_missing_object_is_retried_within_tens_of_ms() -> None:
+    from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
+
+    loop = _mod(SCI)
+    tries: list[float] = []
+
+    def pull_object(obj_id: str) -> bytes:
+        tries.append(time.monotonic())
+        if len(tries) < 3:  # still uploading
+            raise ObjectUnavailableError(obj_id)
+        return b"arrays"
+
+    with fast_object_pull(0.01, 0.5) as on:
+        assert on
+        t0 = time.monotonic()
+        got = loop.pull_objects(["obj"], pull_object_fn=pull_object)
+        took = time.monotonic() - t0
+    assert got == {"obj": b"arrays"} and len(tries) == 3
+    assert took < 0.5, f"{took:.2f} s: stock Flower waits 1 s, then 2 s"
+    assert loop.pull_objects.__module__ == "flwr.supercore.inflatable.inflatable_utils"
+
+
+def test_heartbeat_interval_inside_the_block_only() -> None:
+    heartbeat = _mod("flwr.supercore.heartbeat")
+    fleet = _mod("flwr.supernode.fleet_http_connection")
+    stock = heartbeat.HEARTBEAT_DEFAULT_INTERVAL
+    with heartbeat_every(10) as on:
+        assert on and heartbeat.HEARTBEAT_DEFAULT_INTERVAL == fleet.HEARTBEAT_DEFAULT_INTERVAL == 10
+    assert heartbeat.HEARTBEAT_DEFAULT_INTERVAL == fleet.HEARTBEAT_DEFAULT_INTERVAL == stock
+    with pytest.raises(ValueError, match="under 10 s"), heartbeat_every(5):
+        pass
+
+
+def test_retries_are_capped_for_both_of_flowers_backoffs() -> None:
+    heartbeat = _mod("flwr.supercore.heartbeat")
+    retry = _mod("flwr.supercore.retry.http_retry")
+    with reconnect_within(5) as on:
+        assert on
+        # Flower's HTTP invoker reads the cap when it makes each wait generator.
+        waits = retry.make_simple_http_retry_invoker().wait_gen_factory()
+        assert max(next(waits) for _ in range(10)) <= 5
+        # The heartbeat sender asks for exponential(max_delay=20) from its module.
+        beats = heartbeat.exponential(max_delay=20)
+        assert max(next(beats) for _ in range(10)) <= 5
+    assert retry.MAX_RETRY_DELAY == 20
+    beats = heartbeat.exponential(max_delay=20)
+    assert max(next(beats) for _ in range(10)) == 20
+
+
+def test_failed_connection_attempts_are_reported_by_flowers_retry_invoker() -> None:
+    connection = _mod("flwr.supernode.fleet_http_connection")
+    client = _mod("flwr.supernode.fleet_http_client").FleetHttpClient
+    stock = client.ActivateNode
+    failed: list[int] = []
+    events = ConnectionEvents(
+        joined=lambda n: None, refused=lambda: None, attempt_failed=lambda: failed.append(1)
+    )
+    calls = iter([httpx.ConnectError("down"), httpx.ConnectError("down"), None])
+
+    def request() -> str:
+        error = next(calls)
+        if error is not None:
+            raise error
+        return "ok"
+
+    with connection_observed(events):
+        invoker = connection.make_simple_http_retry_invoker()
+        invoker.wait_function = lambda seconds: None  # no real waiting in the test
+        assert invoker.invoke(request) == "ok"
+        assert client.ActivateNode is not stock
+    assert failed == [1, 1] and client.ActivateNode is stock
+
+
+# ---------------------------------------------------------------- changed signatures
+
+
+def _changed(*params: str) -> Callable[..., Any]:
+    namespace: dict[str, Any] = {}
+    exec(f"def changed({', '.join(params)}): pass", namespace)
+    return namespace["changed"]
+
+
+def _noop(*_: Any) -> None:
+    return None
+
+
+ERRORS: list[tuple[str, str, Callable[[], AbstractContextManager[Any]]]] = [
+    ("flwr.superlink.main", "create_app", lambda: wrapped_superlink_app(_noop)),
+    (
+        "flwr.superlink.servicer.fleet.fleet_handlers",
+        "activate_node",
+        lambda: activation_observed(ActivationEvents(_noop, _noop, _noop)),
+    ),
+    (
+        "flwr.superlink.servicer.fleet.fleet_handlers",
+        "deactivate_node",
+        lambda: activation_observed(ActivationEvents(_noop, _noop, _noop)),
+    ),
+    (SCI, "_pull_and_store_message", ended_runs_dropped),
+    (
+        "flwr.supernode.fleet_http_connection",
+        "make_simple_http_retry_invoker",
+        lambda: connection_observed(ConnectionEvents(_noop, _noop, _noop)),
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("module", "attr", "patch"), ERRORS, ids=[f"{m}.{a}" for m, a, _ in ERRORS]
+)
+def test_a_changed_signature_is_a_one_line_error(
+    monkeypatch: pytest.MonkeyPatch,
+    module: str,
+    attr: str,
+    patch: Callable[[], AbstractContextManager[Any]],
+) -> None:
+    monkeypatch.setattr(_mod(module), attr, _changed("request", "state", "extra"))
+    with pytest.raises(fc.FlowerIncompatible) as err, patch():
+        pass
+    message = str(err.value)
+    assert "\n" not in message and attr in message and fc.SUPPORTED_RANGE in message
+    assert not fc.active_patches()
+
+
+@pytest.mark.parametrize(
+    ("module", "path"), [(m, p) for m, p, _ in runtime.SIGNATURES], ids=lambda v: str(v)
+)
+def test_a_changed_runtime_api_signature_is_a_one_line_error(
+    monkeypatch: pytest.MonkeyPatch, module: str, path: str
+) -> None:
+    runtime.check_signatures()  # the installed Flower is the one the worker was written for
+    owner: Any = _mod(module)
+    *parents, name = path.split(".")
+    for part in parents:
+        owner = getattr(owner, part)
+    monkeypatch.setattr(owner, name, _changed("server_address", "changed"))
+    with pytest.raises(fc.FlowerIncompatible) as err:
+        runtime.check_signatures()
+    assert "\n" not in str(err.value) and name in str(err.value)
+
+
+def test_a_changed_activate_node_method_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    client = _mod("flwr.supernode.fleet_http_client").FleetHttpClient
+    monkeypatch.setattr(client, "ActivateNode", _changed("self", "request", "timeout"))
+    with (
+        pytest.raises(fc.FlowerIncompatible, match="ActivateNode"),
+        connection_observed(ConnectionEvents(_noop, _noop, _noop)),
+    ):
+        pass
+
+
+FALLBACKS: list[tuple[str, str, Any, Callable[[], AbstractContextManager[Any]]]] = [
+    (
+        "asyncio.sslproto",
+        "SSLProtocol",
+        None,
+        lambda: handshake_failures_reported(_noop),
+    ),
+    ("flwr.supercore.logger", "update_console_handler", _changed("level"), plain_console),
+    (SCI, "_pull_and_store_message", _changed("state"), lambda: supernode_sleeps(_noop, _noop)),
+    (SCI, "time", object(), lambda: supernode_sleeps(_noop, _noop)),
+    (SCI, "pull_objects", _changed("object_ids"), lambda: fast_object_pull(0.01, 0.5)),
+    ("flwr.supercore.heartbeat", "HEARTBEAT_DEFAULT_INTERVAL", None, lambda: heartbeat_every(10)),
+    ("flwr.supercore.retry.http_retry", "MAX_RETRY_DELAY", None, lambda: reconnect_within(5)),
+    ("flwr.supercore.heartbeat", "exponential", _changed("delay"), lambda: reconnect_within(5)),
+]
+
+
+@pytest.mark.parametrize(
+    ("module", "attr", "replacement", "patch"),
+    FALLBACKS,
+    ids=[f"{m}.{a}" for m, a, _, _ in FALLBACKS],
+)
+def test_a_changed_signature_falls_back_to_stock_with_one_warning(
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    module: str,
+    attr: str,
+    replacement: Any,
+    patch: Callable[[], AbstractContextManager[Any]],
+) -> None:
+    owner = _mod(module)
+    if attr == "SSLProtocol":  # a private method of a class: change the method itself
+        owner, attr, replacement = owner.SSLProtocol, "_on_handshake_complete", _changed("self")
+    if replacement is None:
+        monkeypatch.delattr(owner, attr)
+    else:
+        monkeypatch.setattr(owner, attr, replacement)
+    changed = getattr(owner, attr, None)
+    caplog.set_level(logging.WARNING, logger="pollinate.flower_compat")
+    for _ in range(2):
+        with patch() as on:
+            assert on is False
+            assert getattr(owner, attr, None) is changed  # stock (the changed one) runs
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "\n" not in warnings[0]
+    assert "stock" in warnings[0]
+    assert fc.SUPPORTED_RANGE in warnings[0]
+    assert not fc.active_patches()
+
+
+# ------------------------------------------------------------------- Control API replies
+
+
+def test_the_flwr_cli_error_code_is_flowers_api_error_code() -> None:
+    from flwr.supercore.error import ApiErrorCode
+
+    assert api_error_code("PUBLIC_KEY_ALREADY_IN_USE") == int(
+        ApiErrorCode.PUBLIC_KEY_ALREADY_IN_USE
+    )
+    reply = "Using SuperLink: pollinate (x)\n\n[code: 23] Public key already in use."
+    assert flower_error_code(reply) == 23
+    assert flower_error_code("connection refused") is None
+    with pytest.raises(fc.FlowerIncompatible, match="NO_SUCH_CODE"):
+        api_error_code("NO_SUCH_CODE")
