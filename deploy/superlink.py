@@ -176,6 +176,10 @@ def patch_flower() -> None:
         return LoopbackAdmin(create_app(*args, **kwargs))
 
     superlink_main.create_app = create_hardened_app
+    if not os.environ.get("POLLINATE_STOCK_MIDDLEWARE"):  # see flower_compat.link_middleware
+        from pollinate.flower_compat.link_middleware import gated_get_middleware
+
+        superlink_main._get_middleware = gated_get_middleware
     _patch_tls_logging()
     _patch_activation_logging()
     if os.environ.get("POLLINATE_REQUEST_STATS"):
