@@ -177,6 +177,8 @@ class Result:
     emulator_requests: int
     finished_rounds: int
     by_rpc: dict[str, int]
+    exchanges: int  # device-side ClientApp calls (query, train, evaluate) in the window
+    emulator_cpu: float
 
     @property
     def device_rounds(self) -> int:
@@ -336,6 +338,7 @@ def run_path(
             t0, cpu0 = time.monotonic(), sampler.sample()
             req0 = request_counts(link_log)
             emu0 = emulator.stats.requests.copy()
+            msg0, me0 = emulator.stats.messages, _own_cpu()
             if profile and path == "tuned" and "superlink" in sampler.pids:
                 spy = subprocess.Popen(
                     ["py-spy", "record", "-p", str(sampler.pids["superlink"]), "-o", profile,
@@ -353,6 +356,7 @@ def run_path(
             time.sleep(STATS_SETTLE)
             req1 = request_counts(link_log)
             emu1 = emulator.stats.requests.copy()
+            msg1, me1 = emulator.stats.messages, _own_cpu()
             if spy is not None:
                 spy.send_signal(signal.SIGINT)
                 spy.wait(120)
@@ -371,7 +375,14 @@ def run_path(
         emulator_requests=sum((emu1 - emu0).values()),
         finished_rounds=rounds_done(root / "run"),
         by_rpc=dict(emu1 - emu0),
+        exchanges=msg1 - msg0,
+        emulator_cpu=me1 - me0,
     )
+
+
+def _own_cpu() -> float:
+    t = psutil.Process().cpu_times()
+    return t.user + t.system
 
 
 PROFILE_FORMATS = {".json": ["-f", "speedscope"], ".txt": ["-f", "raw"]}  # else a flame graph
@@ -382,27 +393,34 @@ def report(results: list[Result]) -> None:
     print(
         f"\n{'path':<7}{'devices':>8}{'rounds':>7}{'wall s':>8}{'SL cpu s':>9}"
         f"{'SL ms/dr':>9}{'app ms/dr':>10}{'fleet/dr':>9}{'other/dr':>9}{'s/round':>8}"
+        f"{'SL ms/ex':>9}{'req/ex':>7}{'emu ms/ex':>10}"
     )
     for r in results:
-        dr = r.device_rounds
+        dr, ex = r.device_rounds, max(1, r.exchanges)
         print(
             f"{r.path:<7}{r.devices:>8}{r.finished_rounds:>7}{r.wall:>8.1f}"
             f"{r.superlink_cpu:>9.2f}{1000 * r.superlink_cpu / dr:>9.2f}"
             f"{1000 * r.serverapp_cpu / dr:>10.2f}{r.fleet_requests / dr:>9.1f}"
             f"{r.other_requests / dr:>9.2f}{r.wall / r.rounds:>8.2f}"
+            f"{1000 * r.superlink_cpu / ex:>9.2f}{(r.fleet_requests + r.other_requests) / ex:>7.1f}"
+            f"{1000 * r.emulator_cpu / ex:>10.2f}"
         )
     for r in results:
         rpcs = ", ".join(
             f"{name} {n / r.device_rounds:.1f}" for name, n in sorted(r.by_rpc.items())
         )
         print(f"{r.path} {r.devices}: device requests per device-round: {rpcs}")
-    print("dr = device-round (devices x rounds); SL = SuperLink process; app = ServerApp process")
+    print(
+        "dr = device-round (devices x rounds); ex = exchange (one message to a device and its "
+        "reply: the user query, each round's train, the last evaluation); SL = SuperLink "
+        "process; app = ServerApp process; emu = the emulator (all devices' side)"
+    )
     for path in ("stock", "tuned"):
-        per = [r.superlink_cpu / r.device_rounds for r in results if r.path == path]
+        per = [r.superlink_cpu / max(1, r.exchanges) for r in results if r.path == path]
         if len(per) > 1:
             spread = max(per) / min(per)
             verdict = "flat (within 1.5x)" if spread <= 1.5 else "NOT flat (over 1.5x)"
-            print(f"{path}: SuperLink CPU per device-round max/min = {spread:.2f}x, {verdict}")
+            print(f"{path}: SuperLink CPU per exchange max/min = {spread:.2f}x, {verdict}")
     by = {(r.path, r.devices): r for r in results}
     for (path, n), r in sorted(by.items()):
         if path == "tuned" and ("stock", n) in by:
