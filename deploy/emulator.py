@@ -143,6 +143,14 @@ class EmulatorStats:
         with self._lock:
             self.requests[rpc] += 1
 
+    def count_request_error(self) -> None:
+        with self._lock:
+            self.request_errors += 1
+
+    def count_app_error(self) -> None:
+        with self._lock:
+            self.app_errors += 1
+
 
 class _CountingClient:
     """A Fleet client that counts each RPC it makes (per-device request figures)."""
@@ -274,7 +282,7 @@ class Emulator:
                 device.failures = 0
             except Exception as err:  # a request failed: retry later, never die
                 device.failures += 1
-                self.stats.request_errors += 1
+                self.stats.count_request_error()
                 if device.failures in (1, 10, 100):
                     log.warning("device %s: %s", device.spec.node_config, err)
                 due = time.monotonic() + RETRY_AFTER
@@ -368,10 +376,10 @@ class Emulator:
         try:
             with self._app_lock:
                 reply = self.client_app(message, context)
-            self.stats.messages += 1
+                self.stats.messages += 1
             return reply
         except Exception as err:  # an error reply, as a SuperNode sends for a failed app
-            self.stats.app_errors += 1
+            self.stats.count_app_error()
             log.warning("device %s: ClientApp raised %r", device.spec.node_config, err)
             error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=repr(err))
             return Message(error, reply_to=message)
