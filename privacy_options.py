@@ -109,8 +109,7 @@ class PrivacyOptions:
     )
     secagg_max_weight: float = setting(
         1000.0,
-        "SecAgg+: the largest node weight (its training examples) expected; above it, "
-        "values clip",
+        "SecAgg+: the largest node weight (its training examples) expected; above it, values clip",
         Range(0, 1e12, open_lo=True),
     )
 

@@ -38,6 +38,7 @@ from pollinate.deploy.proc import guard_tree
 from pollinate.flower_compat.console import plain_console
 from pollinate.flower_compat.entry_points import flower_superlink
 from pollinate.flower_compat.fleet_activation import ActivationEvents, activation_observed
+from pollinate.flower_compat.link_middleware import gated_link_middleware
 from pollinate.flower_compat.superlink_app import wrapped_superlink_app
 from pollinate.flower_compat.tls_handshake import handshake_failures_reported
 
@@ -142,6 +143,7 @@ def patched_flower() -> Iterator[None]:
         stack.enter_context(handshake_failures_reported(_tls_refused))
         stack.enter_context(wrapped_superlink_app(LoopbackAdmin))
         stack.enter_context(activation_observed(ACTIVATION))
+        stack.enter_context(gated_link_middleware())  # fewer layers per device request
         if os.environ.get("POLLINATE_REQUEST_STATS"):
             _print_request_stats()
         yield

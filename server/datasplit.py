@@ -9,7 +9,9 @@ deployment is that nothing about it leaves the device unasked. The file then say
 
 The file is written atomically at the start of every run (so an earlier run's split never
 stands for this one's), from a background thread: counting builds every user once, seconds
-for 10,000 synthetic users, which round 1 need not wait for.
+for 10,000 synthetic users, which round 1 need not wait for. Above ``MAX_USERS`` users it is
+not recorded (the file says why): for 100,000 synthetic users, building each one to count
+labels took longer than 2 rounds of the run itself, and the run waits for it to end.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pollinate.data.stats import LabelCounts, label_counts
 from pollinate.models import atomic_write
 
 DATA_SPLIT_NAME = "data-split.json"
+MAX_USERS = 10_000
 NOT_RECORDED_DEPLOYMENT = (
     "not recorded for deployments: the server has no data, and devices do not report "
     "their label counts"
@@ -33,10 +36,16 @@ NOT_RECORDED_DEPLOYMENT = (
 def write_data_split(run_dir: Path, spec: DataSpec | None) -> Path:
     """Write the split of ``spec``'s dataset, or (``spec=None``, a deployment) why there is none."""
     body: dict[str, Any]
-    if spec is None:
+    dataset = None if spec is None else load_federated_dataset(spec)  # lazy: no user built
+    if dataset is None:
         body = {"recorded": False, "reason": NOT_RECORDED_DEPLOYMENT}
+    elif len(dataset) > MAX_USERS:
+        body = {
+            "recorded": False,
+            "reason": f"not recorded: {len(dataset):,} users is over {MAX_USERS:,}, and "
+            "counting labels builds every user's data (pollinate data CONFIG counts them)",
+        }
     else:
-        dataset = load_federated_dataset(spec)
         body = {
             "recorded": True,
             "dataset": dataset.name,
