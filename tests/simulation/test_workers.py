@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
-from flwr.clientapp.client_app import ClientAppException
+from pollinate.flower_compat.clientapp import ClientAppException
 from simhelpers import final_weights, small_config
 
 from pollinate.config import ConfigError, resolve
