@@ -46,7 +46,7 @@ def guarded_object_pull(wrapper: Callable[..., dict[str, bytes]]) -> Iterator[bo
     ``wrapper`` gets Flower's ``pull_objects`` first, then its arguments. Yields whether
     the wrapper is in place.
     """
-    flower_pull = http_grid.pull_objects
+    flower_pull = vars(http_grid)["pull_objects"]  # imported there from inflatable_utils
 
     def pull_objects(*args: Any, **kwargs: Any) -> dict[str, bytes]:
         mark_engaged(PULL_OBJECTS)

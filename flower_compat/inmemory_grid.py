@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from pollinate.flower_compat._core import mark_engaged, swapped
+from pollinate.flower_compat._core import mark_engaged, signature_matches, swapped
 
 # The module of Flower's simulation runtime (``flwr.simulation.run_simulation`` the
 # attribute is the public function of the same name, not this module).
@@ -29,6 +29,10 @@ IN_MEMORY_GRID_PARAMS = ("state_factory", "pull_interval")
 def fast_in_memory_poll(poll: float) -> Iterator[bool]:
     """Simulation grids built in the block poll every ``poll`` s; yields if applied."""
     flower_grid = _runtime.InMemoryGrid  # what the runtime would build
+    why = "the ServerApp then checks for replies every 0.1 s"
+    if not signature_matches(flower_grid, IN_MEMORY_GRID_PARAMS, what=IN_MEMORY_GRID, why=why):
+        yield False
+        return
 
     class FastPollGrid(flower_grid):  # type: ignore[misc, valid-type]
         """Flower's InMemoryGrid with a shorter reply poll."""
@@ -37,12 +41,5 @@ def fast_in_memory_poll(poll: float) -> Iterator[bool]:
             mark_engaged(IN_MEMORY_GRID)
             super().__init__(state_factory=state_factory, pull_interval=min(pull_interval, poll))
 
-    with swapped(
-        _runtime,
-        "InMemoryGrid",
-        FastPollGrid,
-        why="the ServerApp then checks for replies every 0.1 s",
-        expect=IN_MEMORY_GRID_PARAMS,
-        stock_fallback=True,
-    ) as applied:
-        yield applied
+    with swapped(_runtime, "InMemoryGrid", FastPollGrid, why=why):
+        yield True

@@ -72,4 +72,3 @@ def run_runtime(
             server_app_context=server_context(run_config),
             verbose_logging=verbose,
         )
-

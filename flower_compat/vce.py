@@ -77,7 +77,7 @@ class Pool(Protocol):
     def close(self) -> None: ...
 
 
-class LocalBackend(Backend):  # type: ignore[misc]  # flwr's Backend is untyped for mypy
+class LocalBackend(Backend):
     """Flower's ``Backend`` contract over a worker pool, one message per worker at a time."""
 
     def __init__(self, pool: Pool) -> None:
@@ -143,7 +143,7 @@ def prompt_delivery(poll: float) -> Iterator[bool]:
 
     def prompt_scan(state: Any, queue: Any, nodes: Any, f_stop: threading.Event) -> None:
         mark_engaged(SCAN)
-        scan(state, queue, nodes, _Hurried(f_stop, poll))
+        scan(state, queue, nodes, _Hurried(f_stop, poll))  # type: ignore[arg-type]
 
     with swapped(
         vce_api,
@@ -208,11 +208,12 @@ def prompt_stop(poll: float) -> Iterator[bool]:
         ins: Any, res: Any, stores: Any, backend: Any, f_stop: threading.Event, metrics: Any
     ) -> None:
         mark_engaged(WORKER)
-        worker(_StopAwareQueue(ins, f_stop, poll), res, stores, backend, f_stop, metrics)
+        stop_aware = _StopAwareQueue(ins, f_stop, poll)
+        worker(stop_aware, res, stores, backend, f_stop, metrics)  # type: ignore[arg-type]
 
     def prompt_inject(state: Any, queue: Any, f_stop: threading.Event) -> None:
         mark_engaged(INJECT)
-        inject(state, _StopAwareQueue(queue, f_stop, poll), f_stop)
+        inject(state, _StopAwareQueue(queue, f_stop, poll), f_stop)  # type: ignore[arg-type]
 
     with ExitStack() as patches:
         patches.enter_context(swapped(vce_api, "worker", prompt_worker, why=why))

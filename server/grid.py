@@ -8,13 +8,14 @@ Flower 1.42's ``HttpGrid`` (the grid a deployed ServerApp gets) has two waits th
   retries after 1 s, 2 s, ... up to 10 s apart, for as long as the upload session lives
   (180 s). A device that dies mid-upload so stalls the whole round for three minutes.
 
-:func:`responsive` (for one run, undone after) swaps in the same push-then-pull loop with a short poll (``POLL_SHARE``
-of the time waited so far, 20 ms to 1 s) built on the public ``push_messages`` /
-``pull_messages``, makes the array download retry after 50 ms, and gives up on a reply's
-arrays once they have not progressed for ``STALL`` seconds *and* a node this exchange waits
-on has gone offline (that reply becomes an error, and the round goes on with the others,
-as for a node that never answered). Simulation's in-memory grid is left alone (the engine
-gives it a short poll). Flower's internals involved live in :mod:`pollinate.flower_compat.http_grid`.
+:func:`responsive` (for one run, undone after) swaps in the same push-then-pull loop with a
+short poll (``POLL_SHARE`` of the time waited so far, 20 ms to 1 s) built on the public
+``push_messages`` / ``pull_messages``, makes the array download retry after 50 ms, and gives
+up on a reply's arrays once they have not progressed for ``STALL`` seconds *and* a node this
+exchange waits on has gone offline (that reply becomes an error, and the round goes on with
+the others, as for a node that never answered). Simulation's in-memory grid is left alone
+(the engine gives it a short poll). The Flower internals involved:
+:mod:`pollinate.flower_compat.http_grid`.
 """
 
 from __future__ import annotations

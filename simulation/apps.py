@@ -30,10 +30,11 @@ import logging
 import os
 import sys
 import threading
-import tomllib
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING, Any
+
+import tomllib
 
 if TYPE_CHECKING:
     from flwr.clientapp import ClientApp
@@ -298,7 +299,7 @@ def with_run_config(app: ClientApp, run_config: Mapping[str, Any]) -> ClientApp:
 
     config = dict(run_config)
 
-    class RunConfigured(ClientApp):  # type: ignore[misc]
+    class RunConfigured(ClientApp):
         def __call__(self, message: Any, context: Any) -> Any:
             with filled_run_config(context, config):
                 return app(message=message, context=context)
@@ -390,7 +391,15 @@ def run_apps(
         with _closing(pool):
             run_client: ClientApp = load_app(client_ref, "ClientApp")
             _run_engine(
-                server, run_client, num_nodes, "local", cpus_per_node, {}, config, verbose, pool=pool
+                server,
+                run_client,
+                num_nodes,
+                "local",
+                cpus_per_node,
+                {},
+                config,
+                verbose,
+                pool=pool,
             )
         return
     _, server = start_ray(server_app, ray_address=ray_address, verbose=verbose)

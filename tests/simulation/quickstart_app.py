@@ -118,4 +118,3 @@ def main(grid: Grid, context: Context) -> None:
     RESULTS.append(outcome)
     if "out" in context.run_config:
         torch.save(outcome, str(context.run_config["out"]))
-

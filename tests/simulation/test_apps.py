@@ -161,8 +161,15 @@ def test_the_cli_runs_a_quickstart_app(tmp_path: Path) -> None:
 
 
 def test_the_cli_says_a_bad_reference_in_one_line_exit_2(tmp_path: Path) -> None:
-    done = _cli("quickstart_app:nope", "quickstart_app:app", "--nodes", "2", "--app-dir",
-                str(HERE), cwd=tmp_path)
+    done = _cli(
+        "quickstart_app:nope",
+        "quickstart_app:app",
+        "--nodes",
+        "2",
+        "--app-dir",
+        str(HERE),
+        cwd=tmp_path,
+    )
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "has no 'nope'" in lines[0]

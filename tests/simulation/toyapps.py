@@ -53,4 +53,4 @@ def ask_every_node(grid: Grid, context: Context) -> None:
         for node in grid.get_node_ids()
     ]
     for reply in grid.send_and_receive(messages):
-        REPLY_PIDS.append(int(reply.content["metrics"]["pid"]))  # type: ignore[index]
+        REPLY_PIDS.append(int(reply.content.metric_records["metrics"]["pid"]))  # type: ignore[arg-type]
