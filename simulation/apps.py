@@ -54,6 +54,7 @@ BACKENDS = ("local", "ray")
 # every message exchange of every round). A scan visits every node, so the short interval
 # is used only with a few nodes, not with thousands.
 GRID_POLL = 0.005
+STOCK_GRID_POLL = 0.1
 ENGINE_POLL = 0.005
 FAST_POLL_MAX_NODES = 64
 # Seconds between the engine threads' checks of the stop event while they wait for work.
@@ -441,8 +442,10 @@ def _run_engine(
         logging.getLogger("flwr").setLevel(logging.WARNING)
     fast = num_nodes <= FAST_POLL_MAX_NODES
     with ExitStack() as patches:
+        # Every run: the ServerApp's grid lists the nodes only once all are registered.
+        poll = GRID_POLL if fast else STOCK_GRID_POLL
+        patches.enter_context(inmemory_grid.fast_in_memory_poll(poll, expected_nodes=num_nodes))
         if fast:
-            patches.enter_context(inmemory_grid.fast_in_memory_poll(GRID_POLL))
             patches.enter_context(vce.prompt_delivery(ENGINE_POLL))
         patches.enter_context(vce.prompt_stop(STOP_POLL))
         if pool is not None:

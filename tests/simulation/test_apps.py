@@ -83,6 +83,7 @@ def test_every_patch_engaged_in_the_run_and_none_is_left(
     assert counts[vce.RUN_API] == 1  # the local backend replaced Ray's
     assert counts[vce.LOCAL_MESSAGE] == MESSAGES  # every message ran in the worker pool
     assert counts[inmemory_grid.IN_MEMORY_GRID] == 1  # the ServerApp's grid polls fast
+    assert counts[inmemory_grid.ALL_NODES] == 1  # and listed its nodes once all were there
     assert counts[vce.SCAN] == 1 and counts[vce.SCAN_WAIT] > MESSAGES  # the short scan wait
     assert counts[vce.WORKER] >= 1 and counts[vce.INJECT] == 1
     assert counts[vce.STOP_WAIT] > 0
