@@ -1,6 +1,6 @@
 """Local worker processes that run the ClientApp: the engine's ``local`` backend.
 
-Flower's simulation engine (``flwr.server.superlink.fleet.vce``) hands every message for a
+Flower's simulation engine (see :mod:`pollinate.flower_compat.vce`) hands every message for a
 virtual node to a *backend*, which runs the ClientApp on it and returns the reply and the
 node's updated context. Flower 1.42 ships one backend, Ray's. On one machine Ray costs
 seconds that a run of a few seconds of training cannot hide (``benchmarks/RESULTS.md``):
