@@ -122,14 +122,26 @@ def test_engine_patches_are_undone_even_when_the_run_fails(patch: Any, names: li
 
 
 def test_the_prompt_scan_runs_flowers_scan_with_the_short_wait() -> None:
+    class Recorded(threading.Event):
+        """The run's stop event; records how long each wait between scans is, stops at 3."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.waits: list[float | None] = []
+
+        def wait(self, timeout: float | None = None) -> bool:
+            self.waits.append(timeout)
+            if len(self.waits) >= 3:
+                self.set()
+            return super().wait(0)
+
+    stop = Recorded()
     before = fc.engaged[vce.SCAN_WAIT]
-    stop = threading.Event()
-    threading.Timer(0.3, stop.set).start()
     with vce.prompt_delivery(0.005):
         # Flower's own scan over no nodes: only its waits between scans run.
         vce_api.add_messages_to_queue(None, Queue(), {}, stop)  # type: ignore[arg-type]
-    scans = fc.engaged[vce.SCAN_WAIT] - before
-    assert scans >= 10  # Flower's 0.1 s wait would have scanned ~3 times in 0.3 s
+    assert stop.waits == [0.005] * 3  # Flower's scan asks for 0.1 s; the patch shortens it
+    assert fc.engaged[vce.SCAN_WAIT] - before == 3
 
 
 def test_the_engine_queues_give_up_waiting_once_the_run_stops() -> None:
