@@ -38,9 +38,11 @@ def _bad_input_types() -> tuple[type[BaseException], ...]:
     from pollinate.models import ArtifactError, UnknownModelError
     from pollinate.server.metrics import MetricsError
     from pollinate.server.rundir import RunDirError
+    from pollinate.simulation.apps import AppError
 
     return (
         InputError,
+        AppError,
         ConfigError,
         DataError,
         ArtifactError,
@@ -123,6 +125,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     print()
     print(summary_table(read_rounds(run_dir)))
     print(f"\nmetrics: pollinate metrics {run_dir}")
+    return 0
+
+
+def cmd_simulate_app(args: argparse.Namespace) -> int:
+    """Any Flower ServerApp/ClientApp pair on Pollinate's engine (thin over ``run_apps``)."""
+    from pollinate.simulation.apps import parse_run_config, run_apps
+
+    sys.path.insert(0, os.path.abspath(args.app_dir))  # as `flwr run DIR`: the app's folder
+    run_apps(
+        args.server_app,
+        args.client_app,
+        num_nodes=args.nodes,
+        backend=args.backend,
+        cpus_per_node=args.cpus_per_node,
+        ray_address=args.ray_address,
+        run_config=parse_run_config(args.run_config or []),
+        verbose=args.verbose,
+    )
     return 0
 
 
@@ -523,6 +543,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     conf.add_argument("--check", action="store_true", help="exit 1 if either is stale")
     conf.set_defaults(func=cmd_config)
+
+    sim = sub.add_parser(
+        "simulate-app",
+        help="run any Flower ServerApp/ClientApp pair on Pollinate's simulation engine",
+    )
+    sim.add_argument("server_app", help="the ServerApp, as module:attribute")
+    sim.add_argument("client_app", help="the ClientApp, as module:attribute")
+    sim.add_argument("--nodes", type=int, required=True, help="virtual SuperNodes")
+    sim.add_argument("--backend", choices=("local", "ray"), default="local")
+    sim.add_argument("--cpus-per-node", type=float, default=1.0, help="CPUs per ClientApp")
+    sim.add_argument("--ray-address", help="a running Ray cluster (with --backend ray)")
+    sim.add_argument(
+        "--run-config", action="append", metavar="KEY=VALUE", help="run config (repeatable)"
+    )
+    sim.add_argument("--app-dir", default=".", help="folder the modules import from (default .)")
+    sim.add_argument("--verbose", action="store_true", help="show Flower's own logs")
+    sim.set_defaults(func=cmd_simulate_app, quick_exit=True)
 
     met = sub.add_parser("metrics", help="show a run's per-round or per-client metrics")
     met.add_argument("run_dir", help="a run folder, e.g. runs/quickstart")

@@ -18,8 +18,11 @@ from pollinate.flower_compat._core import (
     flower_version,
     mark_engaged,
     parameters,
+    require_leading_parameters,
     require_parameters,
+    signature_matches,
     swapped,
+    warn_fallback,
 )
 
 check_flower_version()
@@ -34,6 +37,9 @@ __all__ = [
     "flower_version",
     "mark_engaged",
     "parameters",
+    "require_leading_parameters",
     "require_parameters",
+    "signature_matches",
     "swapped",
+    "warn_fallback",
 ]

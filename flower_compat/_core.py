@@ -114,3 +114,33 @@ def swapped(
     finally:
         setattr(owner, attr, original)
         _active[name] -= 1
+
+
+def warn_fallback(name: str, message: str) -> None:
+    """Say once, on one line, that ``name`` falls back to stock Flower, and why."""
+    if name not in _warned:
+        _warned.add(name)
+        log.warning("%s; using stock Flower's path", message)
+
+
+def signature_matches(
+    fn: Callable[..., Any], expected: Sequence[str], *, what: str, why: str
+) -> bool:
+    """True if ``fn`` takes exactly ``expected``; else the stock-fallback warning, once."""
+    found = parameters(fn)
+    if found == tuple(expected):
+        return True
+    warn_fallback(what, f"{_mismatch(what, found, expected)} ({why})")
+    return False
+
+
+def require_leading_parameters(
+    fn: Callable[..., Any], expected: Sequence[str], *, what: str
+) -> None:
+    """Raise :class:`FlowerIncompatible` unless ``fn``'s first parameters are ``expected``.
+
+    For functions called by keyword whose later parameters have defaults Pollinate leaves.
+    """
+    found = parameters(fn)
+    if found[: len(expected)] != tuple(expected):
+        raise FlowerIncompatible(_mismatch(what, found, expected))

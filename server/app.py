@@ -275,4 +275,5 @@ def _fmt(value: float) -> str:
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    run_federation(responsive(grid), resolve(dict(context.run_config)))
+    with responsive(grid) as fast_grid:
+        run_federation(fast_grid, resolve(dict(context.run_config)))

@@ -8,24 +8,34 @@ Flower 1.42's ``HttpGrid`` (the grid a deployed ServerApp gets) has two waits th
   retries after 1 s, 2 s, ... up to 10 s apart, for as long as the upload session lives
   (180 s). A device that dies mid-upload so stalls the whole round for three minutes.
 
-:func:`responsive` swaps in the same push-then-pull loop with a short poll (``POLL_SHARE``
-of the time waited so far, 20 ms to 1 s) built on the public ``push_messages`` /
-``pull_messages``, makes the array download retry after 50 ms, and gives up on a reply's
-arrays once they have not progressed for ``STALL`` seconds *and* a node this exchange waits
-on has gone offline (that reply becomes an error, and the round goes on with the others,
-as for a node that never answered). Simulation's in-memory grid (0.1 s poll) is left alone.
+:func:`responsive` (for one run, undone after) swaps in the same push-then-pull loop with a
+short poll (``POLL_SHARE`` of the time waited so far, 20 ms to 1 s) built on the public
+``push_messages`` / ``pull_messages``, makes the array download retry after 50 ms, and gives
+up on a reply's arrays once they have not progressed for ``STALL`` seconds *and* a node this
+exchange waits on has gone offline (that reply becomes an error, and the round goes on with
+the others, as for a node that never answered). Simulation's in-memory grid is left alone
+(the engine gives it a short poll). The Flower internals involved:
+:mod:`pollinate.flower_compat.http_grid`.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from typing import Any
 
 from flwr.app import Message
 from flwr.serverapp import Grid
+
+from pollinate.flower_compat.http_grid import (
+    ObjectPullError,
+    ObjectUnavailableError,
+    guarded_object_pull,
+    is_http_grid,
+)
 
 POLL_MIN = 0.02
 POLL_MAX = 1.0
@@ -85,11 +95,6 @@ def _guarded_pull_objects(
     pull_object_fn: Callable[[str], bytes],
     **kwargs: Any,
 ) -> dict[str, bytes]:
-    from flwr.supercore.inflatable.inflatable_utils import (
-        ObjectPullError,
-        ObjectUnavailableError,
-    )
-
     progress = [time.monotonic()]
     exchange = getattr(_exchange, "current", None)  # read here: pulls run in other threads
 
@@ -112,17 +117,22 @@ def _guarded_pull_objects(
 
 def is_deployed(grid: Grid) -> bool:
     """True for a grid that talks to a deployed SuperLink (the server then has no data)."""
-    from flwr.superlink.grid import http_grid
-
-    return isinstance(grid, http_grid.HttpGrid)
+    return is_http_grid(grid)
 
 
-def responsive(grid: Grid) -> Grid:
-    """``grid``, polling for replies quickly if it talks to a SuperLink over HTTP."""
-    from flwr.superlink.grid import http_grid
+@contextmanager
+def responsive(grid: Grid) -> Iterator[Grid]:
+    """``grid``, polling for replies quickly if it talks to a SuperLink over HTTP.
 
-    if isinstance(grid, http_grid.HttpGrid):
+    Both changes (the poll loop on this grid, the guarded array download in Flower's
+    ``http_grid``) are undone when the block ends.
+    """
+    if not is_http_grid(grid):
+        yield grid
+        return
+    with guarded_object_pull(_guarded_pull_objects):
         grid.send_and_receive = partial(send_and_receive, grid)  # type: ignore[method-assign]
-        if not isinstance(http_grid.pull_objects, partial):
-            http_grid.pull_objects = partial(_guarded_pull_objects, http_grid.pull_objects)
-    return grid
+        try:
+            yield grid
+        finally:
+            del grid.send_and_receive  # the class's own method again

@@ -44,7 +44,6 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.supercore import log
 
 from pollinate import protocol
 from pollinate.config import AttackSection, RunConfig, ValidationSection
@@ -53,6 +52,9 @@ from pollinate.models.checks import ensure_finite_model
 from pollinate.server.failures import check_exchange, error_reason
 from pollinate.server.metrics import MetricsRecorder
 from pollinate.server.validation import Candidate, global_vector, screen_updates
+
+# Flower's own logger (the one Flower's own ``log`` writes to), for what Flower would say.
+log = logging.getLogger("flwr").log
 
 # What a user should see goes to Pollinate's own logger (the CLI prints it).
 _logger = logging.getLogger("pollinate")

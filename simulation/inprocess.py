@@ -20,6 +20,7 @@ from flwr.app import Context, Message, RecordDict
 
 from pollinate import protocol
 from pollinate.config import RunConfig
+from pollinate.flower_compat.identity import assign_message_id, task_identity
 
 
 class InProcessGrid:
@@ -54,7 +55,7 @@ class InProcessGrid:
 
         replies = []
         for msg in messages:
-            msg.metadata.__dict__["_message_id"] = uuid4().hex  # as a Grid's push assigns
+            assign_message_id(msg, uuid4().hex)  # as a Grid's push assigns
             self.sent.append(msg)
             context = self.contexts[msg.metadata.dst_node_id]
             replies.append(client_app(message=msg, context=context))
@@ -66,17 +67,9 @@ def run_in_process(cfg: RunConfig, num_nodes: int | None = None) -> Path:
 
     ``num_nodes`` defaults to ``simulation.num-nodes``, or one node hosting every user.
     """
-    from flwr.supercore.task_identity import TaskIdentity
-
     from pollinate.server.app import run_federation
 
     nodes = num_nodes or cfg.simulation.num_nodes or 1
     # Flower stamps every new Message with the running task's identity.
-    keys = ("_run_id", "_task_id", "_node_id")
-    saved = {k: getattr(TaskIdentity, k) for k in keys}
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
-    try:
+    with task_identity(run_id=1, task_id=1, node_id=1):
         return run_federation(InProcessGrid(nodes), cfg)
-    finally:
-        for key, value in saved.items():
-            setattr(TaskIdentity, key, value)

@@ -1,6 +1,6 @@
 """Local worker processes that run the ClientApp: the engine's ``local`` backend.
 
-Flower's simulation engine (``flwr.server.superlink.fleet.vce``) hands every message for a
+Flower's simulation engine (see :mod:`pollinate.flower_compat.vce`) hands every message for a
 virtual node to a *backend*, which runs the ClientApp on it and returns the reply and the
 node's updated context. Flower 1.42 ships one backend, Ray's. On one machine Ray costs
 seconds that a run of a few seconds of training cannot hide (``benchmarks/RESULTS.md``):
@@ -57,8 +57,14 @@ def load_app(app_ref: str) -> ClientApp:
     return app
 
 
-def _serve(conn: Connection, app_ref: str, threads: int, quiet: bool) -> None:
-    """A worker's life: run the ClientApp on each ``(message, context)`` until told to stop."""
+def _serve(
+    conn: Connection, app_ref: str, threads: int, quiet: bool, run_config: dict[str, Any]
+) -> None:
+    """A worker's life: run the ClientApp on each ``(message, context)`` until told to stop.
+
+    ``run_config`` fills in the node context's run config (as ``flwr run`` gives every
+    node the app's config; Flower's simulation runtime gives it none).
+    """
     # Ctrl-C reaches the whole process group: the driver decides, and stops the workers
     # itself, instead of each dying mid-message with a traceback.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -88,11 +94,30 @@ def _serve(conn: Connection, app_ref: str, threads: int, quiet: bool) -> None:
             conn.send((None, None, load_error))
             continue
         try:
-            reply = app(message=message, context=context)
+            with filled_run_config(context, run_config):
+                reply = app(message=message, context=context)
         except Exception as err:
             conn.send((None, None, _one_line(err)))
         else:
             conn.send((reply, context, None))
+
+
+@contextmanager
+def filled_run_config(context: Context, run_config: dict[str, Any]) -> Iterator[None]:
+    """``context.run_config`` with ``run_config``'s keys it lacks, inside the block only.
+
+    Flower refuses a node context whose run config changed, so it is put back after.
+    """
+    if not run_config:
+        yield
+        return
+    own = dict(context.run_config)
+    context.run_config.update({k: v for k, v in run_config.items() if k not in own})
+    try:
+        yield
+    finally:
+        context.run_config.clear()
+        context.run_config.update(own)
 
 
 def _one_line(err: BaseException) -> str:
@@ -143,12 +168,14 @@ class WorkerPool:
         method: str = "forkserver",
         threads: int = 1,
         quiet: bool = True,
+        run_config: dict[str, Any] | None = None,
     ):
         if size < 1:
             raise ValueError(f"a worker pool needs at least one worker, got {size}")
         self.app_ref = app_ref
         self.threads = threads
         self.quiet = quiet
+        self.run_config = dict(run_config or {})
         self._ctx = multiprocessing.get_context(method)
         self._idle: Queue[_Worker] = Queue()
         self._all: list[_Worker] = []
@@ -171,7 +198,7 @@ class WorkerPool:
         ours, theirs = self._ctx.Pipe()
         process = self._ctx.Process(  # type: ignore[attr-defined]
             target=_serve,
-            args=(theirs, self.app_ref, self.threads, self.quiet),
+            args=(theirs, self.app_ref, self.threads, self.quiet, self.run_config),
             name="pollinate-clientapp",
             daemon=True,  # never outlives the driver
         )
@@ -203,7 +230,7 @@ class WorkerPool:
 
     def run(self, message: Message, context: Context) -> tuple[Message, Context]:
         """Run the ClientApp on one message in an idle worker (waits for one)."""
-        from flwr.clientapp.client_app import ClientAppException
+        from pollinate.flower_compat.clientapp import ClientAppException
 
         worker: _Worker | None = self._idle.get()
         assert worker is not None

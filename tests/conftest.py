@@ -9,16 +9,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from flwr.supercore.task_identity import TaskIdentity
+
+from pollinate.flower_compat.identity import task_identity as flower_task_identity
 
 
 @pytest.fixture(autouse=True)
 def task_identity() -> Iterator[None]:
     """Flower stamps new Messages with the running task's identity; give tests one."""
-    TaskIdentity.run_id = 1
-    TaskIdentity.task_id = 1
-    TaskIdentity.node_id = 1
-    yield
+    with flower_task_identity(run_id=1, task_id=1, node_id=1):
+        yield
 
 
 @pytest.fixture

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
-from flwr.clientapp.client_app import ClientAppException
 from simhelpers import final_weights, small_config
 
 from pollinate.config import ConfigError, resolve
+from pollinate.flower_compat.clientapp import ClientAppException
 from pollinate.simulation.engine import engine_backend, run_simulation
 from pollinate.simulation.workers import WorkerPool
 
@@ -146,35 +146,6 @@ def test_a_script_without_a_main_guard_runs_once(tmp_path: Path) -> None:
 
 def test_resolve_keeps_backend_key() -> None:
     assert resolve({"simulation.backend": "ray"}).simulation.backend == "ray"
-
-
-def test_engine_queues_give_up_waiting_once_the_run_stops() -> None:
-    from queue import Empty, Queue
-
-    from pollinate.simulation.engine import _StopAwareQueue
-
-    stop = threading.Event()
-    queue: Queue[int] = Queue()
-    waiting = _StopAwareQueue(queue, stop)
-    queue.put(1)
-    assert waiting.get(timeout=1.0) == 1
-    with pytest.raises(Empty):
-        waiting.get(timeout=0.05)  # nothing came: Empty, as queue.Queue would raise
-    threading.Timer(0.1, stop.set).start()
-    outcome: list[str] = []
-
-    def wait() -> None:
-        try:
-            waiting.get(timeout=600.0)  # Flower's threads wait like this between messages
-        except Empty:
-            outcome.append("stopped")
-
-    waiter = threading.Thread(target=wait, daemon=True)
-    waiter.start()
-    waiter.join(30.0)  # a generous bound: it gives up ~20 ms after the stop, not at 600 s
-    assert outcome == ["stopped"]
-    queue.put(2)
-    assert waiting.get(timeout=1.0) == 2  # what is already queued is still handed out
 
 
 def test_a_client_app_that_cannot_load_is_reported_on_every_message() -> None:
