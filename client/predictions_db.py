@@ -42,6 +42,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from pollinate.client.predictor import LoadedModel, PredictError, check_kind
+from pollinate.text import one_line
 
 __all__ = [
     "DEFAULT_TABLE",
@@ -104,7 +105,7 @@ class PredictionsDB:
             with self.engine.begin() as conn:
                 yield conn
         except sa.exc.SQLAlchemyError as e:
-            raise PredictError(f"database {self.where}: {_one_line(e)}") from None
+            raise PredictError(f"database {self.where}: {_db_reason(e)}") from None
 
     def upsert(self, conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
         """Insert ``rows``, replacing stored rows with the same (id, kind, round, hash).
@@ -178,7 +179,7 @@ class PredictionsDB:
             with self.engine.connect() as conn:
                 found = [_decode(dict(r._mapping)) for r in conn.execute(query)]
         except sa.exc.SQLAlchemyError as e:
-            raise PredictError(f"database {self.where}: {_one_line(e)}") from None
+            raise PredictError(f"database {self.where}: {_db_reason(e)}") from None
         if not all_versions:
             newest: dict[str, dict[str, Any]] = {}
             for row in found:
@@ -213,7 +214,7 @@ class PredictionsDB:
                 return
             have = {c["name"] for c in inspector.get_columns(name)}
         except sa.exc.SQLAlchemyError as e:
-            raise PredictError(f"cannot open database {self.where}: {_one_line(e)}") from None
+            raise PredictError(f"cannot open database {self.where}: {_db_reason(e)}") from None
         missing = [c.name for c in self.table.columns if c.name not in have]
         if missing:
             raise PredictError(
@@ -319,7 +320,7 @@ def _engine(target: str | os.PathLike[str]) -> Engine:
             "such as sqlite:///preds.db or postgresql://user@host/db"
         ) from None
     except sa.exc.ArgumentError as e:
-        raise PredictError(f"bad database URL: {_one_line(e)}") from None
+        raise PredictError(f"bad database URL: {_db_reason(e)}") from None
     except ImportError as e:
         raise PredictError(
             f"the database driver for {url.split('://', 1)[0]!r} is not installed "
@@ -327,6 +328,8 @@ def _engine(target: str | os.PathLike[str]) -> Engine:
         ) from None
 
 
-def _one_line(e: BaseException) -> str:
-    text = str(getattr(e, "orig", None) or e).split("\n[SQL", 1)[0]
-    return " ".join(text.split()) or type(e).__name__
+def _db_reason(e: BaseException) -> str:
+    """A database error in one line, without SQLAlchemy's "[SQL: ...]" echo of the query."""
+    cause = getattr(e, "orig", None) or e
+    text = str(cause).split("\n[SQL", 1)[0]
+    return one_line(text) if text.strip() else type(cause).__name__

@@ -58,6 +58,7 @@ from pollinate.deploy.state import (
     write_json,
 )
 from pollinate.deploy.superlink import ADMIN_REFUSED, KEY_REFUSED, TLS_REFUSED, parse_refusal
+from pollinate.server.summary import summary_table
 
 DEFAULT_ADDRESS = "127.0.0.1:9092"
 STATUS_POLL = 0.5  # metrics.db, a local file
@@ -449,8 +450,6 @@ def _finish(opts: ServerOptions, info: dict[str, str]) -> int:
     if status == "finished":
         rounds = read_rounds(cfg.run_dir)
         if len(rounds) > 1:
-            from pollinate.cli import summary_table
-
             echo("")
             echo(summary_table(rounds))
         echo(f"\nrun finished; metrics: pollinate metrics {cfg.run_dir}")
