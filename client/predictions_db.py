@@ -35,14 +35,17 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from pollinate.client.predictor import LoadedModel, PredictError, check_kind
+from pollinate.client.errors import PredictError, check_kind
 from pollinate.text import one_line
+
+if TYPE_CHECKING:  # annotations only: the predictor imports this module
+    from pollinate.client.predictor import LoadedModel
 
 __all__ = [
     "DEFAULT_TABLE",

@@ -30,7 +30,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pollinate.client.store import KINDS, ModelStore, StoreError, open_store
+from pollinate.client.errors import PredictError, check_kind
+from pollinate.client.store import ModelStore, StoreError, open_store
 from pollinate.data.tables import SUFFIXES, TableError, iter_table, table_kind
 from pollinate.models import ArtifactError, ModelArtifact, atomic_write, load_artifact
 from pollinate.text import one_line
@@ -49,10 +50,6 @@ __all__ = [
 _CHUNK = 65_536
 # Rows per database statement (each one a dict of Python objects while it is sent).
 _DB_BATCH = 2_000
-
-
-class PredictError(ValueError):
-    """Bad input to prediction (features, files, model choice); the message is one line."""
 
 
 class NoModelError(PredictError):
@@ -280,13 +277,6 @@ def load_model(
             "it appears after the user's first federated round"
         )
     return LoadedModel.from_file(path)
-
-
-def check_kind(which: object) -> str:
-    """``which`` if it is a model kind, else a one-line ``PredictError``."""
-    if not isinstance(which, str) or which not in KINDS:
-        raise PredictError(f"unknown model {which!r}; choose one of: {', '.join(KINDS)}")
-    return which
 
 
 # ------------------------------------------------------------------------ batch scoring

@@ -42,19 +42,22 @@ class PredictRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     model: Kind = "personal"
-    rows: list[Row] | None = Field(None, description="Pollinate: rows of F features")
-    row: Row | None = Field(None, description="Pollinate: one row")
+    rows: list[Row] | None = Field(default=None, description="Pollinate: rows of F features")
+    row: Row | None = Field(default=None, description="Pollinate: one row")
     instances: list[Row | dict[str, Row]] | None = Field(
-        None, description='TF-Serving row format / MLflow: rows, or {"features": row} objects'
+        default=None,
+        description='TF-Serving row format / MLflow: rows, or {"features": row} objects',
     )
     inputs: list[Row] | dict[str, list[Row]] | None = Field(
-        None, description='TF-Serving columnar format / MLflow: rows, or {"features": rows}'
+        default=None, description='TF-Serving columnar format / MLflow: rows, or {"features": rows}'
     )
-    dataframe_split: DataframeSplit | None = Field(None, description="MLflow: pandas split")
+    dataframe_split: DataframeSplit | None = Field(default=None, description="MLflow: pandas split")
     dataframe_records: list[dict[str, float]] | None = Field(
-        None, description="MLflow: pandas records"
+        default=None, description="MLflow: pandas records"
     )
-    params: dict[str, Any] | None = Field(None, description="MLflow params (none are defined)")
+    params: dict[str, Any] | None = Field(
+        default=None, description="MLflow params (none are defined)"
+    )
     signature_name: Literal["serving_default"] | None = None
 
 
@@ -86,7 +89,7 @@ class ModelEntry(BaseModel):
     kind: Kind
     user: str | None
     status: Literal["serving", "not stored yet"]
-    reload_error: str | None = Field(None, description="why the newest file was rejected")
+    reload_error: str | None = Field(default=None, description="why the newest file was rejected")
 
 
 class ModelsResponse(BaseModel):
@@ -96,7 +99,7 @@ class ModelsResponse(BaseModel):
     user: str | None
     models: list[ModelEntry]
     users_in_store: list[str]
-    problem: str | None = Field(None, description="why nothing can be served")
+    problem: str | None = Field(default=None, description="why nothing can be served")
 
 
 class HealthResponse(BaseModel):
@@ -106,7 +109,7 @@ class HealthResponse(BaseModel):
     ready: bool
     user: str | None
     models: dict[str, Version | None]
-    problem: str | None = Field(None, description="why nothing can be served")
+    problem: str | None = Field(default=None, description="why nothing can be served")
 
 
 def to_json(body: BaseModel) -> dict[str, Any]:

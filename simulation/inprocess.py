@@ -14,9 +14,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import cast
 from uuid import uuid4
 
 from flwr.app import Context, Message, RecordDict
+from flwr.serverapp import Grid
 
 from pollinate import protocol
 from pollinate.config import RunConfig
@@ -76,7 +78,8 @@ def run_in_process(cfg: RunConfig, num_nodes: int | None = None) -> Path:
     saved = {k: getattr(TaskIdentity, k) for k in keys}
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
     try:
-        return run_federation(InProcessGrid(nodes), cfg)
+        # Duck-typed: InProcessGrid has the two Grid methods a round calls, not the rest.
+        return run_federation(cast(Grid, InProcessGrid(nodes)), cfg)
     finally:
         for key, value in saved.items():
             setattr(TaskIdentity, key, value)

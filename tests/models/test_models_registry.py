@@ -82,7 +82,7 @@ def test_spec_records_options_and_round_trips(name: str) -> None:
 def test_mlp_options() -> None:
     model = create_model("mlp", in_features=F, num_classes=K, hidden=8, depth=3)
     assert model.spec.kwargs == {"in_features": F, "num_classes": K, "hidden": 8, "depth": 3}
-    assert len([m for m in model.body if isinstance(m, nn.Linear)]) == 3
+    assert len([m for m in model.body.children() if isinstance(m, nn.Linear)]) == 3
     assert model.head.in_features == 8
 
 

@@ -224,7 +224,7 @@ def test_waiting_for_nodes_times_out_with_a_clear_message() -> None:
             return []
 
     with pytest.raises(NodeWaitTimeout, match="only 0 of the 2 nodes required"):
-        wait_for_nodes(Empty(), 2, timeout=0.3)
+        wait_for_nodes(Empty(), 2, timeout=0.3)  # type: ignore[arg-type]  # a duck-typed fake Grid
 
 
 # ------------------------------------------------- evaluation and next training folded
