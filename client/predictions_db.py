@@ -39,6 +39,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Engine
 
 from pollinate.client.errors import PredictError, check_kind
@@ -126,13 +128,13 @@ class PredictionsDB:
 
     def upsert_statement(self, dialect: str) -> Any:
         """``INSERT ... ON CONFLICT (key) DO UPDATE`` for ``sqlite`` or ``postgresql``."""
+        stmt: Any  # the two dialects' Insert classes share no typed base with the upsert
         if dialect == "sqlite":
-            from sqlalchemy.dialects.sqlite import insert
+            stmt = sqlite_insert(self.table)
         elif dialect == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert  # type: ignore[assignment]
+            stmt = postgresql_insert(self.table)
         else:
             raise ValueError(f"no native upsert for {dialect!r}")
-        stmt = insert(self.table)
         return stmt.on_conflict_do_update(
             index_elements=list(KEY), set_={c: stmt.excluded[c] for c in VALUES}
         )

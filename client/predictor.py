@@ -362,6 +362,8 @@ def predict_file(
     )
     database = None
     if db is not None:
+        # Lazy: SQLAlchemy (1.0 s to import, python -X importtime) is only for --db, and the
+        # inference service imports this module.
         from pollinate.client.predictions_db import open_db
 
         database = open_db(db, db_table)
@@ -604,6 +606,7 @@ class _ParquetSink:
         self._writer: Any = None
 
     def write(self, df: pd.DataFrame) -> None:
+        # Lazy: pyarrow.parquet (0.7 s to import, python -X importtime) only for Parquet out.
         import pyarrow as pa
         import pyarrow.parquet as pq
 

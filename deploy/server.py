@@ -58,6 +58,7 @@ from pollinate.deploy.state import (
     write_json,
 )
 from pollinate.deploy.superlink import ADMIN_REFUSED, KEY_REFUSED, TLS_REFUSED, parse_refusal
+from pollinate.server.metrics import MetricsError, MetricsRecorder, read_rounds, read_run_info
 from pollinate.server.summary import summary_table
 
 DEFAULT_ADDRESS = "127.0.0.1:9092"
@@ -161,8 +162,6 @@ class _RunWatch:
 
     def poll(self) -> dict[str, str] | None:
         """This run's ``run`` table (None before the ServerApp created it)."""
-        from pollinate.server.metrics import MetricsError, read_rounds, read_run_info
-
         if not (self.run_dir / "metrics.db").is_file():
             return None
         try:
@@ -443,8 +442,6 @@ def _flower_failure(state: ServerDir, run_id: int) -> str | None:
 
 
 def _finish(opts: ServerOptions, info: dict[str, str]) -> int:
-    from pollinate.server.metrics import read_rounds
-
     echo, cfg = opts.echo, opts.cfg
     status = info.get("status", "")
     if status == "finished":
@@ -471,8 +468,6 @@ def _own_error(error: str) -> str:
 
 def _stop_run(state: ServerDir, run_id: int, run_dir: Path, reason: str) -> None:
     """Ask Flower to stop the run and record it as stopped in metrics.db (best effort)."""
-    from pollinate.server.metrics import MetricsRecorder, read_run_info
-
     done = threading.Event()
 
     def stop() -> None:
@@ -496,8 +491,6 @@ def _stop_run(state: ServerDir, run_id: int, run_dir: Path, reason: str) -> None
 
 def server_status(state: ServerDir) -> dict[str, Any]:
     """What ``pollinate server status`` shows: server, nodes, run and its progress."""
-    from pollinate.server.metrics import MetricsError, read_rounds, read_run_info
-
     info = state.info()
     running = instance_running(state.info_file)
     out: dict[str, Any] = {

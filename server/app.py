@@ -17,6 +17,7 @@ import logging
 import time
 from pathlib import Path
 
+import tomllib
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
@@ -24,6 +25,7 @@ from flwr.serverapp.strategy import Strategy
 
 from pollinate import protocol
 from pollinate.config import RunConfig, data_spec, model_kwargs, resolve, to_toml
+from pollinate.config import flatten as flatten_tables
 from pollinate.data import load_federated_dataset
 from pollinate.models import FedModel, ModelSpec, create_model, evaluate, save_artifact
 from pollinate.models.checks import ensure_finite_model
@@ -107,10 +109,6 @@ def _comparable(cfg: RunConfig) -> dict[str, object]:
 
 
 def config_flat(toml_text: str) -> dict[str, object]:
-    import tomllib
-
-    from pollinate.config import flatten as flatten_tables
-
     return flatten_tables(tomllib.loads(toml_text))
 
 

@@ -58,8 +58,9 @@ def plot_rounds(rounds: pd.DataFrame, path: Path) -> None:
     """Accuracy and loss over rounds, global vs personal (and central, if measured)."""
     if path.suffix.lower() not in PLOT_SUFFIXES:
         raise ValueError(f"plot '{path}' must end in {', '.join(PLOT_SUFFIXES)}")
-    # Lazy: matplotlib costs ~0.25 s to import (python -X importtime), paid only by --plot,
-    # and this module is imported by every `pollinate` command.
+    # Lazy: matplotlib.pyplot is the heaviest import of `pollinate metrics` (4.4 s against
+    # pandas' 1.1 s, python -X importtime, best of 3, 2 shared cores under load), paid only
+    # by --plot; every `pollinate` command imports this module.
     import matplotlib
 
     matplotlib.use("Agg")
