@@ -38,7 +38,7 @@ class InProcessGrid:
             node_id: Context(
                 run_id=1,
                 node_id=node_id,
-                node_config=protocol.simulated_node_config(p, num_nodes),
+                node_config={**protocol.simulated_node_config(p, num_nodes)},
                 state=RecordDict(),
                 run_config={},
             )

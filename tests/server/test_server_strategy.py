@@ -37,7 +37,7 @@ def answer(msg: Message) -> Message:
     for u in ask.users or []:
         w, n = UPDATES[u]
         reply.updates[u] = ArrayRecord({"w": torch.from_numpy(w)})
-        reply.metrics[u] = MetricRecord(protocol.train_metrics(n, 1.0))
+        reply.metrics[u] = protocol.metric_record(protocol.train_metrics(n, 1.0))
     return Message(protocol.train_content(reply), reply_to=msg)
 
 
