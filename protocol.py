@@ -342,6 +342,8 @@ def read_train_reply(content: RecordDict) -> TrainReply:
 
 def metric_record(values: Mapping[str, float]) -> MetricRecord:
     """Plain float metrics as a record (a fresh dict: Flower's value type is invariant)."""
+    from flwr.app import MetricRecord
+
     return MetricRecord({**values})
 
 
