@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeAlias
 
+import tomli_w
 import tomllib
 
 from pollinate.data import DataError, DataOptions, DataSpec
@@ -630,27 +631,19 @@ def to_toml(cfg: RunConfig) -> str:
 
 def toml_tables(flat: Mapping[str, Scalar], prefix: str = "") -> str:
     """Flat ``section.key`` values as TOML, one ``[prefix + section]`` table per section."""
-    lines: list[str] = []
-    section = None
+    tables: dict[str, dict[str, Scalar]] = {}
     for name, value in flat.items():
         head, key = name.split(".", 1)
-        if head != section:
-            if section is not None:
-                lines.append("")
-            lines.append(f"[{prefix}{head}]")
-            section = head
-        lines.append(f"{key} = {toml_value(value)}")
-    lines.append("")
-    return "\n".join(lines)
+        tables.setdefault(head, {})[key] = value
+    document: dict[str, Any] = tables
+    for part in reversed(prefix.rstrip(".").split(".") if prefix else []):
+        document = {part: document}
+    return tomli_w.dumps(document)
 
 
 def toml_value(value: Scalar) -> str:
-    """One scalar as a TOML value."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    return repr(value)
+    """One scalar as a TOML value (tomli_w's quoting: any string round-trips)."""
+    return tomli_w.dumps({"v": value}).removeprefix("v = ").rstrip("\n")
 
 
 __all__ = [

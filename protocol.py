@@ -347,6 +347,13 @@ def read_train_reply(content: RecordDict) -> TrainReply:
     )
 
 
+def metric_record(values: Mapping[str, float]) -> MetricRecord:
+    """Plain float metrics as a record (a fresh dict: Flower's value type is invariant)."""
+    from flwr.app import MetricRecord
+
+    return MetricRecord({**values})
+
+
 def metric_values(record: MetricRecord) -> dict[str, float]:
     """A metric record as plain floats."""
     return {k: float(v) for k, v in record.items()}  # type: ignore[arg-type]

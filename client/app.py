@@ -41,7 +41,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from flwr.app import Context, Message, MetricRecord
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from pollinate import protocol
@@ -129,7 +129,7 @@ def _evaluate(ctx: RoundContext, users: Iterator[UserData]) -> protocol.Evaluate
     """Each user's global and personal model on its own test split."""
     reply = protocol.EvaluateReply()
     for user in users:
-        reply.metrics[user.user_id] = MetricRecord(evaluate_user(_BENCH, ctx, user))
+        reply.metrics[user.user_id] = protocol.metric_record(evaluate_user(_BENCH, ctx, user))
     return reply
 
 
@@ -213,14 +213,14 @@ def train(msg: Message, context: Context) -> Message:
                 clipped_users += int(metrics.get(KEY_NORM_BIT, 0))
             else:
                 reply.rejected[user.user_id] = reason
-        reply.metrics[user.user_id] = MetricRecord(metrics)
+        reply.metrics[user.user_id] = protocol.metric_record(metrics)
     if mean is not None and mean.examples > 0:
         reply.mean = protocol.weights_record(mean.weights()[protocol.WEIGHTS])
         mean_metrics = mean.metrics()
         if user_dp:  # the cohort stands for this many users, this many of them clipped
             mean_metrics[USERS_KEY] = int(mean.total_weight)
             mean_metrics[KEY_NORM_BIT] = clipped_users
-        reply.mean_metrics = MetricRecord(mean_metrics)
+        reply.mean_metrics = protocol.metric_record(mean_metrics)
     return Message(protocol.train_content(reply), reply_to=msg)
 
 

@@ -42,6 +42,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
+from pollinate.text import one_line
+
 __all__ = [
     "Broker",
     "BrokerError",
@@ -295,7 +297,7 @@ class RedisBroker:
             ) from None
         except self._redis_module.RedisError as e:
             raise BrokerError(
-                f"the broker at {redacted_url(self.url)} refused: {_one_line(e)}"
+                f"the broker at {redacted_url(self.url)} refused: {one_line(e)}"
             ) from None
 
     @contextlib.contextmanager
@@ -306,7 +308,7 @@ class RedisBroker:
         try:
             yield
         except (redis.ConnectionError, redis.TimeoutError, TimeoutError, OSError) as e:
-            raise BrokerUnavailable(_one_line(e)) from None
+            raise BrokerUnavailable(one_line(e)) from None
         except redis.ResponseError as e:
             if "NOGROUP" in str(e):
                 self.ensure_group()
@@ -375,7 +377,3 @@ def redacted_url(url: str) -> str:
     creds, host = rest.rsplit("@", 1)
     user = creds.split(":", 1)[0]
     return f"{scheme}://{user}:***@{host}" if ":" in creds else f"{scheme}://***@{host}"
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from collections.abc import Callable
 from importlib import metadata
 from typing import Any, Protocol
@@ -49,15 +48,8 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, Validat
 from starlette.concurrency import run_in_threadpool
 
 from pollinate.client.predictor import LoadedModel, PredictError
-from pollinate.client.request_formats import (
-    INPUT_NAME,
-    ErrorResponse,
-    FormatError,
-    PredictRequest,
-    PredictResponse,
-    json_body,
-    json_type,
-)
+from pollinate.client.request_formats import INPUT_NAME, FormatError, json_body, json_type
+from pollinate.client.schemas import ErrorResponse, PredictRequest, PredictResponse
 from pollinate.client.store import KINDS
 
 __all__ = [
@@ -86,7 +78,7 @@ _INLINE_BYTES = 64 * 1024  # larger bodies are parsed on a worker thread, off th
 
 
 class ModelSource(Protocol):
-    """What the router needs of the service's model slots (``serving._Models``)."""
+    """What the router needs of the service's model slots (:class:`.model_slot.ModelSlots`)."""
 
     user: str | None
 
@@ -96,9 +88,9 @@ class ModelSource(Protocol):
 
 
 class Observer(Protocol):
-    """The service's Prometheus instruments (``serving._Metrics``)."""
+    """The service's predicted-class counter (:class:`.serving_metrics.ServingMetrics`);
+    requests are timed and counted by the app's metrics middleware, not here."""
 
-    def observe(self, endpoint: str, model: str, status: int, seconds: float) -> None: ...
     def count_classes(self, model: str, predictions: np.ndarray, num_classes: int) -> None: ...
 
 
@@ -216,22 +208,20 @@ def v2_router(models: ModelSource, metrics: Observer, *, max_body_bytes: int) ->
             )
         return model
 
-    def timed(endpoint: str, kind: str, handler: Callable[[], tuple[int, Any]]) -> Response:
-        t0 = time.perf_counter()
+    def answered(handler: Callable[[], tuple[int, Any]]) -> Response:
         try:
             status, payload = handler()
         except _Reply as e:
             status, payload = e.status, {"error": e.message}
-        metrics.observe(endpoint, kind if kind in KINDS else "-", status, time.perf_counter() - t0)
         return _json(status, payload)
 
     @router.get("", response_model=MetadataServerResponse, summary="Server metadata")
     async def server_metadata() -> Response:
-        return timed("/v2", "-", lambda: (200, _server_metadata()))
+        return answered(lambda: (200, _server_metadata()))
 
     @router.get("/health/live", response_model=LiveResponse, summary="Server live")
     async def live() -> Response:
-        return timed("/v2/health/live", "-", lambda: (200, {"live": True}))
+        return answered(lambda: (200, {"live": True}))
 
     @router.get(
         "/health/ready", response_model=ReadyResponse, responses=errors, summary="Server ready"
@@ -245,7 +235,7 @@ def v2_router(models: ModelSource, metrics: Observer, *, max_body_bytes: int) ->
                 return 400, {"ready": False, "error": models.missing_message(kind)}
             return 200, {"ready": True}
 
-        return timed("/v2/health/ready", "-", answer)
+        return answered(answer)
 
     def model_ready(name: str, version: str | None = None) -> Response:
         def answer() -> tuple[int, Any]:
@@ -257,15 +247,12 @@ def v2_router(models: ModelSource, metrics: Observer, *, max_body_bytes: int) ->
                 return 400, {"name": name, "ready": False, "error": e.message}
             return 200, {"name": name, "ready": True}
 
-        return timed("/v2/models/{name}/ready", name, answer)
+        return answered(answer)
 
     def model_metadata(name: str, version: str | None = None) -> Response:
-        return timed(
-            "/v2/models/{name}", name, lambda: (200, _model_metadata(served(name, version)))
-        )
+        return answered(lambda: (200, _model_metadata(served(name, version))))
 
     async def infer(request: Request, name: str, version: str | None = None) -> Response:
-        t0 = time.perf_counter()
         try:
             body = await _read_body(request, max_body_bytes)
             if len(body) <= _INLINE_BYTES:
@@ -276,8 +263,6 @@ def v2_router(models: ModelSource, metrics: Observer, *, max_body_bytes: int) ->
                 )
         except _Reply as e:
             status, payload = e.status, {"error": e.message}
-        kind = name if name in KINDS else "-"
-        metrics.observe("/v2/models/{name}/infer", kind, status, time.perf_counter() - t0)
         return _json(status, payload)
 
     infer_doc: dict[str, Any] = {

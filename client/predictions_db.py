@@ -35,13 +35,19 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection, Engine
 
-from pollinate.client.predictor import LoadedModel, PredictError, check_kind
+from pollinate.client.errors import PredictError, check_kind
+from pollinate.text import one_line
+
+if TYPE_CHECKING:  # annotations only: the predictor imports this module
+    from pollinate.client.predictor import LoadedModel
 
 __all__ = [
     "DEFAULT_TABLE",
@@ -104,7 +110,7 @@ class PredictionsDB:
             with self.engine.begin() as conn:
                 yield conn
         except sa.exc.SQLAlchemyError as e:
-            raise PredictError(f"database {self.where}: {_one_line(e)}") from None
+            raise PredictError(f"database {self.where}: {_db_reason(e)}") from None
 
     def upsert(self, conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
         """Insert ``rows``, replacing stored rows with the same (id, kind, round, hash).
@@ -122,13 +128,13 @@ class PredictionsDB:
 
     def upsert_statement(self, dialect: str) -> Any:
         """``INSERT ... ON CONFLICT (key) DO UPDATE`` for ``sqlite`` or ``postgresql``."""
+        stmt: Any  # the two dialects' Insert classes share no typed base with the upsert
         if dialect == "sqlite":
-            from sqlalchemy.dialects.sqlite import insert
+            stmt = sqlite_insert(self.table)
         elif dialect == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert  # type: ignore[assignment]
+            stmt = postgresql_insert(self.table)
         else:
             raise ValueError(f"no native upsert for {dialect!r}")
-        stmt = insert(self.table)
         return stmt.on_conflict_do_update(
             index_elements=list(KEY), set_={c: stmt.excluded[c] for c in VALUES}
         )
@@ -178,7 +184,7 @@ class PredictionsDB:
             with self.engine.connect() as conn:
                 found = [_decode(dict(r._mapping)) for r in conn.execute(query)]
         except sa.exc.SQLAlchemyError as e:
-            raise PredictError(f"database {self.where}: {_one_line(e)}") from None
+            raise PredictError(f"database {self.where}: {_db_reason(e)}") from None
         if not all_versions:
             newest: dict[str, dict[str, Any]] = {}
             for row in found:
@@ -213,7 +219,7 @@ class PredictionsDB:
                 return
             have = {c["name"] for c in inspector.get_columns(name)}
         except sa.exc.SQLAlchemyError as e:
-            raise PredictError(f"cannot open database {self.where}: {_one_line(e)}") from None
+            raise PredictError(f"cannot open database {self.where}: {_db_reason(e)}") from None
         missing = [c.name for c in self.table.columns if c.name not in have]
         if missing:
             raise PredictError(
@@ -319,7 +325,7 @@ def _engine(target: str | os.PathLike[str]) -> Engine:
             "such as sqlite:///preds.db or postgresql://user@host/db"
         ) from None
     except sa.exc.ArgumentError as e:
-        raise PredictError(f"bad database URL: {_one_line(e)}") from None
+        raise PredictError(f"bad database URL: {_db_reason(e)}") from None
     except ImportError as e:
         raise PredictError(
             f"the database driver for {url.split('://', 1)[0]!r} is not installed "
@@ -327,6 +333,8 @@ def _engine(target: str | os.PathLike[str]) -> Engine:
         ) from None
 
 
-def _one_line(e: BaseException) -> str:
-    text = str(getattr(e, "orig", None) or e).split("\n[SQL", 1)[0]
-    return " ".join(text.split()) or type(e).__name__
+def _db_reason(e: BaseException) -> str:
+    """A database error in one line, without SQLAlchemy's "[SQL: ...]" echo of the query."""
+    cause = getattr(e, "orig", None) or e
+    text = str(cause).split("\n[SQL", 1)[0]
+    return one_line(text) if text.strip() else type(cause).__name__

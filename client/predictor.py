@@ -30,8 +30,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pollinate.client.store import KINDS, ModelStore, StoreError, open_store
+from pollinate.client.errors import PredictError, check_kind
+from pollinate.client.store import ModelStore, StoreError, open_store
+from pollinate.data.tables import SUFFIXES, TableError, iter_table, table_kind
 from pollinate.models import ArtifactError, ModelArtifact, atomic_write, load_artifact
+from pollinate.text import one_line
 
 __all__ = [
     "LoadedModel",
@@ -42,16 +45,11 @@ __all__ = [
     "resolve_user",
 ]
 
-_SUFFIXES = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 
 # Rows read, scored and written at a time in predict_file: bounds memory, not results.
 _CHUNK = 65_536
 # Rows per database statement (each one a dict of Python objects while it is sent).
 _DB_BATCH = 2_000
-
-
-class PredictError(ValueError):
-    """Bad input to prediction (features, files, model choice); the message is one line."""
 
 
 class NoModelError(PredictError):
@@ -281,13 +279,6 @@ def load_model(
     return LoadedModel.from_file(path)
 
 
-def check_kind(which: object) -> str:
-    """``which`` if it is a model kind, else a one-line ``PredictError``."""
-    if not isinstance(which, str) or which not in KINDS:
-        raise PredictError(f"unknown model {which!r}; choose one of: {', '.join(KINDS)}")
-    return which
-
-
 # ------------------------------------------------------------------------ batch scoring
 
 
@@ -371,6 +362,8 @@ def predict_file(
     )
     database = None
     if db is not None:
+        # Lazy: SQLAlchemy (1.0 s to import, python -X importtime) is only for --db, and the
+        # inference service imports this module.
         from pollinate.client.predictions_db import open_db
 
         database = open_db(db, db_table)
@@ -419,11 +412,11 @@ class _Columns:
 
 
 def _table_kind(path: Path, role: str) -> str:
-    kind = _SUFFIXES.get(path.suffix.lower())
+    kind = table_kind(path)
     if kind is None:
         raise PredictError(
             f"{role} file {str(path)!r} has unsupported type "
-            f"{path.suffix or '(no suffix)'!r}; use one of: {', '.join(_SUFFIXES)}"
+            f"{path.suffix or '(no suffix)'!r}; use one of: {', '.join(SUFFIXES)}"
         )
     return kind
 
@@ -440,38 +433,17 @@ def _iter_chunks(
     path: Path, kind: str, text_columns: list[str], chunk_rows: int
 ) -> Iterator[pd.DataFrame]:
     try:
-        if kind == "csv":
-            # Ids as text, so "007" stays "007" in the output and the database.
-            dtype = dict.fromkeys(text_columns, str) or None
-            with pd.read_csv(path, dtype=dtype, chunksize=chunk_rows) as reader:
-                for df in reader:
-                    if len(df):
-                        yield _tidy(df)
-        else:
-            import pyarrow.parquet as pq
-
-            with pq.ParquetFile(path) as parquet:
-                for batch in parquet.iter_batches(batch_size=chunk_rows):
-                    if batch.num_rows:
-                        yield _tidy(batch.to_pandas())
-    except PredictError:
-        raise
-    except pd.errors.EmptyDataError:
-        raise PredictError(
-            f"input file {str(path)!r} is empty; it needs a header row and data"
-        ) from None
-    except Exception as e:  # parser, arrow, decoding and I/O errors all mean "unreadable"
+        # Ids as text, so "007" stays "007" in the output and the database.
+        yield from iter_table(path, kind, text_columns=text_columns, chunk_rows=chunk_rows)
+    except TableError as e:
+        if e.empty:
+            raise PredictError(
+                f"input file {str(path)!r} is empty; it needs a header row and data"
+            ) from None
         raise PredictError(
             f"could not read {str(path)!r} as {kind.upper()} "
-            f"({_one_line(e)}); check that it is a valid {kind.upper()} file"
+            f"({e.reason}); check that it is a valid {kind.upper()} file"
         ) from None
-
-
-def _tidy(df: pd.DataFrame) -> pd.DataFrame:
-    named = any(level is not None for level in df.index.names)
-    df = df.reset_index(drop=not named)
-    df.columns = [str(c) for c in df.columns]
-    return df
 
 
 def _plan_columns(
@@ -634,6 +606,7 @@ class _ParquetSink:
         self._writer: Any = None
 
     def write(self, df: pd.DataFrame) -> None:
+        # Lazy: pyarrow.parquet (0.7 s to import, python -X importtime) only for Parquet out.
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -645,7 +618,7 @@ class _ParquetSink:
                 table = pa.Table.from_pandas(df, schema=self._writer.schema, preserve_index=False)
             except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError, TypeError) as e:
                 raise PredictError(
-                    f"a column of {self._name} changes type partway through ({_one_line(e)}); "
+                    f"a column of {self._name} changes type partway through ({one_line(e)}); "
                     "give it one type throughout, or write CSV output"
                 ) from None
         self._writer.write_table(table)
@@ -671,7 +644,3 @@ def _describe(value: Any) -> str:
 def _listing(names: Sequence[str], limit: int = 10) -> str:
     shown = ", ".join(str(n) for n in names[:limit])
     return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__

@@ -13,21 +13,21 @@ gives the rows of features in exactly one field:
   the features in order). MLflow's ``params`` and TF-Serving's ``signature_name``
   (``serving_default``) are accepted when they ask for nothing this model lacks.
 
-:func:`rows_from_request` turns any of them into (model kind, rows); the pydantic models
-below only describe the bodies for the OpenAPI schema (``/openapi.json``): parsing stays in
-plain Python so every bad body gets a one-line message and a 400.
+:func:`rows_from_request` turns any of them into (model kind, rows). The pydantic models in
+:mod:`pollinate.client.schemas` describe the same bodies for ``/openapi.json``; parsing
+stays here, in plain Python, because the forms overlap (one field of six, ``instances``
+rows or objects, ...) and every bad body must get a one-line message naming the field and
+the fix, which pydantic's union errors cannot give.
 """
 
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
-
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Any
 
 from pollinate.client.store import KINDS
 
-__all__ = ["FORMAT_FIELDS", "FormatError", "PredictRequest", "PredictResponse", "rows_from_request"]
+__all__ = ["FORMAT_FIELDS", "FormatError", "json_body", "json_type", "rows_from_request"]
 
 #: The fields that carry rows, one per request.
 FORMAT_FIELDS = ("rows", "row", "instances", "inputs", "dataframe_split", "dataframe_records")
@@ -205,60 +205,3 @@ def json_type(value: object) -> str:
         int: "number",
         float: "number",
     }.get(type(value), type(value).__name__)
-
-
-# ------------------------------------------------------------------- OpenAPI descriptions
-
-Row = list[float]
-Kind = Literal["personal", "global"]
-
-
-class DataframeSplit(BaseModel):
-    """pandas ``orient="split"``: column names and rows of values."""
-
-    model_config = ConfigDict(extra="forbid")
-    columns: list[str] | None = None
-    data: list[Row]
-    index: list[Any] | None = None
-
-
-class PredictRequest(BaseModel):
-    """A ``POST /predict`` body: ``model`` plus exactly one of the row fields."""
-
-    model_config = ConfigDict(extra="forbid")
-    model: Kind = "personal"
-    rows: list[Row] | None = Field(None, description="Pollinate: rows of F features")
-    row: Row | None = Field(None, description="Pollinate: one row")
-    instances: list[Row | dict[str, Row]] | None = Field(
-        None, description='TF-Serving row format / MLflow: rows, or {"features": row} objects'
-    )
-    inputs: list[Row] | dict[str, list[Row]] | None = Field(
-        None, description='TF-Serving columnar format / MLflow: rows, or {"features": rows}'
-    )
-    dataframe_split: DataframeSplit | None = Field(None, description="MLflow: pandas split")
-    dataframe_records: list[dict[str, float]] | None = Field(
-        None, description="MLflow: pandas records"
-    )
-    params: dict[str, Any] | None = Field(None, description="MLflow params (none are defined)")
-    signature_name: Literal["serving_default"] | None = None
-
-
-class Version(BaseModel):
-    round: int
-    hash: str
-
-
-class PredictResponse(BaseModel):
-    """A ``POST /predict`` answer (``predictions`` as TF-Serving and MLflow name it)."""
-
-    model: Kind
-    user: str | None
-    version: Version
-    predictions: list[int] = Field(description="predicted class per row")
-    probabilities: list[list[float]] = Field(description="(rows, classes) probabilities")
-
-
-class ErrorResponse(BaseModel):
-    """Every error: one line."""
-
-    error: str

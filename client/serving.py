@@ -34,11 +34,11 @@ is counted, not logged as an error, and outputs are finite or a 400. Below the a
 :mod:`pollinate.client.httpguard` times out slow headers and bodies, caps connections and
 turns uvicorn's own error answers into JSON (``serve(..., limits=HttpLimits(...))``).
 
-Hot swap: a watcher thread polls the store files' (mtime, size, inode) every
-``reload_interval`` seconds. A changed file is loaded and verified (content hash, architecture)
-off the request path, and only then is the model reference replaced, in one assignment. A
-request holds the reference it started with, so none sees a half-loaded model and none fails
-during a swap; a file that fails to load is logged and the previous model keeps serving.
+The parts: the bodies are pydantic models (:mod:`.schemas`), requests are counted and timed
+once by :class:`~.serving_metrics.MetricsMiddleware`, and the models are loaded, verified and
+hot-swapped by :class:`~.model_slot.ModelSlots` (a watcher thread polls the store every
+``reload_interval`` seconds; a request holds the model it started with, so none fails during
+a swap). This module wires them into one app and runs it (:func:`serve`).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,15 +63,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    ProcessCollector,
-    generate_latest,
-)
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
@@ -79,16 +71,26 @@ from uvicorn.config import LOGGING_CONFIG
 
 from pollinate.client import openinference
 from pollinate.client.httpguard import AllowedHosts, BodyLimit, HttpLimits, guarded_protocol
-from pollinate.client.predictor import LoadedModel, PredictError, resolve_user
-from pollinate.client.request_formats import (
+from pollinate.client.model_slot import ModelSlots, Watcher
+from pollinate.client.predictor import LoadedModel, PredictError
+from pollinate.client.request_formats import FormatError, json_body, json_type, rows_from_request
+from pollinate.client.schemas import (
     ErrorResponse,
-    FormatError,
+    HealthResponse,
+    ModelEntry,
+    ModelsResponse,
     PredictResponse,
-    json_body,
-    json_type,
-    rows_from_request,
+    to_json,
 )
-from pollinate.client.store import KINDS, StoreError, open_store
+from pollinate.client.serving_metrics import (
+    ENDPOINTS,
+    MetricsMiddleware,
+    ServingMetrics,
+    count_disconnect,
+    label_model,
+)
+from pollinate.client.store import KINDS, StoreError
+from pollinate.text import one_line
 
 __all__ = [
     "HttpLimits",
@@ -104,17 +106,6 @@ log = logging.getLogger("pollinate.serving")
 #: Bodies larger than this are parsed and scored on a worker thread, off the event loop.
 _INLINE_BYTES = 64 * 1024
 
-_ENDPOINTS = ("/predict", "/models", "/health", "/metrics", "/v2")
-_REASONS = {
-    400: "bad_request",
-    404: "not_found",
-    405: "method_not_allowed",
-    408: "timeout",
-    413: "too_large",
-    421: "wrong_host",
-    503: "no_model",
-    500: "internal",
-}
 _EXAMPLE = '{"rows": [[0.1, 0.2, ...]], "model": "personal"}'
 
 
@@ -129,216 +120,6 @@ class _Reply(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
-
-
-# ------------------------------------------------------------------------------ metrics
-
-
-class _Metrics:
-    """Prometheus instruments in a registry of their own (several apps may share a process)."""
-
-    def __init__(self) -> None:
-        r = self.registry = CollectorRegistry()
-        ProcessCollector(registry=r)
-        self.requests = Counter(
-            "pollinate_serving_requests",
-            "HTTP requests answered",
-            ["endpoint", "model", "status"],
-            registry=r,
-        )
-        self.latency = Histogram(
-            "pollinate_serving_request_duration_seconds",
-            "Time to answer a request",
-            ["endpoint", "model"],
-            registry=r,
-            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
-        )
-        self.errors = Counter(
-            "pollinate_serving_errors",
-            "Requests answered with an error",
-            ["endpoint", "reason"],
-            registry=r,
-        )
-        self.predictions = Counter(
-            "pollinate_serving_predictions",
-            "Rows predicted, by model and predicted class",
-            ["model", "class"],
-            registry=r,
-        )
-        self.model_round = Gauge(
-            "pollinate_serving_model_round",
-            "Round of the model being served (-1: none loaded)",
-            ["model"],
-            registry=r,
-        )
-        self.swaps = Counter(
-            "pollinate_serving_model_swaps", "Newer models swapped in", ["model"], registry=r
-        )
-        self.reload_failures = Counter(
-            "pollinate_serving_model_reload_failures",
-            "Model files that failed to load or verify (the previous model kept serving)",
-            ["model"],
-            registry=r,
-        )
-        self.disconnects = Counter(
-            "pollinate_serving_client_disconnects",
-            "Requests whose client closed the connection before they were answered",
-            ["endpoint"],
-            registry=r,
-        )
-        for kind in KINDS:
-            self.model_round.labels(kind).set(-1)
-
-    def observe(self, endpoint: str, model: str, status: int, seconds: float) -> None:
-        self.requests.labels(endpoint, model, str(status)).inc()
-        self.latency.labels(endpoint, model).observe(seconds)
-        if status >= 400:
-            self.errors.labels(endpoint, _REASONS.get(status, str(status))).inc()
-
-    def count_classes(self, model: str, predictions: np.ndarray, num_classes: int) -> None:
-        counts = np.bincount(predictions, minlength=num_classes)
-        for c in np.flatnonzero(counts):
-            self.predictions.labels(model, str(c)).inc(int(counts[c]))
-
-
-# ------------------------------------------------------------------------ model slots
-
-
-class _Models:
-    """The models being served, swapped atomically as newer files land in the store."""
-
-    def __init__(self, root: Path, user: str | None, metrics: _Metrics) -> None:
-        try:
-            self.store = open_store(root, user)  # a store, or one user's folder in it
-        except StoreError as e:
-            raise ServingError(str(e)) from None
-        self.user = user
-        self.problem: str | None = None  # why nothing can be served (e.g. several users)
-        self.reload_errors: dict[str, str] = {}  # kind -> why the latest file was rejected
-        self._metrics = metrics
-        # Copy-on-write: readers take self._models once; a swap assigns a new dict.
-        self._models: dict[str, LoadedModel] = {}
-        self._stamps: dict[str, tuple[int, int, int] | None] = {}
-        self._poll_lock = threading.Lock()
-
-    def get(self, kind: str) -> LoadedModel | None:
-        return self._models.get(kind)
-
-    def stored_kinds(self) -> list[str]:
-        """The kinds with a file in the store (loaded or not)."""
-        if self.user is None:
-            return []
-        return [k for k in KINDS if self.store.path(self.user, k).exists()]
-
-    def loaded(self) -> dict[str, LoadedModel]:
-        return self._models
-
-    def missing_message(self, kind: str) -> str:
-        if self.problem:
-            return self.problem
-        where = f"{self.store.root}" + (f" for user {self.user!r}" if self.user else "")
-        other = [k for k in KINDS if k != kind and k in self._models]
-        alt = f', or ask for "model": "{other[0]}"' if other else ""
-        return (
-            f"no {kind} model stored yet in {where}; the device writes it after its first "
-            f"federated round (GET /models lists what is stored{alt})"
-        )
-
-    def poll(self) -> None:
-        """Load every changed model file; swap in those that verify. Never raises for bad files."""
-        with self._poll_lock:
-            if self.user is None and not self._adopt_user():
-                return
-            assert self.user is not None
-            for kind in KINDS:
-                self._poll_kind(kind, self.store.path(self.user, kind))
-
-    def _adopt_user(self) -> bool:
-        try:
-            self.user = resolve_user(self.store, None)
-        except PredictError as e:  # none yet, or several: wait, and say why
-            users = self.store.users()
-            self.problem = None if not users else f"{e}; restart the service with --user ID"
-            return False
-        self.problem = None
-        log.info("serving models of user %r from %s", self.user, self.store.root)
-        return True
-
-    def _poll_kind(self, kind: str, path: Path) -> None:
-        try:
-            st = os.stat(path)
-            stamp: tuple[int, int, int] | None = (st.st_mtime_ns, st.st_size, st.st_ino)
-        except FileNotFoundError:
-            stamp = None
-        if kind in self._stamps and stamp == self._stamps[kind]:
-            return
-        self._stamps[kind] = stamp
-        if stamp is None:
-            if kind in self._models:
-                log.warning(
-                    "%s disappeared; still serving %s round %d",
-                    path,
-                    kind,
-                    self._models[kind].round,
-                )
-            return
-        try:
-            model = LoadedModel.from_file(path)
-            if model.kind != kind:
-                raise PredictError(f"{path} holds a {model.kind!r} model, expected {kind!r}")
-        except Exception as e:  # corrupt, truncated, tampered, unreadable: keep the old model
-            reason = " ".join(str(e).split()) or type(e).__name__
-            self.reload_errors[kind] = reason
-            self._metrics.reload_failures.labels(kind).inc()
-            old = self._models.get(kind)
-            keep = f"; still serving round {old.round}" if old else ""
-            log.warning("could not load %s model: %s%s", kind, reason, keep)
-            return
-        self.reload_errors.pop(kind, None)
-        old = self._models.get(kind)
-        if old is not None and old.version == model.version:
-            return  # rewritten with identical weights and round
-        self._models = {**self._models, kind: model}  # the swap: one reference assignment
-        self._metrics.model_round.labels(kind).set(model.round)
-        if old is not None:
-            self._metrics.swaps.labels(kind).inc()
-        log.info(
-            "serving %s model round %d (hash %s) of user %r",
-            kind,
-            model.round,
-            model.content_hash[:12],
-            model.user,
-        )
-
-
-@dataclass
-class _Watcher:
-    """Polls the store every ``interval`` seconds on a daemon thread until stopped."""
-
-    models: _Models
-    interval: float
-    _stop: threading.Event = field(default_factory=threading.Event)
-    _thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        self._stop.clear()
-        self._thread = threading.Thread(
-            target=self._run, name="pollinate-model-watcher", daemon=True
-        )
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.models.poll()
-            except Exception:  # the watcher must outlive any surprise (e.g. a vanished disk)
-                log.exception("model watcher: unexpected error; retrying")
 
 
 # --------------------------------------------------------------------------------- app
@@ -377,23 +158,16 @@ def create_app(
     ServingError
         ``user`` is None and the store already holds several users, or a bad argument.
     """
-    if not reload_interval > 0:
-        raise ServingError(f"reload_interval must be > 0 seconds, got {reload_interval}")
-    if (
-        isinstance(max_body_bytes, bool)
-        or not isinstance(max_body_bytes, int)
-        or max_body_bytes <= 0
-    ):
-        raise ServingError(f"max_body_bytes must be a positive int, got {max_body_bytes!r}")
-    root = Path(model_dir).expanduser()
-    if user is not None and (not isinstance(user, str) or not user):
-        raise ServingError(f"user must be a non-empty string, got {user!r}")
-    metrics = _Metrics()
-    models = _Models(root, user, metrics)
+    _check_app_args(user, reload_interval, max_body_bytes)
+    metrics = ServingMetrics()
+    try:
+        models = ModelSlots(Path(model_dir).expanduser(), user, metrics)
+    except StoreError as e:
+        raise ServingError(str(e)) from None
     models.poll()  # serve what is there from the first request on
     if models.problem:
         raise ServingError(models.problem)
-    watcher = _Watcher(models, reload_interval)
+    watcher = Watcher(models, reload_interval)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -411,151 +185,194 @@ def create_app(
         openapi_url="/openapi.json",
     )
     app.state.models = models  # for tests and embedding: app.state.models.poll() reloads now
-    # The last added runs first: a foreign Host is refused before the body is looked at.
+    app.state.metrics = metrics
+    app.state.metrics_registry = metrics.registry
+    # The last added runs first: a foreign Host is refused before the body is looked at, and
+    # what those two refuse is not counted (it never reached the service).
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(BodyLimit, limit=max_body_bytes)
     app.add_middleware(AllowedHosts, bound_host=host, extra=tuple(allowed_hosts))
-    app.state.metrics_registry = metrics.registry
+    _add_routes(app, max_body_bytes)
+    _add_error_handlers(app)
+    return app
 
-    def answer(body: bytes) -> tuple[int, dict[str, Any], str]:
-        """(status, JSON payload, model label) for a /predict body; never raises for input."""
-        kind = "-"
-        try:
-            kind, rows = _parse_predict(body)
-            model = models.get(kind)
-            if model is None:
-                raise _Reply(503, models.missing_message(kind))
-            x = _as_matrix(rows, model)  # (B, F)
-            proba = model.predict_proba(x)  # (B, C)
-        except _Reply as e:
-            return e.status, {"error": e.message}, kind
-        except PredictError as e:
-            return 400, {"error": str(e)}, kind
-        predictions = proba.argmax(axis=1)  # (B,)
-        metrics.count_classes(kind, predictions, model.num_classes)
-        return (
-            200,
-            {
-                "model": kind,
-                "user": model.user,
-                "version": model.version,
-                "predictions": predictions.tolist(),
-                "probabilities": proba.tolist(),
-            },
-            kind,
-        )
 
-    @app.post(
+def _check_app_args(user: str | None, reload_interval: float, max_body_bytes: int) -> None:
+    if not reload_interval > 0:
+        raise ServingError(f"reload_interval must be > 0 seconds, got {reload_interval}")
+    if (
+        isinstance(max_body_bytes, bool)
+        or not isinstance(max_body_bytes, int)
+        or max_body_bytes <= 0
+    ):
+        raise ServingError(f"max_body_bytes must be a positive int, got {max_body_bytes!r}")
+    if user is not None and (not isinstance(user, str) or not user):
+        raise ServingError(f"user must be a non-empty string, got {user!r}")
+
+
+def _add_routes(app: FastAPI, max_body_bytes: int) -> None:
+    app.add_api_route(
         "/predict",
+        predict,
+        methods=["POST"],
         openapi_extra=openinference.predict_openapi(),
         responses={200: {"model": PredictResponse}, 400: {"model": ErrorResponse}},
     )
-    async def predict(request: Request) -> Response:
-        t0 = time.perf_counter()
-        kind = "-"
-        try:
-            body = await _read_body(request)
-            if len(body) <= _INLINE_BYTES:  # small: cheaper than a thread hop
-                status, payload, kind = answer(body)
-            else:
-                status, payload, kind = await run_in_threadpool(answer, body)
-        except _Reply as e:
-            status, payload = e.status, {"error": e.message}
-        except ClientDisconnect:  # the client left mid-body: nobody to answer, not an error
-            metrics.disconnects.labels("/predict").inc()
-            return Response(status_code=204)
-        except StarletteHTTPException:  # e.g. BodyLimit's 413: answered by http_error
-            raise
-        except Exception as e:  # a bug, not bad input: say so, keep serving
-            log.exception("/predict failed")
-            reason = " ".join(f"{type(e).__name__}: {e}".split())
-            status, payload = 500, {"error": f"internal error: {reason}"}
-        metrics.observe("/predict", kind, status, time.perf_counter() - t0)
-        return _json(status, payload)
+    app.add_api_route("/models", list_models, methods=["GET"], response_model=ModelsResponse)
+    app.add_api_route("/health", health, methods=["GET"], response_model=HealthResponse)
+    app.add_api_route("/metrics", prometheus_metrics, methods=["GET"])
+    # The Open Inference Protocol (KServe v2) beside /predict, and the bodies in /openapi.json.
+    models, metrics = app.state.models, app.state.metrics
+    app.include_router(openinference.v2_router(models, metrics, max_body_bytes=max_body_bytes))
+    openinference.document_bodies(app)
 
-    @app.get("/models")
-    async def list_models() -> Response:
-        t0 = time.perf_counter()
-        loaded = models.loaded()
-        entries = []
-        for kind in KINDS:
-            model = loaded.get(kind)
-            entry = model.info() if model else {"kind": kind, "user": models.user}
-            entry["status"] = "serving" if model else "not stored yet"
-            if kind in models.reload_errors:
-                entry["reload_error"] = models.reload_errors[kind]
-            entries.append(entry)
-        payload = {
-            "model_dir": str(models.store.root),
-            "user": models.user,
-            "models": entries,
-            "users_in_store": models.store.users(),
-        }
-        if models.problem:
-            payload["problem"] = models.problem
-        metrics.observe("/models", "-", 200, time.perf_counter() - t0)
-        return _json(200, payload)
 
-    @app.get("/health")
-    async def health() -> Response:
-        t0 = time.perf_counter()
-        loaded = models.loaded()
-        payload: dict[str, Any] = {
+def _add_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ClientDisconnect, client_left)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(Exception, internal_error)
+
+
+# ---------------------------------------------------------------------------- handlers
+
+
+async def predict(request: Request) -> Response:
+    """``POST /predict``: scores the rows with the asked-for model (module docstring)."""
+    models: ModelSlots = request.app.state.models
+    metrics: ServingMetrics = request.app.state.metrics
+    try:
+        body = await _read_body(request)
+        if len(body) <= _INLINE_BYTES:  # small: cheaper than a thread hop
+            status, payload, kind = _answer(body, models, metrics)
+        else:
+            status, payload, kind = await run_in_threadpool(_answer, body, models, metrics)
+    except ClientDisconnect:  # the client left mid-body: nobody to answer, not an error
+        count_disconnect(metrics, request)
+        return Response(status_code=204)
+    except StarletteHTTPException:  # e.g. BodyLimit's 413: answered by http_error
+        raise
+    except Exception as e:  # a bug, not bad input: say so, keep serving
+        log.exception("/predict failed")
+        reason = one_line(f"{type(e).__name__}: {e}")
+        status, payload, kind = 500, {"error": f"internal error: {reason}"}, "-"
+    label_model(request, kind)
+    return _json(status, payload)
+
+
+def _answer(
+    body: bytes, models: ModelSlots, metrics: ServingMetrics
+) -> tuple[int, dict[str, Any], str]:
+    """(status, JSON payload, model label) for a /predict body; never raises for input."""
+    kind = "-"
+    try:
+        kind, rows = _parse_predict(body)
+        model = models.get(kind)
+        if model is None:
+            raise _Reply(503, models.missing_message(kind))
+        x = _as_matrix(rows, model)  # (B, F)
+        proba = model.predict_proba(x)  # (B, C)
+    except _Reply as e:
+        return e.status, {"error": e.message}, kind
+    except PredictError as e:
+        return 400, {"error": str(e)}, kind
+    predictions = proba.argmax(axis=1)  # (B,)
+    metrics.count_classes(kind, predictions, model.num_classes)
+    # A plain dict, not PredictResponse(...): a pydantic pass over (B, C) floats would cost
+    # more than scoring them; the schema documents this exact shape.
+    payload = {
+        "model": kind,
+        "user": model.user,
+        "version": model.version,
+        "predictions": predictions.tolist(),
+        "probabilities": proba.tolist(),
+    }
+    return 200, payload, kind
+
+
+async def list_models(request: Request) -> Response:
+    """``GET /models``: the served user's stored models (round, hash, metrics, architecture)."""
+    models: ModelSlots = request.app.state.models
+    loaded = models.loaded()
+    entries = []
+    for kind in KINDS:
+        model = loaded.get(kind)
+        entry = ModelEntry.model_validate(
+            {
+                **(model.info() if model else {"kind": kind, "user": models.user}),
+                "status": "serving" if model else "not stored yet",
+            }
+        )
+        if kind in models.reload_errors:
+            entry.reload_error = models.reload_errors[kind]
+        entries.append(entry)
+    answer = ModelsResponse(
+        model_dir=str(models.store.root),
+        user=models.user,
+        models=entries,
+        users_in_store=models.store.users(),
+    )
+    if models.problem:
+        answer.problem = models.problem
+    return _json(200, to_json(answer))
+
+
+async def health(request: Request) -> Response:
+    """``GET /health``: always 200 while the process is up; ``ready`` once a model is loaded."""
+    models: ModelSlots = request.app.state.models
+    loaded = models.loaded()
+    answer = HealthResponse.model_validate(
+        {
             "status": "ok" if loaded else "waiting for a model",
             "ready": bool(loaded),
             "user": models.user,
             "models": {k: (loaded[k].version if k in loaded else None) for k in KINDS},
         }
-        if models.problem:
-            payload["problem"] = models.problem
-        metrics.observe("/health", "-", 200, time.perf_counter() - t0)
-        return _json(200, payload)
+    )
+    if models.problem:
+        answer.problem = models.problem
+    return _json(200, to_json(answer))
 
-    @app.get("/metrics")
-    async def prometheus_metrics() -> Response:
-        t0 = time.perf_counter()
-        text = generate_latest(metrics.registry)  # counts up to the previous request
-        metrics.observe("/metrics", "-", 200, time.perf_counter() - t0)
-        return Response(text, media_type=CONTENT_TYPE_LATEST)
 
-    def http_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, StarletteHTTPException)
-        status = exc.status_code
-        path = request.url.path
-        if status == 404:
-            message = f"no endpoint {request.method} {path}; use " + ", ".join(_ENDPOINTS)
-        elif status == 405:
-            message = f"method {request.method} is not allowed on {path}"
-        else:
-            message = " ".join(str(exc.detail).split())
-        endpoint = path if path in _ENDPOINTS else "other"
-        metrics.observe(endpoint, "-", status, 0.0)
-        return _json(status, {"error": message}, headers=getattr(exc, "headers", None))
+async def prometheus_metrics(request: Request) -> Response:
+    """``GET /metrics``: Prometheus text, counts up to the previous request."""
+    text = generate_latest(request.app.state.metrics.registry)
+    return Response(text, media_type=CONTENT_TYPE_LATEST)
 
-    def validation_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, RequestValidationError)
-        first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()))
-        message = f"invalid request: {where}: {first.get('msg', 'invalid')}"
-        return _json(422, {"error": " ".join(message.split())})
 
-    def internal_error(request: Request, exc: Exception) -> Response:
-        log.error("unhandled error on %s", request.url.path, exc_info=exc)
-        return _json(500, {"error": f"internal error: {type(exc).__name__}"})
+# ---------------------------------------------------------------------- error answers
 
-    def client_left(request: Request, exc: Exception) -> Response:
-        # Any route's body read: counted, no traceback, no 500 (nobody is listening).
-        path = request.url.path
-        metrics.disconnects.labels(path if path in _ENDPOINTS else "other").inc()
-        return Response(status_code=204)
 
-    app.add_exception_handler(ClientDisconnect, client_left)
-    # The Open Inference Protocol (KServe v2) beside /predict, and the bodies in /openapi.json.
-    app.include_router(openinference.v2_router(models, metrics, max_body_bytes=max_body_bytes))
-    openinference.document_bodies(app)
-    app.add_exception_handler(StarletteHTTPException, http_error)
-    app.add_exception_handler(RequestValidationError, validation_error)
-    app.add_exception_handler(Exception, internal_error)
-    return app
+def http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    status = exc.status_code
+    path = request.url.path
+    if status == 404:
+        message = f"no endpoint {request.method} {path}; use " + ", ".join(ENDPOINTS)
+    elif status == 405:
+        message = f"method {request.method} is not allowed on {path}"
+    else:
+        message = one_line(str(exc.detail))
+    return _json(status, {"error": message}, headers=getattr(exc, "headers", None))
+
+
+def validation_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    first = exc.errors()[0] if exc.errors() else {}
+    where = ".".join(str(p) for p in first.get("loc", ()))
+    message = f"invalid request: {where}: {first.get('msg', 'invalid')}"
+    return _json(422, {"error": one_line(message)})
+
+
+def internal_error(request: Request, exc: Exception) -> Response:
+    log.error("unhandled error on %s", request.url.path, exc_info=exc)
+    return _json(500, {"error": f"internal error: {type(exc).__name__}"})
+
+
+def client_left(request: Request, exc: Exception) -> Response:
+    # Any route's body read: counted, no traceback, no 500 (nobody is listening).
+    count_disconnect(request.app.state.metrics, request)
+    return Response(status_code=204)
 
 
 def _json(status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
@@ -679,23 +496,21 @@ def serve(
         The address cannot be bound, or the user is ambiguous.
     """
     set_torch_threads(threads)
-    app = create_app(
+    service = _Service.prepare(
         model_dir,
+        host,
+        port,
         user=user,
         reload_interval=reload_interval,
         max_body_bytes=max_body_bytes,
-        host=host,
         allowed_hosts=allowed_hosts,
+        limits=limits,
+        log_level=log_level,
+        log_config=LOGGING_CONFIG,
     )
-    sock = _bind(host, port)
-    url = _url(host, sock.getsockname()[1])
-    server = uvicorn.Server(_config(app, log_level, LOGGING_CONFIG, limits))
     if announce is not None:
-        announce(url)
-    try:
-        server.run(sockets=[sock])
-    finally:
-        sock.close()
+        announce(service.url)
+    service.run()
 
 
 def start_in_thread(
@@ -725,39 +540,96 @@ def start_in_thread(
     """
     if threads is not None:
         set_torch_threads(threads)
-    app = create_app(
+    service = _Service.prepare(
         model_dir,
+        host,
+        port,
         user=user,
         reload_interval=reload_interval,
         max_body_bytes=max_body_bytes,
-        host=host,
         allowed_hosts=allowed_hosts,
+        limits=limits,
+        log_level=log_level,
+        log_config=None,  # the host process's logging configuration
     )
-    sock = _bind(host, port)
-    bound = sock.getsockname()[1]
-    server = uvicorn.Server(_config(app, log_level, None, limits))
+    return service.start_thread(startup_timeout)
 
-    def run() -> None:
+
+@dataclass
+class _Service:
+    """The app, its uvicorn server and its bound socket: what :func:`serve` and
+    :func:`start_in_thread` share, up to where one blocks and the other starts a thread."""
+
+    app: FastAPI
+    server: uvicorn.Server
+    sock: socket.socket
+    host: str
+
+    @classmethod
+    def prepare(
+        cls,
+        model_dir: str | os.PathLike[str],
+        host: str,
+        port: int,
+        *,
+        user: str | None,
+        reload_interval: float,
+        max_body_bytes: int,
+        allowed_hosts: Iterable[str],
+        limits: HttpLimits | None,
+        log_level: str,
+        log_config: dict[str, Any] | None,
+    ) -> _Service:
+        app = create_app(
+            model_dir,
+            user=user,
+            reload_interval=reload_interval,
+            max_body_bytes=max_body_bytes,
+            host=host,
+            allowed_hosts=allowed_hosts,
+        )
+        sock = _bind(host, port)
+        server = uvicorn.Server(_config(app, log_level, log_config, limits))
+        return cls(app=app, server=server, sock=sock, host=host)
+
+    @property
+    def port(self) -> int:
+        return int(self.sock.getsockname()[1])
+
+    @property
+    def url(self) -> str:
+        return _url(self.host, self.port)
+
+    def run(self) -> None:
+        """Serve until SIGINT/SIGTERM (or ``server.should_exit``); closes the socket."""
         try:
-            server.run(sockets=[sock])
+            self.server.run(sockets=[self.sock])
         finally:
-            sock.close()
+            self.sock.close()
 
-    thread = threading.Thread(target=run, name=f"pollinate-serving-{bound}", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + startup_timeout
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            server.should_exit = True
-            thread.join(5)
-            raise ServingError(
-                f"the inference service on {host}:{bound} did not start "
-                f"within {startup_timeout:g} s (see the log above)"
-            )
-        time.sleep(0.01)
-    return ServingHandle(
-        url=_url(host, bound), host=host, port=bound, app=app, _server=server, _thread=thread
-    )
+    def start_thread(self, startup_timeout: float) -> ServingHandle:
+        """:meth:`run` on a daemon thread; returns once the server accepts requests."""
+        port = self.port
+        thread = threading.Thread(target=self.run, name=f"pollinate-serving-{port}", daemon=True)
+        thread.start()
+        deadline = time.monotonic() + startup_timeout
+        while not self.server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                self.server.should_exit = True
+                thread.join(5)
+                raise ServingError(
+                    f"the inference service on {self.host}:{port} did not start "
+                    f"within {startup_timeout:g} s (see the log above)"
+                )
+            time.sleep(0.01)
+        return ServingHandle(
+            url=self.url,
+            host=self.host,
+            port=port,
+            app=self.app,
+            _server=self.server,
+            _thread=thread,
+        )
 
 
 def set_torch_threads(threads: int) -> None:

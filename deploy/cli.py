@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 
 from pollinate.deploy.certs import DEFAULT_HOSTS, DeployError
 
+# As in pollinate.cli: each handler imports what it runs (the main parser imports this module
+# for every command, `--help` included; see the measured costs there).
 if TYPE_CHECKING:
     from pollinate.deploy.stream import StreamSettings
 

@@ -17,9 +17,12 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import tomli_w
+
 from pollinate.deploy.certs import DeployError
 from pollinate.deploy.proc import child_env
 from pollinate.flower_compat.control_errors import api_error_code, flower_error_code
+from pollinate.text import one_line
 
 CONNECTION = "pollinate"
 
@@ -31,19 +34,14 @@ class LinkError(DeployError):
 def write_connection(flwr_home: Path, address: str, root_cert: Path | None) -> None:
     """``[superlink.pollinate]`` in ``flwr_home/config.toml`` (the whole file is ours)."""
     flwr_home.mkdir(parents=True, exist_ok=True)
-    lines = [
-        "# Written by `pollinate server start`.",
-        "[superlink]",
-        f'default = "{CONNECTION}"',
-        "",
-        f"[superlink.{CONNECTION}]",
-        f'address = "{address}"',
-    ]
+    connection: dict[str, str | bool] = {"address": address}
     if root_cert is None:
-        lines.append("insecure = true")
+        connection["insecure"] = True
     else:
-        lines.append(f'root-certificates = "{root_cert.resolve()}"')
-    (flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
+        connection["root-certificates"] = str(root_cert.resolve())
+    document = {"superlink": {"default": CONNECTION, CONNECTION: connection}}
+    text = "# Written by `pollinate server start`.\n" + tomli_w.dumps(document)
+    (flwr_home / "config.toml").write_text(text)
 
 
 def flwr_env(flwr_home: Path) -> dict[str, str]:
@@ -95,10 +93,9 @@ def _last_json(text: str) -> dict[str, Any] | None:
 
 
 def _one_line(message: str) -> str:
-    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
     # Flower prefixes "Using SuperLink: ..." before the reason.
-    lines = [ln for ln in lines if not ln.startswith("Using SuperLink")]
-    return " ".join(lines) or "unknown error"
+    lines = [ln for ln in message.splitlines() if not ln.strip().startswith("Using SuperLink")]
+    return one_line("\n".join(lines))
 
 
 # --------------------------------------------------------------------------- commands

@@ -36,6 +36,9 @@ from functools import partial
 from pathlib import Path
 
 from pollinate import protocol
+from pollinate.client.broker import redacted_url
+from pollinate.config import RunConfig
+from pollinate.data import load_user_file
 from pollinate.deploy import events
 from pollinate.deploy.certs import DeployError, check_node_private_key, private_key_fingerprint
 from pollinate.deploy.proc import (
@@ -96,9 +99,6 @@ def check_data(
     path: Path, user_id: str | None, user_column: str | None, label_column: str | None
 ) -> list[str]:
     """The users in the device's data file, loaded exactly as the ClientApp will."""
-    from pollinate.config import RunConfig
-    from pollinate.data import load_user_file
-
     defaults = RunConfig().data
     table = load_user_file(
         str(path),
@@ -332,8 +332,6 @@ def _supervise(opts: NodeOptions, server_host: str, server_port: int, recovering
                 )
             echo(f"node: serving predictions on http://{format_address(host, port)}")
         if opts.stream is not None:
-            from pollinate.client.broker import redacted_url
-
             sup.start("stream", stream_argv(opts.stream), env=env)
             echo(
                 f"node: answering prediction requests from {opts.stream.requests!r} on "
@@ -435,6 +433,8 @@ def serve_store(
     allowed_hosts: Sequence[str] = (),
 ) -> int:
     """``pollinate node serve``: the inference service over an existing model store."""
+    # Lazy: torch + FastAPI load in the `node serve` process only, not in the `node start`
+    # supervisor that imports this module.
     from pollinate.client.serving import ServingError, serve
 
     if SUPERVISOR_ENV in os.environ:  # started by `node start`: die with it

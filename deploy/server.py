@@ -57,6 +57,8 @@ from pollinate.deploy.state import (
     single_instance,
     write_json,
 )
+from pollinate.server.metrics import MetricsError, MetricsRecorder, read_rounds, read_run_info
+from pollinate.server.summary import summary_table
 
 DEFAULT_ADDRESS = "127.0.0.1:9092"
 STATUS_POLL = 0.5  # metrics.db, a local file
@@ -159,8 +161,6 @@ class _RunWatch:
 
     def poll(self) -> dict[str, str] | None:
         """This run's ``run`` table (None before the ServerApp created it)."""
-        from pollinate.server.metrics import MetricsError, read_rounds, read_run_info
-
         if not (self.run_dir / "metrics.db").is_file():
             return None
         try:
@@ -442,15 +442,11 @@ def _flower_failure(state: ServerDir, run_id: int) -> str | None:
 
 
 def _finish(opts: ServerOptions, info: dict[str, str]) -> int:
-    from pollinate.server.metrics import read_rounds
-
     echo, cfg = opts.echo, opts.cfg
     status = info.get("status", "")
     if status == "finished":
         rounds = read_rounds(cfg.run_dir)
         if len(rounds) > 1:
-            from pollinate.cli import summary_table
-
             echo("")
             echo(summary_table(rounds))
         echo(f"\nrun finished; metrics: pollinate metrics {cfg.run_dir}")
@@ -472,8 +468,6 @@ def _own_error(error: str) -> str:
 
 def _stop_run(state: ServerDir, run_id: int, run_dir: Path, reason: str) -> None:
     """Ask Flower to stop the run and record it as stopped in metrics.db (best effort)."""
-    from pollinate.server.metrics import MetricsRecorder, read_run_info
-
     done = threading.Event()
 
     def stop() -> None:
@@ -497,8 +491,6 @@ def _stop_run(state: ServerDir, run_id: int, run_dir: Path, reason: str) -> None
 
 def server_status(state: ServerDir) -> dict[str, Any]:
     """What ``pollinate server status`` shows: server, nodes, run and its progress."""
-    from pollinate.server.metrics import MetricsError, read_rounds, read_run_info
-
     info = state.info()
     running = instance_running(state.info_file)
     out: dict[str, Any] = {

@@ -17,12 +17,15 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from pollinate.client.broker import (
+    BrokerError,
+    RedisBroker,
+    connect,
+    default_consumer,
+    redacted_url,
+)
 from pollinate.deploy.certs import DeployError
-
-if TYPE_CHECKING:
-    from pollinate.client.broker import RedisBroker
 
 EXIT_OK = 0
 
@@ -56,14 +59,12 @@ class StreamSettings:
 
     @property
     def consumer_name(self) -> str:
-        from pollinate.client.broker import default_consumer
-
         return self.consumer or default_consumer()
 
 
 def check_settings(s: StreamSettings) -> None:
     """One-line :class:`DeployError` for options that cannot work."""
-    from pollinate.client.store import KINDS
+    from pollinate.client.store import KINDS  # lazy: the store imports torch (see above)
 
     if s.model not in KINDS:
         raise DeployError(f"--model {s.model!r}: choose one of {', '.join(KINDS)}")
@@ -82,8 +83,6 @@ def check_settings(s: StreamSettings) -> None:
 
 def open_broker(s: StreamSettings) -> RedisBroker:
     """The broker of ``s``, reached once; a one-line :class:`DeployError` if it cannot be."""
-    from pollinate.client.broker import BrokerError, connect
-
     try:
         broker = connect(
             s.broker,
@@ -102,6 +101,8 @@ def open_broker(s: StreamSettings) -> RedisBroker:
 
 def stream_store(s: StreamSettings, echo: Callable[[str], None] = print) -> int:
     """Answer requests until a signal; the exit status."""
+    # Lazy, like torch below: only the `node stream` process scores; `node start`, which
+    # imports this module for its settings, must not load torch (the heaviest import here).
     from pollinate.client.predictor import PredictError
     from pollinate.client.streaming import HotModel, StreamConsumer, StreamOptions, model_file
 
@@ -193,6 +194,4 @@ def _log_to(echo: Callable[[str], None]) -> None:
 
 
 def _shown_url(url: str) -> str:
-    from pollinate.client.broker import redacted_url
-
     return redacted_url(url)

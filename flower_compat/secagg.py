@@ -13,6 +13,9 @@ at import (a Flower that changed them is a one-line :class:`FlowerIncompatible`)
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from flwr.client.mod import secaggplus_mod
 from flwr.common import Code, FitRes, Parameters, Status, ndarrays_to_parameters
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares
@@ -38,7 +41,7 @@ from pollinate.flower_compat._core import FlowerIncompatible, require_parameters
 
 # What each function must take: the server stages call them exactly as Flower's own
 # SecAggPlusWorkflow does (flwr/server/workflow/secure_aggregation/secaggplus_workflow.py).
-_SIGNATURES = {
+_SIGNATURES: dict[str, tuple[Callable[..., Any], tuple[str, ...]]] = {
     "secaggplus_mod": (secaggplus_mod, ("msg", "ctxt", "call_next")),
     "combine_shares": (combine_shares, ("share_list",)),
     "generate_shared_key": (generate_shared_key, ("private_key", "public_key")),

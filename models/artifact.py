@@ -27,6 +27,8 @@ from typing import Any, BinaryIO
 
 import torch
 
+from pollinate.text import one_line
+
 from .registry import MAX_PARAMETERS, FedModel, ModelSpec, create_model, state_shapes
 
 __all__ = [
@@ -240,7 +242,7 @@ def load_artifact(path: str | os.PathLike[str]) -> ModelArtifact:
     try:
         artifact = _from_payload(payload)
     except (KeyError, TypeError, ValueError) as e:
-        raise ArtifactError(f"{path} is not a valid Pollinate model file: {_one_line(e)}") from e
+        raise ArtifactError(f"{path} is not a valid Pollinate model file: {one_line(e)}") from e
 
     if weights_hash(artifact.state_dict) != artifact.content_hash:
         raise ArtifactError(f"{path} weights do not match its content hash")
@@ -291,7 +293,7 @@ def _misfit(spec: ModelSpec, state_dict: Mapping[str, torch.Tensor]) -> str | No
     try:
         expected = state_shapes(spec.name, **spec.kwargs)
     except Exception as e:  # a tampered spec may fail anywhere in a builder
-        return f"invalid model spec: {_one_line(e)}"
+        return f"invalid model spec: {one_line(e)}"
     declared = sum(math.prod(shape) for shape in expected.values())
     if declared > MAX_PARAMETERS:
         return f"it declares {declared:,} parameters, more than the {MAX_PARAMETERS:,} allowed"
@@ -346,7 +348,3 @@ def atomic_write(
         pass
     finally:
         os.close(dir_fd)
-
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split()) or type(e).__name__

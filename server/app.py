@@ -17,12 +17,15 @@ import logging
 import time
 from pathlib import Path
 
+import tomllib
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
 
 from pollinate import protocol
 from pollinate.config import RunConfig, data_spec, model_kwargs, resolve, to_toml
+from pollinate.config import flatten as flatten_tables
 from pollinate.data import load_federated_dataset
 from pollinate.models import FedModel, ModelSpec, create_model, evaluate, save_artifact
 from pollinate.models.checks import ensure_finite_model
@@ -107,10 +110,6 @@ def _comparable(cfg: RunConfig) -> dict[str, object]:
 
 
 def config_flat(toml_text: str) -> dict[str, object]:
-    import tomllib
-
-    from pollinate.config import flatten as flatten_tables
-
     return flatten_tables(tomllib.loads(toml_text))
 
 
@@ -150,6 +149,7 @@ def _federate(grid: Grid, cfg: RunConfig) -> Path:
     recorder = MetricsRecorder(run_dir)
     writer = rundir.RunWriter(lambda reason: recorder.finish("interrupted", error=reason))
     strategy = build_strategy(cfg, recorder)
+    assert isinstance(strategy, Strategy)  # UserCohorts mixed into a Flower strategy
     first = 0
     if ckpt is None:
         run_key = new_run_key()
@@ -173,7 +173,7 @@ def _federate(grid: Grid, cfg: RunConfig) -> Path:
         ensure_finite_model(flatten(weights).numpy(), f"round {server_round}'s global model")
         model.load_state_dict(weights)
         server: dict[str, float] = {}
-        if x_c is not None:
+        if x_c is not None and y_c is not None:
             stats = evaluate(model, x_c, y_c)
             server = {"loss": stats.loss, "accuracy": stats.accuracy}
         with writer.lock:

@@ -302,11 +302,19 @@ class PrivateCohorts(UserCohorts):
 
     # ------------------------------------------------------------ aggregation
     def aggregate_training(
-        self, server_round: int, exchange: Exchange, replies: list[Message], *, start: ArrayRecord
+        self,
+        server_round: int,
+        exchange: Exchange,
+        replies: list[Message],
+        *,
+        start: ArrayRecord,
+        dtype: np.dtype | None = None,
     ) -> ArrayRecord | None:
         self._dp_global[server_round] = start  # what server-side clipping clips towards
         try:
-            return super().aggregate_training(server_round, exchange, replies, start=start)
+            return super().aggregate_training(
+                server_round, exchange, replies, start=start, dtype=dtype
+            )
         finally:
             self._dp_global.pop(server_round, None)
             self._record_spent(server_round)

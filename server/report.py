@@ -32,7 +32,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import plotly.graph_objects as go
+import plotly.io as pio
 import tomllib
+from plotly.offline import get_plotlyjs
+from plotly.subplots import make_subplots
 
 from pollinate.config import default_flat, flatten
 from pollinate.data.stats import LabelCounts
@@ -42,8 +46,6 @@ from pollinate.server.metrics import MetricsError, read_clients, read_rounds, re
 
 if TYPE_CHECKING:
     import pandas as pd
-    import plotly.graph_objects as go
-
 # Keys that differ between any two runs by construction: never a run's label.
 _NOT_LABELS = ("run.dir", "store.dir", "run.name")
 # Above this many users the heatmap stops naming every one of them.
@@ -167,8 +169,6 @@ class _Page:
     charts: int = 0
 
     def chart(self, fig: go.Figure, name: str) -> str:
-        import plotly.io as pio
-
         self.charts += 1
         div = pio.to_html(
             fig,
@@ -187,8 +187,6 @@ class _Page:
 
 def render_html(runs: Sequence[RunData]) -> str:
     """The whole report page for ``runs`` (labelled), plotly.js inline."""
-    from plotly.offline import get_plotlyjs
-
     page = _Page()
     page.section("runs", "Runs", _runs_table(runs))
     page.section("summary", "Final round", _summary_table(runs))
@@ -419,8 +417,6 @@ def _config_table(runs: Sequence[RunData]) -> str:
 
 
 def _figure(title: str, x: str, y: str, height: int = 380) -> go.Figure:
-    import plotly.graph_objects as go
-
     fig = go.Figure()
     fig.update_layout(
         title=title,
@@ -452,8 +448,6 @@ def _style(runs: Sequence[RunData], i: int, metric: str, worst: bool = False) ->
 
 def _curves(page: _Page, runs: Sequence[RunData], kind: str) -> str:
     """Accuracy or loss per round: global and personal means (and worst 10%), central."""
-    import plotly.graph_objects as go
-
     fig = _figure(f"{kind.capitalize()} per round", "round", kind)
     for i, run in enumerate(runs):
         r = run.rounds
@@ -512,8 +506,6 @@ def _per_run(page: _Page, runs: Sequence[RunData], part: Callable[[_Page, RunDat
 
 
 def _box(page: _Page, run: RunData) -> str:
-    import plotly.graph_objects as go
-
     ev = run.evaluated()
     if ev.empty:
         return "<p class='note'>No per-user evaluations recorded.</p>"
@@ -540,8 +532,6 @@ def _box(page: _Page, run: RunData) -> str:
 
 def _quartile_box(ev: pd.DataFrame, metric: str) -> go.Box:
     """A box per round from precomputed quartiles (whiskers: min and max over users)."""
-    import plotly.graph_objects as go
-
     q = ev.groupby("round")[f"{metric}_accuracy"].quantile([0.0, 0.25, 0.5, 0.75, 1.0])
     q = q.unstack()
     return go.Box(
@@ -568,8 +558,6 @@ def user_gains(run: RunData) -> pd.DataFrame:
 
 
 def _gain(page: _Page, run: RunData) -> str:
-    import plotly.graph_objects as go
-
     gains = user_gains(run)
     if gains.empty:
         return "<p class='note'>No per-user evaluations recorded.</p>"
@@ -607,8 +595,6 @@ def _gain(page: _Page, run: RunData) -> str:
 
 
 def _participation(page: _Page, run: RunData) -> str:
-    import plotly.graph_objects as go
-
     r = run.rounds[run.rounds["round"] > 0]
     if r.empty:
         return "<p class='note'>No rounds recorded.</p>"
@@ -676,9 +662,6 @@ def sampled_for_training(run: RunData) -> int | None:
 
 
 def _cost(page: _Page, runs: Sequence[RunData]) -> str:
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-
     fig = make_subplots(
         rows=1, cols=2, subplot_titles=("Model bytes per round (MB)", "Seconds per round")
     )
@@ -745,8 +728,6 @@ def _data_splits(page: _Page, runs: Sequence[RunData]) -> str:
 
 
 def _data_split(page: _Page, run: RunData) -> str:
-    import plotly.graph_objects as go
-
     split = run.split
     if split is None:
         reason = html.escape(str(run.split_meta.get("reason", "not recorded")))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import signal
 import socket
 import threading
 import time
@@ -260,6 +261,8 @@ def earlier_run(run_dir: Path) -> str | None:
     """A description of the run recorded in ``run_dir`` ("finished run, 10/10 rounds")."""
     if not (run_dir / "metrics.db").is_file():
         return None
+    # Lazy: the metrics database imports this module (effective_status); both ways at
+    # module level would be an import cycle (tests/test_layout.py lists this pair).
     from pollinate.server.metrics import read_rounds, read_run_info
 
     try:
@@ -286,7 +289,7 @@ def prepare(run_dir: Path, *, resume: bool, overwrite: bool, dry_run: bool = Fal
     Raises RunDirError, one line saying what to pass instead.
     """
     if resume:
-        from pollinate.server.checkpoint import CHECKPOINT
+        from pollinate.server.checkpoint import CHECKPOINT  # lazy: it imports torch
 
         if not (run_dir / CHECKPOINT).is_file():
             raise RunDirError(
@@ -364,8 +367,6 @@ def stop_signals() -> Iterator[None]:
     the metrics and the checkpoint. Only the main thread may install handlers; elsewhere
     this does nothing.
     """
-    import signal
-
     if threading.current_thread() is not threading.main_thread():
         yield
         return

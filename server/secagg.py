@@ -318,7 +318,7 @@ def _check_threshold(state: _Round, stage: str) -> None:
 
 def _setup(grid: Grid, state: _Round, settings: SecAggSettings, timeout: float | None) -> None:
     """Stage 0: send the protocol's parameters; collect each node's two public keys."""
-    config = dict(
+    config: dict[str, Any] = dict(
         {
             Key.STAGE: Stage.SETUP,
             Key.SAMPLE_NUMBER: len(state.sent),
@@ -332,7 +332,7 @@ def _setup(grid: Grid, state: _Round, settings: SecAggSettings, timeout: float |
         }
     )
     # One record per node: Flower's mod takes the stage out of the record it is given.
-    records = {nid: {RECORD_KEY_CONFIGS: ConfigRecord(config)} for nid in state.active}
+    records = {nid: {RECORD_KEY_CONFIGS: ConfigRecord(cast(Any, config))} for nid in state.active}
     for reply in _exchange(grid, state, Stage.SETUP, records, timeout):
         keys = reply.content.config_records[RECORD_KEY_CONFIGS]
         pk1, pk2 = cast(bytes, keys[Key.PUBLIC_KEY_1]), cast(bytes, keys[Key.PUBLIC_KEY_2])

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import cast
 from uuid import uuid4
 
 from flwr.app import Context, Message, RecordDict
+from flwr.serverapp import Grid
 
 from pollinate import protocol
 from pollinate.config import RunConfig
@@ -37,7 +39,7 @@ class InProcessGrid:
             node_id: Context(
                 run_id=1,
                 node_id=node_id,
-                node_config=protocol.simulated_node_config(p, num_nodes),
+                node_config={**protocol.simulated_node_config(p, num_nodes)},
                 state=RecordDict(),
                 run_config={},
             )
@@ -71,5 +73,6 @@ def run_in_process(cfg: RunConfig, num_nodes: int | None = None) -> Path:
 
     nodes = num_nodes or cfg.simulation.num_nodes or 1
     # Flower stamps every new Message with the running task's identity.
+    # Duck-typed: InProcessGrid has the two Grid methods a round calls, not the rest.
     with task_identity(run_id=1, task_id=1, node_id=1):
-        return run_federation(InProcessGrid(nodes), cfg)
+        return run_federation(cast(Grid, InProcessGrid(nodes)), cfg)

@@ -25,13 +25,14 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+
+import pandas as pd
 
 from pollinate import config
-from pollinate.config import ConfigError, RunConfig
-
-if TYPE_CHECKING:
-    import pandas as pd
+from pollinate.config import ConfigError, RunConfig, data_spec
+from pollinate.server.metrics import MetricsError, read_rounds
+from pollinate.server.tables import format_table
+from pollinate.simulation.engine import count_users
 
 # Keys the sweep sets itself for every run.
 RESERVED = {"run.dir": "each run's folder", "run.name": "each run's name"}
@@ -147,9 +148,6 @@ def plan_sweep(
 
 def _check_data(config_path: str | Path, runs: Sequence[SweepRun]) -> None:
     """Load each distinct dataset once, so a data error stops the sweep before it starts."""
-    from pollinate.config import data_spec
-    from pollinate.simulation.engine import count_users
-
     seen: set[object] = set()
     for run in runs:
         cfg: RunConfig = config.load(config_path, run.overrides)
@@ -269,8 +267,6 @@ def _progress_line(done: int, total: int, run: SweepRun, logs: Path) -> str:
 
 def final_metrics(run_dir: Path) -> dict[str, float]:
     """The last round's accuracies of a finished run (NaN where not measured)."""
-    from pollinate.server.metrics import MetricsError, read_rounds
-
     try:
         rounds = read_rounds(run_dir)
     except MetricsError:
@@ -283,8 +279,6 @@ def final_metrics(run_dir: Path) -> dict[str, float]:
 
 def runs_table(runs: Sequence[SweepRun]) -> pd.DataFrame:
     """One row per run: the grid point, seed, status, seconds and final accuracies."""
-    import pandas as pd
-
     rows = []
     for run in runs:
         row: dict[str, object] = {**run.point, "seed": run.seed, "status": run.status}
@@ -298,8 +292,6 @@ def runs_table(runs: Sequence[SweepRun]) -> pd.DataFrame:
 
 def comparison_table(runs: Sequence[SweepRun], keys: Sequence[str]) -> pd.DataFrame:
     """One row per grid point: runs finished of all, mean and std over seeds of each metric."""
-    import pandas as pd
-
     per_run = runs_table(runs)
     rows = []
     group_keys = [k for k in keys if k != "run.seed"]
@@ -319,8 +311,6 @@ def comparison_table(runs: Sequence[SweepRun], keys: Sequence[str]) -> pd.DataFr
 
 def format_comparison(table: pd.DataFrame, keys: Sequence[str]) -> str:
     """The comparison as printed: ``0.9617 ± 0.0031`` per metric, std left out for 1 seed."""
-    from pollinate.server.tables import format_table
-
     shown = table[[k for k in keys if k in table.columns] + ["runs"]].copy()
     for short in FINAL_METRICS.values():
         mean, std = table[f"{short}_mean"], table[f"{short}_std"]

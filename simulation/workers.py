@@ -29,7 +29,6 @@ import os
 import signal
 import sys
 import threading
-import traceback
 import types
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -37,6 +36,8 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from queue import Queue
 from typing import TYPE_CHECKING, Any
+
+from pollinate.text import one_line
 
 if TYPE_CHECKING:
     from flwr.app import Context, Message
@@ -81,7 +82,10 @@ def _serve(
     except Exception as err:
         # Every message gets the reason as its error reply (the run reports it), instead of
         # a worker that dies on each start and tells nothing.
-        app, load_error = None, f"could not load the ClientApp {app_ref}: " + _one_line(err)
+        app, load_error = (
+            None,
+            f"could not load the ClientApp {app_ref}: " + one_line(err, with_type=True),
+        )
     while True:
         try:
             job = conn.recv()
@@ -97,7 +101,7 @@ def _serve(
             with filled_run_config(context, run_config):
                 reply = app(message=message, context=context)
         except Exception as err:
-            conn.send((None, None, _one_line(err)))
+            conn.send((None, None, one_line(err, with_type=True)))
         else:
             conn.send((reply, context, None))
 
@@ -118,10 +122,6 @@ def filled_run_config(context: Context, run_config: dict[str, Any]) -> Iterator[
     finally:
         context.run_config.clear()
         context.run_config.update(own)
-
-
-def _one_line(err: BaseException) -> str:
-    return " ".join("".join(traceback.format_exception_only(type(err), err)).split())
 
 
 @contextmanager

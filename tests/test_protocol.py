@@ -7,7 +7,7 @@ import ast
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
 from pollinate import protocol
 
@@ -182,13 +182,13 @@ def test_a_train_reply_reads_back_as_built() -> None:
     update = protocol.weights_record(torch.ones(2))
     reply = protocol.TrainReply(
         metrics={
-            "a": MetricRecord(protocol.train_metrics(5, 0.5)),
-            "b": MetricRecord(protocol.train_metrics(0, 0.0)),
+            "a": protocol.metric_record(protocol.train_metrics(5, 0.5)),
+            "b": protocol.metric_record(protocol.train_metrics(0, 0.0)),
         },
         updates={"a": update},
         rejected={"b": "num-examples 0"},
         evaluation=protocol.EvaluateReply(
-            {"c": MetricRecord(protocol.evaluate_metrics(4, 0.1, 0.9, 0.2, 0.8))}
+            {"c": protocol.metric_record(protocol.evaluate_metrics(4, 0.1, 0.9, 0.2, 0.8))}
         ),
     )
     got = protocol.read_train_reply(protocol.train_content(reply))
@@ -202,9 +202,9 @@ def test_a_train_reply_reads_back_as_built() -> None:
 
 def test_a_cohort_mean_reply_and_a_query_reply() -> None:
     reply = protocol.TrainReply(
-        metrics={"a": MetricRecord(protocol.train_metrics(5, 0.5))},
+        metrics={"a": protocol.metric_record(protocol.train_metrics(5, 0.5))},
         mean=protocol.weights_record(torch.zeros(2)),
-        mean_metrics=MetricRecord(protocol.train_metrics(5, 0.5)),
+        mean_metrics=protocol.metric_record(protocol.train_metrics(5, 0.5)),
     )
     content = protocol.train_content(reply)
     # What Flower's aggregate reads: exactly one arrays and one metrics record by its keys.

@@ -243,7 +243,8 @@ def test_a_held_folder_is_refused_naming_the_holder_and_free_once_it_dies(
         )
         err = capsys.readouterr().err
         assert f"pid {proc.pid}" in err and "in use by another run" in err
-        assert rundir.holder(run_dir)["pid"] == proc.pid
+        holder = rundir.holder(run_dir)
+        assert holder is not None and holder["pid"] == proc.pid
     finally:
         proc.kill()
         proc.wait()

@@ -187,7 +187,8 @@ def test_state_versions_are_pruned_and_kept_per_run(tmp_path: Path) -> None:
     kept = sorted(p.name for p in (tmp_path / "u" / ".state" / "a1").iterdir())
     # Newest at or before round 6 - 2, and everything after it: a resume needs no older.
     assert kept == ["personal-000004.pt", "personal-000005.pt", "personal-000006.pt"]
-    assert store.load_state("u", run_key="a1", before=5).round == 4
+    state = store.load_state("u", run_key="a1", before=5)
+    assert state is not None and state.round == 4
     assert store.load_state("u", run_key="b2", before=9) is None  # another run sees none
     store.save_state("u", run_key="b2", round=1, spec=spec, state_dict=weights)
     assert not (tmp_path / "u" / ".state" / "a1").exists()  # a new run replaces the old

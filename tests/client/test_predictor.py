@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -107,7 +108,7 @@ def test_concurrent_predictions_agree(store: Path) -> None:
         (np.ones((2, 2, F)), "shape (rows, 8)"),
     ],
 )
-def test_bad_features_are_one_line_errors(store: Path, x: object, needle: str) -> None:
+def test_bad_features_are_one_line_errors(store: Path, x: Any, needle: str) -> None:
     model = load_model(store)
     with pytest.raises(PredictError) as err:
         model.predict(x)
@@ -126,9 +127,9 @@ def test_load_model_errors(tmp_path: Path) -> None:
     one_line(err, "no models stored yet")
 
     save(tmp_path, "alice", "global")
-    with pytest.raises(PredictError) as err:
+    with pytest.raises(PredictError) as bad:
         load_model(tmp_path, "best")
-    one_line(err, "unknown model 'best'", "global, personal")
+    one_line(bad, "unknown model 'best'", "global, personal")
     with pytest.raises(NoModelError) as err:
         load_model(tmp_path, "personal")
     one_line(err, "no personal model stored yet for user 'alice'")
@@ -137,9 +138,9 @@ def test_load_model_errors(tmp_path: Path) -> None:
     one_line(err, "user 'bob' has no models", "alice")
 
     save(tmp_path, "bob", "global")
-    with pytest.raises(PredictError) as err:
+    with pytest.raises(PredictError) as bad:
         load_model(tmp_path, "global")
-    one_line(err, "holds 2 users (alice, bob)", "user=")
+    one_line(bad, "holds 2 users (alice, bob)", "user=")
     assert load_model(tmp_path, "global", user="bob").user == "bob"
 
 
@@ -263,7 +264,7 @@ def write(path: Path, df: pd.DataFrame) -> Path:
     ],
 )
 def test_predict_file_bad_input(
-    store: Path, tmp_path: Path, make: object, kwargs: dict[str, str], needle: str
+    store: Path, tmp_path: Path, make: object, kwargs: dict[str, Any], needle: str
 ) -> None:
     src = make(tmp_path)  # type: ignore[operator]
     out = tmp_path / "out" / "scores.csv"

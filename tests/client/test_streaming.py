@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -366,7 +366,7 @@ class CountingBroker:
         self.read_sizes.append(len(got))
         return got
 
-    def answer(self, replies: list[Reply]) -> list[bool]:
+    def answer(self, replies: Sequence[Reply]) -> list[bool]:
         self.pending_at_answer.append(int(self.r.xpending(REQ, GROUP)["pending"]))
         return self.inner.answer(replies)
 

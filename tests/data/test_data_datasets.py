@@ -180,7 +180,7 @@ class _HugeLognormal:
 
 
 def test_synthetic_sample_count_is_capped() -> None:
-    x, y = generate_user(_HugeLognormal(), 1.0, 1.0)
+    x, y = generate_user(_HugeLognormal(), 1.0, 1.0)  # type: ignore[arg-type]  # a fake rng
     assert len(y) == len(x) == SYNTHETIC_MAX_SAMPLES
 
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -26,7 +27,7 @@ def _write(df: pd.DataFrame, path: Path) -> str:
     return str(path)
 
 
-def _load(path: str, **kw: object) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def _load(path: str, **kw: Any) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return load_user_file(path, user_column="user", label_column="label", **kw)
 
 

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from pollinate.data import DataSpec, load_federated_dataset
@@ -35,7 +37,7 @@ def test_defaults_are_valid() -> None:
         ({"label_column": "user"}, ("different columns",)),
     ],
 )
-def test_bad_spec(changes: dict[str, object], needles: tuple[str, ...], data_error) -> None:
+def test_bad_spec(changes: dict[str, Any], needles: tuple[str, ...], data_error) -> None:
     spec = DataSpec(**changes)
     with data_error(*needles):
         spec.validate()

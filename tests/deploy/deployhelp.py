@@ -14,6 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import tomli_w
 
 from pollinate.data.examples import write_digits_user_files
 from pollinate.deploy.certs import create_certs, create_node_key
@@ -137,13 +138,8 @@ class Deployment:
         return create_node_key(self.root / "keys", name).private
 
     def write_config(self, name: str, **sections: dict[str, object]) -> Path:
-        lines = []
-        for section, values in sections.items():
-            lines.append(f"[{section}]")
-            for key, value in values.items():
-                lines.append(f"{key} = {_toml(value)}")
         path = self.root / f"{name}.toml"
-        path.write_text("\n".join(lines) + "\n")
+        path.write_text(tomli_w.dumps(sections))
         return path
 
     def server_argv(self, config: Path, port: int, *extra: str) -> list[str]:
@@ -165,14 +161,6 @@ class Deployment:
         if key is None:
             return [*argv, "--insecure"]
         return [*argv, "--key", str(key), "--root-cert", str(self.certs / "ca.crt")]
-
-
-def _toml(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return f'"{value}"'
-    return repr(value)
 
 
 def write_device_files(root: Path, num: int, rows: int = 120) -> list[Path]:

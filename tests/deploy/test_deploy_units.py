@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from starlette.types import Receive, Scope, Send
 
 from pollinate.config import ConfigError, RunConfig, default_flat, resolve
 from pollinate.deploy.appdir import pyproject_text, write_app_dir
@@ -180,9 +181,9 @@ def test_refusal_lines_become_messages(tmp_path: Path) -> None:
 
 
 def test_admin_apis_answer_only_loopback() -> None:
-    async def app(scope: dict, receive: object, send: object) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": []})  # type: ignore[operator]
-        await send({"type": "http.response.body", "body": b"inner"})  # type: ignore[operator]
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"inner"})
 
     async def call(client: str, path: str, server: str = "link") -> int:
         transport = httpx.ASGITransport(app=LoopbackAdmin(app), client=(client, 5000))
@@ -288,12 +289,12 @@ def test_send_and_receive_picks_replies_up_within_tens_of_ms() -> None:
 
     grid = FakeGrid(delay=0.3)
     start = time.monotonic()
-    replies = send_and_receive(grid, [Msg(), Msg()], timeout=10)
+    replies = send_and_receive(grid, [Msg(), Msg()], timeout=10)  # type: ignore[arg-type,list-item]
     took = time.monotonic() - start
     assert len(replies) == 2 and took < 0.5  # Flower's own loop: >= 3 s
     grid = FakeGrid(delay=60)
     start = time.monotonic()
-    assert send_and_receive(grid, [Msg()], timeout=0.5) == []
+    assert send_and_receive(grid, [Msg()], timeout=0.5) == []  # type: ignore[arg-type,list-item]
     assert time.monotonic() - start < 1.0
 
 

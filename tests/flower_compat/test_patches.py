@@ -8,7 +8,7 @@ import logging
 import threading
 from collections.abc import Iterator
 from queue import Empty, Queue
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from flwr.server.superlink.fleet.vce import vce_api
@@ -200,8 +200,8 @@ def test_the_runtime_refuses_a_changed_engine_entry(monkeypatch: pytest.MonkeyPa
     )
     with pytest.raises(fc.FlowerIncompatible) as err:
         runtime.run_runtime(
-            None,
-            None,
+            cast(Any, None),
+            cast(Any, None),
             num_nodes=1,
             backend_name="local",
             backend_config={},

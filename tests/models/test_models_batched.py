@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from pollinate.models import TrainConfig, available_models, create_model, head_keys, train
+from pollinate.models import FedModel, TrainConfig, available_models, create_model, head_keys, train
 from pollinate.models.batched import NotBatchable, StackedUser, train_stacked
 
 # float32 sums in another order: differences stay at rounding level over a few dozen steps.
@@ -24,7 +24,7 @@ def _users(sizes: list[int], seed: int = 0) -> list[tuple[torch.Tensor, torch.Te
     ]
 
 
-def _model(name: str, seed: int = 0) -> nn.Module:
+def _model(name: str, seed: int = 0) -> FedModel:
     torch.manual_seed(seed)
     return create_model(
         name, in_features=IN_FEATURES, num_classes=NUM_CLASSES, **MODEL_KWARGS.get(name, {})
@@ -149,7 +149,7 @@ def test_trained_users_really_moved() -> None:
 
 def test_model_with_buffers_is_not_batchable() -> None:
     model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
-    start = {k: v for k, v in model.named_parameters()}
+    start: dict[str, torch.Tensor] = dict(model.named_parameters())
     user = StackedUser(x=torch.randn(4, 4), y=torch.zeros(4, dtype=torch.long), start=start)
     with pytest.raises(NotBatchable, match="buffers"):
         train_stacked(model, [user], TrainConfig())

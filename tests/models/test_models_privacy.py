@@ -63,7 +63,7 @@ def test_a_private_step_clips_every_example_to_c() -> None:
     # The mean of 32 vectors of norm <= C has norm <= C; unclipped they are far larger.
     assert norm <= 0.5 + 1e-6
     raw = per_example_gradients(model, names, x, y)
-    raw_norms = torch.sqrt(sum(v.flatten(1).pow(2).sum(1) for v in raw.values()))
+    raw_norms = torch.sqrt(sum((v.flatten(1).pow(2).sum(1) for v in raw.values()), torch.zeros(())))
     assert float(raw_norms.min()) > 5 * 0.5
 
 

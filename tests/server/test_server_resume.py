@@ -82,7 +82,7 @@ def run_with_crash(cfg: config.RunConfig, nodes: int, at: int) -> None:
     from pollinate.server.app import run_federation
 
     with pytest.raises(Crash):
-        run_federation(CrashingGrid(nodes, at), cfg)
+        run_federation(CrashingGrid(nodes, at), cfg)  # type: ignore[arg-type]  # a duck-typed fake Grid
 
 
 def assert_same_run(ref: Path, cut: Path) -> None:

@@ -37,7 +37,7 @@ def answer(msg: Message) -> Message:
     for u in ask.users or []:
         w, n = UPDATES[u]
         reply.updates[u] = ArrayRecord({"w": torch.from_numpy(w)})
-        reply.metrics[u] = MetricRecord(protocol.train_metrics(n, 1.0))
+        reply.metrics[u] = protocol.metric_record(protocol.train_metrics(n, 1.0))
     return Message(protocol.train_content(reply), reply_to=msg)
 
 
@@ -224,7 +224,7 @@ def test_waiting_for_nodes_times_out_with_a_clear_message() -> None:
             return []
 
     with pytest.raises(NodeWaitTimeout, match="only 0 of the 2 nodes required"):
-        wait_for_nodes(Empty(), 2, timeout=0.3)
+        wait_for_nodes(Empty(), 2, timeout=0.3)  # type: ignore[arg-type]  # a duck-typed fake Grid
 
 
 # ------------------------------------------------- evaluation and next training folded

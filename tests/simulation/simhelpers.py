@@ -35,7 +35,7 @@ def small_config(run_dir: Path, **overrides: object) -> config.RunConfig:
 def run_in_process(cfg: config.RunConfig, num_nodes: int) -> tuple[Path, InProcessGrid]:
     """The federation run in this process; also returns the grid, to inspect its messages."""
     grid = InProcessGrid(num_nodes)
-    return run_federation(grid, cfg), grid
+    return run_federation(grid, cfg), grid  # type: ignore[arg-type]  # a duck-typed fake Grid
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:

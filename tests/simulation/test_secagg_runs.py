@@ -57,16 +57,12 @@ class RecordingGrid(InProcessGrid):
 
 
 def _run(tmp: Path, grid: InProcessGrid, **overrides: Any) -> Path:
-    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.serverapp import Grid
 
-    keys = ("_run_id", "_task_id", "_node_id")
-    saved = {k: getattr(TaskIdentity, k) for k in keys}
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
-    try:
-        return run_federation(grid, small_config(tmp, **overrides))
-    finally:
-        for key, value in saved.items():
-            setattr(TaskIdentity, key, value)
+    from pollinate.flower_compat.identity import task_identity
+
+    with task_identity(run_id=1, task_id=1, node_id=1):
+        return run_federation(cast(Grid, grid), small_config(tmp, **overrides))
 
 
 @pytest.fixture

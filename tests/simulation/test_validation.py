@@ -152,7 +152,7 @@ def _hostile_run(
     grid = HostileGrid(USERS, users, tamper)
     from pollinate.server.app import run_federation
 
-    return run_federation(grid, _config(tmp_path / "run", **overrides)), grid
+    return run_federation(grid, _config(tmp_path / "run", **overrides)), grid  # type: ignore[arg-type]  # a duck-typed fake Grid
 
 
 def _assert_victim_rejected(run_dir: Path, phrase: str) -> None:
@@ -273,7 +273,7 @@ def _attack_run(tmp_path: Path, num_nodes: int, **overrides: object) -> tuple[Pa
     from pollinate.server.app import run_federation
 
     grid = HostileGrid(num_nodes, (), None)
-    return run_federation(grid, _config(tmp_path / "run", **overrides)), grid
+    return run_federation(grid, _config(tmp_path / "run", **overrides)), grid  # type: ignore[arg-type]  # a duck-typed fake Grid
 
 
 def _rejected_by_node(grid: HostileGrid) -> dict[str, str]:
@@ -291,7 +291,7 @@ def test_a_node_rejects_a_bad_user_before_averaging_its_cohort(
     run_dir, grid = _attack_run(tmp_path, 1, **attack)  # one node hosts all five users
     train = [m for m in grid.sent if m.metadata.message_type == "train"]
     assert train and all(m.content["config"]["node-mean"] for m in train)
-    (attacker,) = {str(u) for m in train for u in m.content["config"]["attack-users"]}
+    (attacker,) = {str(u) for m in train for u in m.content["config"]["attack-users"]}  # type: ignore[union-attr]
     by_node = _rejected_by_node(grid)
     assert list(by_node) == [attacker] and "NaN" in by_node[attacker]
     clients = read_clients(run_dir)
@@ -319,7 +319,7 @@ def test_norm_bounds_reject_a_scaled_update(
     attack = {"attack.kind": "scaling", "attack.fraction": 0.2, "attack.scale": 100.0}
     run_dir, grid = _attack_run(tmp_path, 1, **{"strategy.name": name, **attack, **bound})
     train = [m for m in grid.sent if m.metadata.message_type == "train"]
-    (attacker,) = {str(u) for m in train for u in m.content["config"]["attack-users"]}
+    (attacker,) = {str(u) for m in train for u in m.content["config"]["attack-users"]}  # type: ignore[union-attr]
     assert all(bool(m.content["config"].get("node-mean")) == (where == "node") for m in train)
     clients = read_clients(run_dir)
     rejected = clients[clients["rejected_reason"].notna()]
@@ -341,7 +341,7 @@ def test_without_a_bound_the_scaled_update_gets_through(tmp_path: Path) -> None:
 
 def _sent_attackers(grid: InProcessGrid) -> list[tuple[int, list[str]]]:
     return [
-        (int(m.content["config"]["server-round"]), sorted(m.content["config"]["attack-users"]))
+        (int(m.content["config"]["server-round"]), sorted(m.content["config"]["attack-users"]))  # type: ignore[arg-type]
         for m in grid.sent
         if m.metadata.message_type == "train"
     ]

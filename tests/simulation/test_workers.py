@@ -63,7 +63,7 @@ def test_messages_run_in_parallel_on_different_workers(pool: WorkerPool) -> None
     def call() -> None:
         barrier.wait()
         reply, _ = pool.run(message("count"), context())
-        pids.append(int(reply.content["metrics"]["pid"]))
+        pids.append(int(reply.content["metrics"]["pid"]))  # type: ignore[arg-type]
 
     threads = [threading.Thread(target=call) for _ in range(2)]
     for t in threads:
