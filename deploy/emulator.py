@@ -41,7 +41,6 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.app import Context, Message, RecordDict
 from flwr.app.error import Error
-from flwr.common.constant import ErrorCode
 
 from pollinate.flower_compat import fleet
 
@@ -381,7 +380,7 @@ class Emulator:
         except Exception as err:  # an error reply, as a SuperNode sends for a failed app
             self.stats.count_app_error()
             log.warning("device %s: ClientApp raised %r", device.spec.node_config, err)
-            error = Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=repr(err))
+            error = Error(code=fleet.ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=repr(err))
             return Message(error, reply_to=message)
 
     def _push(self, device: _Device, reply: Message, run_id: int, runtime: float) -> None:

@@ -23,7 +23,7 @@ from __future__ import annotations
 from typing import Any
 
 from flwr.app.message import Message, remove_content_from_message
-from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL
+from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, ErrorCode
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.proto.control_pb2 import RegisterNodeRequest
 from flwr.proto.fab_pb2 import GetFabRequest
@@ -127,6 +127,7 @@ __all__ = [
     "HEARTBEAT_DEFAULT_INTERVAL",
     "ActivateNodeRequest",
     "DeactivateNodeRequest",
+    "ErrorCode",
     "FleetHttpClient",
     "GetFabRequest",
     "GetRunRequest",

@@ -45,9 +45,9 @@ from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideFixedClipping,
     Strategy,
 )
-from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT, compute_stdv
 
 from pollinate import protocol
+from pollinate.flower_compat.dp import KEY_CLIPPING_NORM, KEY_NORM_BIT, compute_stdv
 from pollinate.models.privacy import composed_epsilon, noise_for_epsilon
 from pollinate.privacy_options import PrivacyOptions, default_delta
 from pollinate.server.rounds import Exchange, Sample, UserCohorts
