@@ -42,6 +42,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.app import Context, Message, RecordDict
 from flwr.app.error import Error
 
+from pollinate import protocol
 from pollinate.flower_compat import fleet
 
 log = logging.getLogger("pollinate.emulator")
@@ -439,7 +440,7 @@ def device_specs(root: Path, num: int, *, keys: bool, rows: int = 40) -> list[De
     specs = []
     for i, data in enumerate(write_device_files(root / "data", num, rows)):
         key = create_node_key(root / "keys", f"device{i}").private if keys else None
-        config = {"data-file": str(data), "model-dir": str(root / "models" / f"device{i}")}
+        config = protocol.device_node_config(str(data), str(root / "models" / f"device{i}"))
         specs.append(DeviceSpec(key, config))
     return specs
 

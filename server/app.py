@@ -44,7 +44,8 @@ from pollinate.server.datasplit import DATA_SPLIT_NAME, start_data_split
 from pollinate.server.grid import is_deployed, responsive
 from pollinate.server.metrics import MetricsRecorder
 from pollinate.server.secagg import secure_grid
-from pollinate.server.strategy import UserCohorts, build_strategy
+from pollinate.server.strategies import build_strategy
+from pollinate.server.strategy import UserCohorts
 from pollinate.server.tracking import open_tracking
 
 app = ServerApp()

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pollinate import protocol
+from pollinate.server.runlock import effective_status
 
 if TYPE_CHECKING:  # imported by the readers only (1.1 s): the ServerApp's start-up does without
     import pandas as pd
@@ -367,8 +368,6 @@ def read_clients(run_dir: str | Path) -> pd.DataFrame:
 
 def read_run_info(run_dir: str | Path) -> dict[str, str]:
     """The ``run`` table; a ``running`` run whose process is gone reads ``interrupted``."""
-    from pollinate.server.rundir import effective_status
-
     with _connect_ro(run_dir) as db:
         info = dict(db.execute("SELECT key, value FROM run").fetchall())
     if "status" in info:

@@ -23,8 +23,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from pollinate.config import RunConfig
-from pollinate.registry import Option, Options, Range, Registry
+from pollinate.config import ConfigError, RunConfig
+from pollinate.registry import Option, Options, Range, Registry, UnknownNameError
+from pollinate.server.metrics import MetricsRecorder
+from pollinate.server.privacy import with_privacy
+from pollinate.server.rounds import CohortSettings
 from pollinate.server.strategy import (
     CohortBulyan,
     CohortFedAdam,
@@ -38,7 +41,7 @@ from pollinate.server.strategy import (
     UserCohorts,
 )
 
-__all__ = ["STRATEGIES", "StrategyEntry", "register_strategy"]
+__all__ = ["STRATEGIES", "StrategyEntry", "build_strategy", "register_strategy"]
 
 #: ``build(common, options, cfg)``: the strategy, configured once by its constructor.
 StrategyBuilder = Callable[[dict[str, Any], Options, RunConfig], UserCohorts]
@@ -222,3 +225,27 @@ def _multikrum(common: dict[str, Any], o: Options, cfg: RunConfig) -> UserCohort
 )
 def _bulyan(common: dict[str, Any], o: Options, cfg: RunConfig) -> UserCohorts:
     return CohortBulyan(**common, num_malicious_nodes=o.integer("krum-byzantine"))
+
+
+def build_strategy(cfg: RunConfig, recorder: MetricsRecorder | None = None) -> UserCohorts:
+    """The configured Flower strategy, over users."""
+    s = cfg.strategy
+    common: dict[str, Any] = {
+        "fraction_train": s.fraction_train,
+        "fraction_evaluate": s.fraction_evaluate,
+        "cohorts": CohortSettings.from_config(cfg),
+        "recorder": recorder,
+    }
+    try:
+        entry = STRATEGIES.get(s.name)
+    except UnknownNameError as err:  # config.resolve refuses it first; a hand-built one not
+        raise ConfigError(str(err)) from None
+    strategy = entry.build(common, s.options, cfg)
+    if cfg.privacy.secure_aggregation and not strategy.mean_of_updates:
+        # A registered strategy beyond config.py's list of the robust built-ins.
+        raise ConfigError(
+            f"strategy.name = '{s.name}' does not aggregate by the weighted mean of the "
+            "updates, the only aggregate privacy.secure-aggregation can compute; use fedavg "
+            "or turn secure aggregation off"
+        )
+    return with_privacy(strategy, cfg.privacy, seed=cfg.run.seed, num_rounds=cfg.run.num_rounds)

@@ -8,7 +8,6 @@ end, is :meth:`UserCohorts.run <pollinate.server.rounds.UserCohorts.run>`.
 from __future__ import annotations
 
 import gc
-from typing import Any
 
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import (
@@ -23,17 +22,13 @@ from flwr.serverapp.strategy import (
     MultiKrum,
 )
 
-from pollinate.config import ConfigError, RunConfig
-from pollinate.registry import UnknownNameError
 from pollinate.server.failures import error_reason
-from pollinate.server.metrics import MetricsRecorder
 from pollinate.server.rounds import CohortSettings, NodeWaitTimeout, UserCohorts, wait_for_nodes
 
 __all__ = [
     "CohortSettings",
     "NodeWaitTimeout",
     "UserCohorts",
-    "build_strategy",
     "error_reason",
     "wait_for_nodes",
 ]
@@ -108,32 +103,3 @@ class CohortBulyan(UserCohorts, Bulyan):
             return super()._aggregate_updates(server_round, updates)
         finally:
             gc.unfreeze()
-
-
-def build_strategy(cfg: RunConfig, recorder: MetricsRecorder | None = None) -> UserCohorts:
-    """The configured Flower strategy, over users."""
-    s = cfg.strategy
-    common: dict[str, Any] = {
-        "fraction_train": s.fraction_train,
-        "fraction_evaluate": s.fraction_evaluate,
-        "cohorts": CohortSettings.from_config(cfg),
-        "recorder": recorder,
-    }
-    # The registry imports this module's Cohort classes: imported here, not at the top.
-    from pollinate.server.strategies import STRATEGIES
-
-    try:
-        entry = STRATEGIES.get(s.name)
-    except UnknownNameError as err:  # config.resolve refuses it first; a hand-built one not
-        raise ConfigError(str(err)) from None
-    strategy = entry.build(common, s.options, cfg)
-    if cfg.privacy.secure_aggregation and not strategy.mean_of_updates:
-        # A registered strategy beyond config.py's list of the robust built-ins.
-        raise ConfigError(
-            f"strategy.name = '{s.name}' does not aggregate by the weighted mean of the "
-            "updates, the only aggregate privacy.secure-aggregation can compute; use fedavg "
-            "or turn secure aggregation off"
-        )
-    from pollinate.server.privacy import with_privacy  # it builds on this module
-
-    return with_privacy(strategy, cfg.privacy, seed=cfg.run.seed, num_rounds=cfg.run.num_rounds)

@@ -32,8 +32,8 @@ from pollinate.data import (
 )
 from pollinate.models import MODELS, create_model, register_model
 from pollinate.registry import Option, Options, Range, Registry
-from pollinate.server.strategies import STRATEGIES, register_strategy
-from pollinate.server.strategy import CohortFedAvg, UserCohorts, build_strategy
+from pollinate.server.strategies import STRATEGIES, build_strategy, register_strategy
+from pollinate.server.strategy import CohortFedAvg, UserCohorts
 
 ROOT = Path(__file__).resolve().parents[1]
 ALL: tuple[Registry[Any], ...] = (MODELS, DATASETS, STRATEGIES, METHODS)

@@ -18,7 +18,7 @@ import torch
 
 from pollinate.cli import main
 from pollinate.models import load_artifact
-from pollinate.server import rundir
+from pollinate.server import rundir, runlock
 from pollinate.server.metrics import read_clients, read_rounds, read_run_info
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -221,8 +221,8 @@ def test_every_user_failing_every_round_is_a_failed_run(tmp_path: Path) -> None:
 def holder_process(run_dir: Path) -> subprocess.Popen[str]:
     """Another process holding ``run_dir``'s lock, as a running run does."""
     code = (
-        "import sys, pathlib; from pollinate.server import rundir; "
-        f"rundir.acquire(pathlib.Path({str(run_dir)!r})); print('held', flush=True); "
+        "import sys, pathlib; from pollinate.server import runlock; "
+        f"runlock.acquire(pathlib.Path({str(run_dir)!r})); print('held', flush=True); "
         "sys.stdin.read()"
     )
     proc = subprocess.Popen(
@@ -243,12 +243,12 @@ def test_a_held_folder_is_refused_naming_the_holder_and_free_once_it_dies(
         )
         err = capsys.readouterr().err
         assert f"pid {proc.pid}" in err and "in use by another run" in err
-        holder = rundir.holder(run_dir)
+        holder = runlock.holder(run_dir)
         assert holder is not None and holder["pid"] == proc.pid
     finally:
         proc.kill()
         proc.wait()
-    assert rundir.holder(run_dir) is None  # the kernel dropped the lock with the process
+    assert runlock.holder(run_dir) is None  # the kernel dropped the lock with the process
 
 
 def test_running_with_a_dead_holder_reads_interrupted(

@@ -26,7 +26,7 @@ from pollinate.models import create_model
 from pollinate.models.flat import flatten
 from pollinate.models.privacy import clip_update, epsilon
 from pollinate.server.privacy import PrivateCohorts
-from pollinate.server.strategy import build_strategy
+from pollinate.server.strategies import build_strategy
 
 P = 40  # parameters of the toy updates
 

@@ -14,7 +14,8 @@ from flwr.serverapp.strategy import FedAvg
 
 from pollinate import config, protocol
 from pollinate.server.rounds import Sample, sample_users
-from pollinate.server.strategy import NodeWaitTimeout, build_strategy, wait_for_nodes
+from pollinate.server.strategies import build_strategy
+from pollinate.server.strategy import NodeWaitTimeout, wait_for_nodes
 
 # Each user's update: one 2x2 tensor, and its number of training examples.
 UPDATES = {

@@ -23,7 +23,7 @@ from pollinate.models.checks import NonFiniteModelError
 from pollinate.server.checkpoint import CHECKPOINT, load_checkpoint
 from pollinate.server.metrics import read_clients, read_rounds, read_run_info
 from pollinate.server.strategies import STRATEGIES as REGISTERED
-from pollinate.server.strategy import build_strategy
+from pollinate.server.strategies import build_strategy
 from pollinate.simulation.inprocess import InProcessGrid
 
 USERS = 5
