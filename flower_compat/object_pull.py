@@ -19,18 +19,12 @@ from typing import Any
 
 from pollinate.flower_compat._core import mark_engaged, swapped
 from pollinate.flower_compat._names import flower_module
+from pollinate.flower_compat.http_grid import PULL_OBJECTS_PARAMS
 from pollinate.flower_compat.supernode_poll import MODULE
 
 NAME = f"{MODULE}.pull_objects"
-EXPECT = (
-    "object_ids",
-    "pull_object_fn",
-    "max_concurrent_pulls",
-    "max_time",
-    "max_tries_per_object",
-    "initial_backoff",
-    "backoff_cap",
-)
+# The same Flower function (inflatable_utils.pull_objects) the deployed grid's patch wraps.
+EXPECT = PULL_OBJECTS_PARAMS
 
 
 @contextmanager
