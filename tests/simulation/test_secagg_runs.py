@@ -139,3 +139,31 @@ def test_round_goes_on_when_a_node_dies_after_sharing_keys(
     (agg,) = [m for m in aggregated[1] if not m.has_error()]  # and the dead node's error
     assert examples(agg) < examples(aggregated[0][0])
     assert read_run_info(run)["status"] == "finished"
+
+
+def test_user_level_dp_noises_the_secure_sum_as_it_noises_the_plain_mean(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The noise std is z C / m, m = the users in the mean: under secure aggregation the
+    # server sees one sum a round, so m must come from the summed per-user weights.
+    import pollinate.server.privacy as server_privacy
+
+    calls: list[tuple[float, float, int]] = []
+    stock = server_privacy.compute_stdv
+
+    def spy(noise_multiplier: float, clipping_norm: float, num_sampled_clients: int) -> float:
+        calls.append((noise_multiplier, clipping_norm, num_sampled_clients))
+        return stock(noise_multiplier, clipping_norm, num_sampled_clients)
+
+    monkeypatch.setattr(server_privacy, "compute_stdv", spy)
+    # Weights are users (2 a node) under user-level DP: max-weight bounds that count.
+    dp = {"privacy.method": "user", "privacy.noise-multiplier": 0.5, "privacy.secagg-max-weight": 4}
+    plain_run = _run(tmp_path / "plain", RecordingGrid(NODES), **dp, **{"data.num-users": 6})
+    plain, calls[:] = list(calls), []
+    secure = _run(tmp_path / "secure", RecordingGrid(NODES), **dp, **SECURE)
+    assert len(plain) == 2 and all(m > 1 for _, _, m in plain)  # a mean over several users
+    assert calls == plain
+    # The same uniform per-user mean, and the same seeded noise: the same model, up to
+    # quantization (an example-weighted secure sum would differ by far more).
+    assert max_abs_diff(final_weights(plain_run), final_weights(secure)) < 1e-3
+    assert read_run_info(secure)["status"] == "finished"
