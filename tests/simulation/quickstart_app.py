@@ -19,7 +19,12 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 FEATURES, CLASSES, SAMPLES = 8, 3, 60
-DEFAULTS: dict[str, Any] = {"num-server-rounds": 2, "lr": 0.5, "local-epochs": 2}
+DEFAULTS: dict[str, Any] = {
+    "num-server-rounds": 2,
+    "lr": 0.5,
+    "local-epochs": 2,
+    "min-nodes": 3,
+}
 RESULTS: list[dict[str, Any]] = []
 
 
@@ -100,7 +105,16 @@ server_app = ServerApp()
 
 @server_app.main()
 def main(grid: Grid, context: Context) -> None:
-    strategy = FedAvg(fraction_train=1.0, fraction_evaluate=1.0)
+    # Wait for every node before round 1 (as a Flower app should): Flower's own engine can
+    # start the ServerApp before all its nodes are registered, and would then train fewer.
+    nodes = int(setting(context, "min-nodes"))
+    strategy = FedAvg(
+        fraction_train=1.0,
+        fraction_evaluate=1.0,
+        min_train_nodes=nodes,
+        min_evaluate_nodes=nodes,
+        min_available_nodes=nodes,
+    )
     initial = net().state_dict()
     result = strategy.start(
         grid=grid,
