@@ -66,9 +66,12 @@ def _serve(
     ``run_config`` fills in the node context's run config (as ``flwr run`` gives every
     node the app's config; Flower's simulation runtime gives it none).
     """
-    # Ctrl-C reaches the whole process group: the driver decides, and stops the workers
-    # itself, instead of each dying mid-message with a traceback.
+    # Ctrl-C (and a SIGTERM to the process group, as a service manager sends) reaches every
+    # process: the driver decides, and stops the workers itself (a `None` message, then
+    # SIGKILL after STOP_GRACE), instead of each dying mid-message with a traceback. A worker
+    # whose driver is gone reads EOF and exits.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if quiet:  # as Ray with log_to_driver=False: failures travel back as replies instead
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 1)
