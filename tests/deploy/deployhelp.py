@@ -11,7 +11,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import httpx
 import psutil
 import pytest
 import tomli_w
@@ -137,6 +139,43 @@ class Deployment:
     def make_key(self, name: str) -> Path:
         return create_node_key(self.root / "keys", name).private
 
+    def cli(self, *argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """``pollinate ARGV`` to its end, output captured (the server's and devices' CLI)."""
+        return subprocess.run(
+            [sys.executable, "-m", "pollinate", *argv],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def register_keys(self, count: int) -> list[Path]:
+        """``count`` device keys (``device<i>``), each registered with the server's state."""
+        keys = [self.make_key(f"device{i}") for i in range(count)]
+        for key in keys:
+            out = self.register(key)
+            assert out.returncode == 0, out.stdout + out.stderr
+        return keys
+
+    def register(self, key: Path) -> subprocess.CompletedProcess[str]:
+        """``pollinate server register-node KEY.pub`` on this deployment's server state."""
+        return self.cli(
+            "server", "register-node", f"{key}.pub", "--state-dir", str(self.server_state)
+        )
+
+    def start_devices(
+        self, port: int, keys: list[Path], serve_ports: list[int] | None = None
+    ) -> list[Proc]:
+        """One authenticated ``pollinate node start`` per key; returns once all joined."""
+        serve = serve_ports or [None] * len(keys)
+        nodes = [
+            self.start(*self.node_argv(i, port, key=key, serve=serve[i]), name=f"node{i}")
+            for i, key in enumerate(keys)
+        ]
+        for node in nodes:
+            node.wait_for(r"joined the federation as node \d+", 90)
+        return nodes
+
     def write_config(self, name: str, **sections: dict[str, object]) -> Path:
         path = self.root / f"{name}.toml"
         path.write_text(tomli_w.dumps(sections))
@@ -161,6 +200,21 @@ class Deployment:
         if key is None:
             return [*argv, "--insecure"]
         return [*argv, "--key", str(key), "--root-cert", str(self.certs / "ca.crt")]
+
+
+def predict(port: int, model: str, rows: list[list[float]], want_round: int) -> dict[str, Any]:
+    """POST /predict until the service serves ``want_round`` (it hot-swaps within ~0.5 s)."""
+    deadline = time.monotonic() + 20
+    while True:
+        reply = httpx.post(
+            f"http://127.0.0.1:{port}/predict", json={"rows": rows, "model": model}, timeout=5
+        )
+        body = reply.json()
+        if reply.status_code == 200 and body["version"]["round"] == want_round:
+            return dict(body)
+        if time.monotonic() > deadline:
+            pytest.fail(f"/predict {model} never served round {want_round}: {body}")
+        time.sleep(0.2)
 
 
 def write_device_files(root: Path, num: int, rows: int = 120) -> list[Path]:

@@ -7,13 +7,9 @@ model (the versions match the stored artifacts), and ``pollinate metrics`` shows
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import time
 
-import httpx
 import pytest
-from deployhelp import Deployment, write_device_files
+from deployhelp import Deployment, predict, write_device_files
 from sklearn.datasets import load_digits
 
 from pollinate.client.store import ModelStore
@@ -21,31 +17,6 @@ from pollinate.deploy.proc import free_port
 from pollinate.models import load_artifact
 
 pytestmark = pytest.mark.slow
-
-
-def pollinate(dep: Deployment, *argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pollinate", *argv],
-        env=dep.env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def predict(port: int, model: str, rows: list[list[float]], want_round: int) -> dict:
-    """POST /predict until the service serves ``want_round`` (it hot-swaps within ~0.5 s)."""
-    deadline = time.monotonic() + 20
-    while True:
-        reply = httpx.post(
-            f"http://127.0.0.1:{port}/predict", json={"rows": rows, "model": model}, timeout=5
-        )
-        body = reply.json()
-        if reply.status_code == 200 and body["version"]["round"] == want_round:
-            return dict(body)
-        if time.monotonic() > deadline:
-            pytest.fail(f"/predict {model} never served round {want_round}: {body}")
-        time.sleep(0.2)
 
 
 def test_tls_server_three_devices_two_rounds(deployment: Deployment, port: int) -> None:
@@ -61,23 +32,17 @@ def test_tls_server_three_devices_two_rounds(deployment: Deployment, port: int) 
         server={"node-wait-timeout": 120.0, "round-timeout": 120.0},
     )
     # Two keys admitted before the server runs, the third while it runs.
-    state = ("--state-dir", str(dep.server_state))
     for key in keys[:2]:
-        out = pollinate(dep, "server", "register-node", f"{key}.pub", *state)
+        out = dep.register(key)
         assert out.returncode == 0 and "registered when the server starts" in out.stdout
     server = dep.start(*dep.server_argv(config, port), name="server")
     server.wait_for(r"listening on 127\.0\.0\.1:\d+ \(TLS, node authentication on\)", 60)
     server.wait_for(r"run \d+ 'e2e'", 60)
-    out = pollinate(dep, "server", "register-node", f"{keys[2]}.pub", *state)
+    out = dep.register(keys[2])
     assert out.returncode == 0 and "as node" in out.stdout, out.stdout + out.stderr
 
     serve_ports = [free_port() for _ in range(3)]
-    nodes = [
-        dep.start(*dep.node_argv(i, port, key=keys[i], serve=serve_ports[i]), name=f"node{i}")
-        for i in range(3)
-    ]
-    for node in nodes:
-        node.wait_for(r"joined the federation as node \d+", 90)
+    nodes = dep.start_devices(port, keys, serve_ports)
 
     server.wait_for(r"run finished", 180)
     assert server.wait(30) == 0, server.output
@@ -105,16 +70,16 @@ def test_tls_server_three_devices_two_rounds(deployment: Deployment, port: int) 
     }
     assert len(hashes) == 1
 
-    metrics = pollinate(dep, "metrics", str(dep.root / "run"), "--format", "json")
+    metrics = dep.cli("metrics", str(dep.root / "run"), "--format", "json")
     assert metrics.returncode == 0, metrics.stderr
     rounds = json.loads(metrics.stdout)
     assert [r["round"] for r in rounds] == [0, 1, 2]
     assert [r["train_users"] for r in rounds[1:]] == [3, 3]
     assert all(r["global_accuracy"] > 0 for r in rounds[1:])
-    table = pollinate(dep, "metrics", str(dep.root / "run"))
+    table = dep.cli("metrics", str(dep.root / "run"))
     assert table.returncode == 0 and "personal_accuracy" in table.stdout
 
-    status = pollinate(dep, "server", "status", "--state-dir", str(dep.server_state))
+    status = dep.cli("server", "status", "--state-dir", str(dep.server_state))
     assert "not running" in status.stdout and "finished, round 2/2" in status.stdout, status.stdout
 
     for node in nodes:

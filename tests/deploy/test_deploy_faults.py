@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 
 import pytest
 from deployhelp import Deployment, write_device_files
@@ -17,16 +15,6 @@ from pollinate.models import load_artifact
 pytestmark = pytest.mark.slow
 
 SMALL_MODEL = {"name": "mlp", "in-features": 64, "num-classes": 10, "hidden": 16}
-
-
-def pollinate(dep: Deployment, *argv: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pollinate", *argv],
-        env=dep.env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def test_unregistered_key_and_insecure_node_are_refused_on_both_sides(
@@ -89,9 +77,7 @@ def test_too_few_nodes_ends_after_the_wait_timeout(deployment: Deployment, port:
     server = dep.start(*dep.server_argv(config, port), name="server")
     server.wait_for(r"run \d+ 'few'.*waiting up to 8 s for 2 node\(s\)", 60)
 
-    status = pollinate(
-        dep, "server", "status", "--state-dir", str(dep.server_state), "--format", "json"
-    )
+    status = dep.cli("server", "status", "--state-dir", str(dep.server_state), "--format", "json")
     live = json.loads(status.stdout)
     assert live["running"] is True and live["nodes"] == [] and live["min_nodes"] == 2
 
@@ -102,10 +88,10 @@ def test_too_few_nodes_ends_after_the_wait_timeout(deployment: Deployment, port:
     )
     assert expected in server.output
 
-    after = pollinate(dep, "server", "status", "--state-dir", str(dep.server_state))
+    after = dep.cli("server", "status", "--state-dir", str(dep.server_state))
     assert "not running" in after.stdout and "run:" in after.stdout and "failed" in after.stdout
     assert "only 0 of the 2 nodes required" in after.stdout
-    metrics = pollinate(dep, "metrics", str(dep.root / "run"))
+    metrics = dep.cli("metrics", str(dep.root / "run"))
     assert metrics.returncode == 0, metrics.stderr  # round 0 only, readable
 
 
@@ -115,12 +101,7 @@ def test_node_killed_mid_round_rejoins_as_itself_with_its_store(
     dep = deployment
     write_device_files(dep.root, 3)
     dep.make_certs()
-    keys = [dep.make_key(f"device{i}") for i in range(3)]
-    for key in keys:
-        out = pollinate(
-            dep, "server", "register-node", f"{key}.pub", "--state-dir", str(dep.server_state)
-        )
-        assert out.returncode == 0, out.stderr
+    keys = dep.register_keys(3)
     config = dep.write_config(
         "crash",
         run={"name": "crash", "num-rounds": 4},
@@ -150,7 +131,7 @@ def test_node_killed_mid_round_rejoins_as_itself_with_its_store(
 
     server.wait_for(r"run finished", 180)
     assert server.wait(30) == 0, server.output
-    rounds = json.loads(pollinate(dep, "metrics", str(dep.root / "run"), "--format", "json").stdout)
+    rounds = json.loads(dep.cli("metrics", str(dep.root / "run"), "--format", "json").stdout)
     # The crash hit the reply in flight (round 1's evaluation and, folded into it, round 2's
     # training) or the next message (round 2's evaluation and round 3's training): those
     # went on with the other two devices.

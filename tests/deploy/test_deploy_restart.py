@@ -8,10 +8,7 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,16 +19,6 @@ pytestmark = pytest.mark.slow
 SMALL_MODEL = {"name": "mlp", "in-features": 64, "num-classes": 10, "hidden": 16}
 # Everything `pollinate server start` runs; none may outlive it.
 SERVER_SIDE = ("pollinate.deploy.superlink", "flower-superexec", "flwr-serverapp", "server start")
-
-
-def pollinate(dep: Deployment, *argv: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pollinate", *argv],
-        env=dep.env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def server_side_pids(dep: Deployment) -> list[str]:
@@ -45,19 +32,9 @@ def server_side_pids(dep: Deployment) -> list[str]:
 
 
 def rounds_of(dep: Deployment) -> list[dict[str, Any]]:
-    out = pollinate(dep, "metrics", str(dep.root / "run"), "--format", "json")
+    out = dep.cli("metrics", str(dep.root / "run"), "--format", "json")
     assert out.returncode == 0, out.stderr
     return list(json.loads(out.stdout))
-
-
-def register(dep: Deployment, count: int) -> list[Path]:
-    keys = [dep.make_key(f"device{i}") for i in range(count)]
-    for key in keys:
-        out = pollinate(
-            dep, "server", "register-node", f"{key}.pub", "--state-dir", str(dep.server_state)
-        )
-        assert out.returncode == 0, out.stderr
-    return keys
 
 
 # The restarted server's command line: a fresh run of the same experiment in the same
@@ -77,7 +54,7 @@ def test_a_server_killed_with_sigkill_leaves_nothing_and_gets_its_devices_back(
     dep = deployment
     write_device_files(dep.root, 2)
     dep.make_certs()
-    keys = register(dep, 2)
+    keys = dep.register_keys(2)
     config = dep.write_config(
         "restart",
         run={"name": "restart", "num-rounds": 4},
@@ -99,7 +76,7 @@ def test_a_server_killed_with_sigkill_leaves_nothing_and_gets_its_devices_back(
     while (left := server_side_pids(dep)) and time.monotonic() - killed_at < 5:
         time.sleep(0.1)
     assert not left, f"outlived `server start` by 5 s: {left}"
-    status = pollinate(dep, "server", "status", "--state-dir", str(dep.server_state))
+    status = dep.cli("server", "status", "--state-dir", str(dep.server_state))
     assert "not running" in status.stdout and "interrupted" in status.stdout, status.stdout
 
     again = dep.start(*dep.server_argv(config, port, *restart_args), name="server-again")
@@ -179,5 +156,5 @@ def test_losing_every_device_fails_the_run_with_the_reason(
         1,
     ).group(1)
     assert "run finished" not in server.output
-    status = pollinate(dep, "server", "status", "--state-dir", str(dep.server_state))
+    status = dep.cli("server", "status", "--state-dir", str(dep.server_state))
     assert "failed" in status.stdout and reason.split(":")[0] in status.stdout, status.stdout

@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 
-import httpx
 import pytest
-from deployhelp import Deployment, write_device_files
+from deployhelp import Deployment, predict, write_device_files
 from sklearn.datasets import load_digits
 
 from pollinate.client.store import ModelStore
@@ -28,7 +25,6 @@ def test_secure_aggregation_tls_three_devices_two_rounds(deployment: Deployment,
     dep = deployment
     write_device_files(dep.root, 3)
     dep.make_certs()
-    keys = [dep.make_key(f"device{i}") for i in range(3)]
     config = dep.write_config(
         "secagg",
         run={"name": "secagg", "num-rounds": 2},
@@ -38,23 +34,12 @@ def test_secure_aggregation_tls_three_devices_two_rounds(deployment: Deployment,
         # Three shares per secret (every device), two rebuild one: a device may drop.
         privacy={"secure-aggregation": True, "secagg-reconstruction-threshold": 2},
     )
-    for key in keys:
-        out = subprocess.run(
-            [sys.executable, "-m", "pollinate", "server", "register-node", f"{key}.pub",
-             "--state-dir", str(dep.server_state)],
-            env=dep.env, capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
-        assert out.returncode == 0, out.stdout + out.stderr
+    keys = dep.register_keys(3)
     server = dep.start(*dep.server_argv(config, port), name="server")
     server.wait_for(r"listening on 127\.0\.0\.1:\d+ \(TLS, node authentication on\)", 60)
     server.wait_for(r"run \d+ 'secagg'", 60)  # every key is admitted by then
     serve_ports = [free_port() for _ in range(3)]
-    nodes = [
-        dep.start(*dep.node_argv(i, port, key=keys[i], serve=serve_ports[i]), name=f"node{i}")
-        for i in range(3)
-    ]
-    for node in nodes:
-        node.wait_for(r"joined the federation as node \d+", 90)
+    nodes = dep.start_devices(port, keys, serve_ports)
     server.wait_for(r"run finished", 240)
     assert server.wait(30) == 0, server.output
     assert "round 2/2 | 3 users trained, 3 evaluated, 0 failed" in server.output
@@ -65,24 +50,16 @@ def test_secure_aggregation_tls_three_devices_two_rounds(deployment: Deployment,
     for i in range(3):
         store = ModelStore(dep.root / f"node{i}" / "models")
         for kind in ("global", "personal"):
-            reply = httpx.post(
-                f"http://127.0.0.1:{serve_ports[i]}/predict",
-                json={"rows": rows, "model": kind},
-                timeout=5,
-            )
-            body = reply.json()
+            body = predict(serve_ports[i], kind, rows, want_round=2)
             stored = load_artifact(store.path(f"user{i}", kind))
-            assert reply.status_code == 200 and stored.round == 2, body
-            if body["version"]["round"] == 2:  # hot-swapped already (within ~0.5 s)
-                assert body["version"]["hash"] == stored.content_hash
+            assert stored.round == 2
+            assert body["version"]["hash"] == stored.content_hash
             assert len(body["predictions"]) == 4
         hashes.add(load_artifact(store.path(f"user{i}", "global")).content_hash)
     assert len(hashes) == 1  # one aggregate, the same on every device
 
-    metrics = subprocess.run(
-        [sys.executable, "-m", "pollinate", "metrics", str(dep.root / "run"), "--format", "json"],
-        env=dep.env, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+    metrics = dep.cli("metrics", str(dep.root / "run"), "--format", "json")
+    assert metrics.returncode == 0, metrics.stderr
     rounds = json.loads(metrics.stdout)
     assert [r["train_users"] for r in rounds[1:]] == [3, 3]
     assert all(r["global_accuracy"] > 0 for r in rounds[1:])  # the devices' own test splits
