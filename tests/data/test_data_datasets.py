@@ -234,3 +234,31 @@ def test_file_user_below_min_samples(tmp_path: Path, data_error) -> None:
     path = _table(tmp_path, {"u1": 12, "tiny": 3, "u3": 2})
     with data_error("user 'tiny'", "has 3 samples", "2 users", "data.min-samples"):
         load_federated_dataset(DataSpec(dataset="file", path=path))
+
+
+def test_a_100000_user_dataset_builds_only_the_users_asked_for(monkeypatch) -> None:
+    """Memory grows with the users a node trains, not with the users in the federation:
+    loading 100,000 synthetic users builds none, each asked-for user is built once while
+    cached, and the cache stays within its bound however many users are walked through."""
+    import pollinate.data.federated as federated
+
+    built: list[int] = []
+    real = federated.synthetic.generate_user
+
+    def counting(*args, **kwargs):
+        built.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(federated.synthetic, "generate_user", counting)
+    ds = load_federated_dataset(replace(SYNTH, num_users=100_000))
+    assert len(ds) == 100_000 and built == []
+    sample = ds.user_ids[::1000]  # 100 users across the whole id range
+    first = ds.users(sample)
+    assert len(built) == 100
+    assert [u.user_id for u in ds.users(sample)] == sample and len(built) == 100  # cached
+    assert all(a is b for a, b in zip(first, ds.users(sample), strict=True))
+    assert federated.DEFAULT_CACHE_SIZE == 1024  # what a node keeps by default
+    ds._cache_size = 64  # the same bound, smaller, to walk past it quickly
+    for user_id in ds.user_ids[:300]:
+        ds.user(user_id)
+    assert len(ds._cache) == 64
