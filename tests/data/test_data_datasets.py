@@ -252,13 +252,13 @@ def test_a_100000_user_dataset_builds_only_the_users_asked_for(monkeypatch) -> N
     monkeypatch.setattr(federated.synthetic, "generate_user", counting)
     ds = load_federated_dataset(replace(SYNTH, num_users=100_000))
     assert len(ds) == 100_000 and built == []
+    assert federated.DEFAULT_CACHE_SIZE == 1024  # what a node keeps by default
+    ds._cache_size = 128  # the same bound, smaller, to walk past it quickly
     sample = ds.user_ids[::1000]  # 100 users across the whole id range
     first = ds.users(sample)
     assert len(built) == 100
     assert [u.user_id for u in ds.users(sample)] == sample and len(built) == 100  # cached
     assert all(a is b for a, b in zip(first, ds.users(sample), strict=True))
-    assert federated.DEFAULT_CACHE_SIZE == 1024  # what a node keeps by default
-    ds._cache_size = 64  # the same bound, smaller, to walk past it quickly
     for user_id in ds.user_ids[:300]:
         ds.user(user_id)
-    assert len(ds._cache) == 64
+    assert len(ds._cache) == 128
