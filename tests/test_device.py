@@ -135,3 +135,18 @@ def test_a_run_on_cpu_equals_the_default_run(tmp_path: Path) -> None:
     cols = [c for c in cols if c in rounds["cpu"]]
     # Equal up to the order in which the server sums the nodes' replies (float64).
     pd.testing.assert_frame_equal(rounds["auto"][cols], rounds["cpu"][cols], rtol=1e-9)
+
+
+def test_a_node_s_own_device_overrides_the_run_s() -> None:
+    from pollinate import protocol
+    from pollinate.client.ondevice import node_device
+
+    node = protocol.device_node_config("/d.csv", "/m", device="cpu")
+    assert protocol.read_node_config(node).device == "cpu"
+    on_gpu = config.resolve({"simulation.device": "cuda"})
+    assert node_device(on_gpu, node) == "cpu"  # the device's own choice wins
+    simulated = protocol.simulated_node_config(0, 2)
+    assert node_device(config.resolve({}), simulated) == device.resolve_device("auto")
+    if not device.cuda_available():  # the run's `cuda` on a node without a GPU: one line
+        with pytest.raises(config.ConfigError, match="this node's device = 'cuda'"):
+            node_device(on_gpu, simulated)
