@@ -49,9 +49,10 @@ _log = logging.getLogger(__name__)
 
 
 def with_device(cfg: RunConfig) -> RunConfig:
-    """``cfg`` with ``simulation.device`` resolved to ``cpu`` or ``cuda`` (logged once).
+    """``cfg`` with ``simulation.device`` resolved to ``cpu`` or ``cuda``.
 
-    The resolved device is what the ClientApps get and what the run's config.toml records.
+    The resolved device is what the ClientApps get and what the run's config.toml records
+    (``pollinate run`` prints it on its first line; :func:`run_simulation` logs it).
     Only NVML is asked (:func:`pollinate.device.cuda_available`): this process
     creates no CUDA context, so the processes it starts can all use the GPU.
 
@@ -66,7 +67,6 @@ def with_device(cfg: RunConfig) -> RunConfig:
         device = resolve_device(cfg.simulation.device)
     except DeviceUnavailable as err:
         raise ConfigError(f"simulation.device = {err}") from None
-    _log.info("simulation.device = %s: ClientApps train on %s", cfg.simulation.device, device)
     return cfg if device == cfg.simulation.device else cfg.replace(**{"simulation.device": device})
 
 
@@ -134,8 +134,9 @@ def _pinned(cfg: RunConfig) -> RunConfig:
 
 def _simulate(cfg: RunConfig, *, verbose: bool, num_users: int | None) -> Path:
     backend = engine_backend(cfg)
-    if cfg.simulation.device == "auto":  # `pollinate run` has resolved it already
+    if cfg.simulation.device == "auto":  # `pollinate run` has resolved (and printed) it
         cfg = with_device(cfg)
+        _log.info("simulation.device = auto: the ClientApps train on %s", cfg.simulation.device)
     if num_users is None:
         num_users = count_users(cfg)
     cfg = _pinned(cfg)

@@ -85,15 +85,17 @@ def test_a_cpu_build_resolves_auto_without_importing_torch() -> None:
         assert out[2] == torch.version.cuda
 
 
+@pytest.mark.skipif(
+    device.torch_cuda_build() is None, reason="a CPU build of torch never asks the GPU"
+)
 def test_the_nvml_check_is_what_a_cuda_build_asks() -> None:
     """torch's own availability check is the NVML one once ours ran (no cuInit, no fork
     poisoning), in this process and in the processes it starts."""
     device.cuda_available()
     import torch
 
-    if torch.version.cuda is not None:
-        assert os.environ[device.NVML_CHECK_ENV] == "1"
-        assert torch.cuda._nvml_based_avail()
+    assert os.environ[device.NVML_CHECK_ENV] == "1"
+    assert torch.cuda._nvml_based_avail()
 
 
 def test_device_data_is_bounded_least_recently_used() -> None:
