@@ -87,8 +87,8 @@ CASES = {
     # Fine-tuning at evaluation (personalization.method = finetune): every user from the
     # same global weights, finetune-lr, the same epochs each.
     "finetune-at-evaluation": (
-        TrainConfig(epochs=3, batch_size=4, lr=0.01, momentum=0.3),
-        [3, 3, 3, 3],
+        TrainConfig(epochs=2, batch_size=6, lr=0.01, momentum=0.3),
+        [2, 2, 2, 2],
         False,
         False,
     ),
