@@ -101,9 +101,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pollinate.server import rundir
     from pollinate.server.metrics import read_rounds, read_run_info
     from pollinate.server.tracking import check_tracking
-    from pollinate.simulation.engine import count_users, run_simulation
+    from pollinate.simulation.engine import count_users, run_simulation, with_device
 
-    cfg = run_config(args)
+    cfg = with_device(run_config(args))  # `cuda` without a GPU: one line, exit 2
     num_users = count_users(cfg)  # data errors surface here, before any process starts
     check_tracking(cfg)
     # Held for the whole command; the ServerApp (in this process) takes it again.
@@ -117,7 +117,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(
             f"{verb} {cfg.run.name} | {cfg.data.dataset}, {num_users} users | "
             f"{cfg.strategy.name} + {cfg.personalization.method} | {cfg.run.num_rounds} "
-            f"rounds -> {cfg.run_dir}",
+            f"rounds on {cfg.simulation.device} -> {cfg.run_dir}",
             flush=True,
         )
         _live_lines()

@@ -37,6 +37,8 @@ STRATEGY_REGISTRY = RegistryRef("pollinate.server.strategies", "STRATEGIES")
 PERSONALIZATION_REGISTRY = RegistryRef("pollinate.client.personalization", "METHODS")
 
 BACKENDS = ("auto", "local", "ray")
+# pollinate.device.DEVICES (tests/test_device.py keeps them equal).
+DEVICES = ("auto", "cpu", "cuda")
 SAVE_MODELS = ("every-round", "final-round")
 # pollinate.models.attacks.ATTACKS (tests/models/test_models_checks.py keeps them equal).
 ATTACKS = ("none", "sign-flip", "scaling", "gaussian", "label-flip", "nan")
@@ -170,6 +172,21 @@ class SimulationSection:
         choices=BACKENDS,
     )
     ray_address: str = setting("", "an existing Ray cluster (HOST:PORT); empty = a local one")
+    # Checked where the run starts (`cuda` without a GPU: one line, exit 2); the resolved
+    # device is what the run's config.toml records.
+    device: str = setting(
+        "auto",
+        "where ClientApps train and evaluate: `cpu`, `cuda`, `auto` = `cuda` when torch sees a GPU",
+        choices=DEVICES,
+    )
+    # Users' data stays on the GPU between rounds, least recently used evicted past this.
+    device_cache_mb: int = setting(
+        2048, "MiB of users' data each ClientApp process keeps on the GPU", Range(0, 1 << 24)
+    )
+    # Ray only: a GPU shared by this many node actors at once (num_gpus = 1 / this).
+    nodes_per_gpu: int = setting(
+        0, "Ray: node actors sharing one GPU with device cuda; 0 = all slots", Range(0, 4096)
+    )
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ Node -> server
   ``global-loss``, ``global-accuracy``, ``personal-loss``, ``personal-accuracy``}).
 
 Node config (set where a node starts): a device's ``data-file``, ``user-id``,
-``model-dir``, ``user-column``, ``label-column`` (``pollinate node start``); a simulated
+``model-dir``, ``user-column``, ``label-column``, ``device`` (``pollinate node start``); a simulated
 node's ``partition-id`` / ``num-partitions`` (Flower's names).
 
 Some names are Flower's, not ours, and must stay as Flower spells them: ``arrays``,
@@ -97,6 +97,7 @@ USER_ID = "user-id"
 MODEL_DIR = "model-dir"
 USER_COLUMN = "user-column"
 LABEL_COLUMN = "label-column"
+DEVICE = "device"  # a node's torch device (auto | cpu | cuda): overrides simulation.device
 PARTITION_ID = "partition-id"  # Flower's simulation node config
 NUM_PARTITIONS = "num-partitions"
 
@@ -367,10 +368,16 @@ def device_node_config(
     user_id: str | None = None,
     user_column: str | None = None,
     label_column: str | None = None,
+    device: str | None = None,
 ) -> dict[str, str]:
     """A device's node config (``flower-supernode --node-config``)."""
     items = {DATA_FILE: data_file, MODEL_DIR: model_dir}
-    optional = {USER_ID: user_id, USER_COLUMN: user_column, LABEL_COLUMN: label_column}
+    optional = {
+        USER_ID: user_id,
+        USER_COLUMN: user_column,
+        LABEL_COLUMN: label_column,
+        DEVICE: device,
+    }
     items.update({k: v for k, v in optional.items() if v})
     return items
 
@@ -389,6 +396,7 @@ class NodeConfig:
     model_dir: str = ""
     user_column: str | None = None
     label_column: str | None = None
+    device: str = ""  # empty: the run's simulation.device
     partition_id: int = 0
     num_partitions: int = 1
 
@@ -404,6 +412,7 @@ def read_node_config(node_config: Mapping[str, Any]) -> NodeConfig:
         model_dir=text(MODEL_DIR) or "",
         user_column=text(USER_COLUMN),
         label_column=text(LABEL_COLUMN),
+        device=text(DEVICE) or "",
         partition_id=int(node_config.get(PARTITION_ID, 0)),
         num_partitions=int(node_config.get(NUM_PARTITIONS, 1)),
     )

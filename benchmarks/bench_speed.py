@@ -2,6 +2,8 @@
 
     python benchmarks/bench_speed.py                       # 10..10,000 users, 20 rounds
     python benchmarks/bench_speed.py --users 10,100 --rounds 5   # a quick look
+    python benchmarks/bench_speed.py --device cuda --users 10000 --model logreg --batch-size 10 \
+        --variants plain,plain-cpu,pollinate,pollinate-stacked,pollinate-stacked-few  # a GPU
 
 The job: FedProx's Synthetic(1,1) data (lazily generated per user), an MLP (60-64-10),
 ``--fraction`` (10%) of the users sampled per round, each trains ``--epochs`` local epoch(s)
@@ -26,6 +28,11 @@ gcs/raylet/agents and every worker), and the times at which rounds ended. Derive
 Ray start, actor warm-up, data), ``client_round_ms`` = steady-state time per client-round
 (rounds 2..R), ``teardown_s`` = from the end of the last round to the process's exit.
 Writes ``benchmarks/results/speed.csv``, ``speed.md`` and ``speed.png``.
+
+``--device cuda`` runs ``plain`` and every ``pollinate`` variant on the GPU
+(``simulation.device``); ``plain-cpu`` is the plain loop on the CPU all the same, and
+``x_plain_cpu_wall`` each run's wall time over it (``x_plain_wall`` stays the ratio to the
+plain loop on the same device). ``benchmarks/gpu_check.sh`` is the one command for a GPU.
 """
 
 from __future__ import annotations
@@ -60,8 +67,19 @@ VARIANTS = ("plain", "pollinate", "flower")
 # what repeated runs on a kept-up cluster cost.
 # ``pollinate-stacked``: each node trains its sampled users as one stack of models
 # (``train.stack-users``, torch.func.vmap): the same updates up to float32 rounding.
-EXTRA_VARIANTS = ("pollinate-updates", "pollinate-ray", "pollinate-cluster", "pollinate-stacked")
+# ``plain-cpu``: the plain loop on the CPU whatever --device says (the GPU's CPU baseline).
+# ``pollinate-stacked-few``: stacked on FEW_NODES nodes: on a GPU, fewer and bigger stacks
+# (each node a process with its own CUDA context, time-sliced on the one GPU).
+EXTRA_VARIANTS = (
+    "pollinate-updates",
+    "pollinate-ray",
+    "pollinate-cluster",
+    "pollinate-stacked",
+    "plain-cpu",
+    "pollinate-stacked-few",
+)
 STACKED = {"train.stack-users": 4096}
+FEW_NODES = 2
 GiB = 2**30
 
 
@@ -76,6 +94,7 @@ class Job:
     hidden: int = 64
     seed: int = 0
     model: str = "mlp"
+    device: str = "cpu"  # the plain loop's, and simulation.device for Pollinate
 
     def model_kwargs(self) -> dict[str, Any]:
         return {"hidden": self.hidden} if self.model == "mlp" else {}
@@ -127,6 +146,7 @@ class Job:
                 "strategy.fraction-evaluate": 0.0,
                 "strategy.min-train-users": 1,
                 "personalization.method": "none",
+                "simulation.device": self.device,
                 **(extra or {}),
             }
         )
@@ -157,7 +177,7 @@ def run_plain(job: Job, out: Path) -> dict[str, Any]:
     )
     model = create_model(
         job.model, in_features=60, num_classes=10, seed=job.seed, **job.model_kwargs()
-    )
+    ).to(job.device)
     weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
     cfg = TrainConfig(epochs=job.epochs, batch_size=job.batch_size, lr=job.lr)
     random.seed(job.seed)  # the draws of Pollinate's sampler, random.Random(seed)
@@ -173,8 +193,8 @@ def run_plain(job: Job, out: Path) -> dict[str, Any]:
             seed = user_seed(job.seed, server_round, user.user_id, "train")
             stats = train(
                 model,
-                torch.from_numpy(user.x_train),
-                torch.from_numpy(user.y_train),
+                torch.from_numpy(user.x_train).to(job.device),
+                torch.from_numpy(user.y_train).to(job.device),
                 cfg,
                 generator=torch.Generator().manual_seed(seed),
             )
@@ -186,8 +206,10 @@ def run_plain(job: Job, out: Path) -> dict[str, Any]:
             for key, value in update.items():
                 total[key] += value * (n / examples)
         weights = total
+        if job.device != "cpu":
+            torch.cuda.synchronize()  # the round is over when the GPU is done
         round_ends.append(time.time())
-    torch.save(weights, out / "weights.pt")
+    torch.save({k: v.cpu() for k, v in weights.items()}, out / "weights.pt")
     return {"round_ends": round_ends}
 
 
@@ -241,6 +263,8 @@ def run_pollinate(
 def worker(variant: str, job: Job, out: Path, extra: dict[str, Any]) -> None:
     if variant == "plain":
         result = run_plain(job, out)
+    elif variant == "plain-cpu":
+        result = run_plain(replace(job, device="cpu"), out)
     elif variant == "flower":
         result = run_flower(job, out)
     else:
@@ -349,6 +373,10 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
             r["x_plain_rounds"] = r["rounds_s"] / plain["rounds_s"]
             if r["variant"] not in ("plain", "flower") and r.get("weights"):
                 r["max_dw_vs_plain"] = max_abs_diff(plain["weights"], r["weights"])
+        plain_cpu = by.get(("plain-cpu", r["users"]))
+        if ok and plain_cpu and plain_cpu.get("ok") and r["variant"] != "plain-cpu":
+            r["x_plain_cpu_wall"] = r["wall_s"] / plain_cpu["wall_s"]
+            r["x_plain_cpu_rounds"] = r["rounds_s"] / plain_cpu["rounds_s"]
         if ok and flower and flower.get("ok") and r["variant"] != "flower":
             r["flower_x_faster_wall"] = flower["wall_s"] / r["wall_s"]
             r["flower_x_faster_rounds"] = flower["rounds_s"] / r["rounds_s"]
@@ -371,6 +399,8 @@ COLUMNS = (
     "x_plain_rounds",
     "flower_x_faster_wall",
     "flower_x_faster_rounds",
+    "x_plain_cpu_wall",
+    "x_plain_cpu_rounds",
     "max_dw_vs_plain",
 )
 
@@ -443,6 +473,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="mlp", choices=("mlp", "logreg"))
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument(
+        "--device",
+        default="cpu",
+        choices=("cpu", "cuda"),
+        help="where plain and the pollinate variants train (plain-cpu: always the CPU)",
+    )
+    p.add_argument(
         "--flower-max-users",
         type=int,
         default=1000,
@@ -487,6 +523,7 @@ def main(argv: list[str] | None = None) -> int:
         epochs=args.epochs,
         batch_size=args.batch_size,
         model=args.model,
+        device=args.device,
     )
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     scales = [int(u) for u in args.users.split(",")]
@@ -496,6 +533,8 @@ def main(argv: list[str] | None = None) -> int:
     extras = {v: extra if v.startswith("pollinate") else None for v in variants}
     if "pollinate-stacked" in extras:
         extras["pollinate-stacked"] = {**extra, **STACKED}
+    if "pollinate-stacked-few" in extras:
+        extras["pollinate-stacked-few"] = {**extra, **STACKED, "simulation.num-nodes": FEW_NODES}
     if "pollinate-ray" in extras:
         extras["pollinate-ray"] = {**extra, "simulation.backend": "ray"}
     if cluster:
@@ -536,6 +575,7 @@ def main(argv: list[str] | None = None) -> int:
     title = (
         f"{args.rounds} rounds, {args.fraction:.0%} of users per round, E={args.epochs}, "
         f"B={args.batch_size}, {args.model} on Synthetic(1,1); {common.machine()['nproc']} cores"
+        + (f"; on {args.device}" if args.device != "cpu" else "")
     )
     plot(rows, out / f"{args.name}.png", title)
     md = f"{title}\n\n" + common.markdown_table(

@@ -46,6 +46,7 @@ from flwr.clientapp import ClientApp
 
 from pollinate import protocol
 from pollinate.client.local import hosted_cohort, user_seed
+from pollinate.client.ondevice import node_device
 from pollinate.client.privacy import (
     KEY_CLIPPING_NORM,
     KEY_NORM_BIT,
@@ -59,7 +60,7 @@ from pollinate.client.steps import (
     StateDict,
     WeightedMean,
     Workbench,
-    evaluate_user,
+    evaluate_users,
     is_dropped,
     train_users,
 )
@@ -100,14 +101,18 @@ def _global_weights(msg: Message, spec: ModelSpec) -> StateDict:
 def _round_context(msg: Message, context: Context, ask: protocol.Instruction) -> RoundContext:
     cfg = _run_config(msg)
     spec = ModelSpec.from_dict(json.loads(ask.model_spec))
+    device = node_device(cfg, context.node_config)
+    # On the device from here on; updates come back to the CPU at the reply (flatten(...).cpu()).
+    weights = {k: v.to(device) for k, v in _global_weights(msg, spec).items()}
     return RoundContext(
         cfg=cfg,
         spec=spec,
-        global_weights=_global_weights(msg, spec),
+        global_weights=weights,
         server_round=ask.server_round,
         store=_store(cfg, context),
         proximal_mu=ask.proximal_mu,
         run_key=ask.run_key,
+        device=device,
     )
 
 
@@ -128,8 +133,8 @@ def query(msg: Message, context: Context) -> Message:
 def _evaluate(ctx: RoundContext, users: Iterator[UserData]) -> protocol.EvaluateReply:
     """Each user's global and personal model on its own test split."""
     reply = protocol.EvaluateReply()
-    for user in users:
-        reply.metrics[user.user_id] = protocol.metric_record(evaluate_user(_BENCH, ctx, user))
+    for user, metrics in evaluate_users(_BENCH, ctx, users):
+        reply.metrics[user.user_id] = protocol.metric_record(metrics)
     return reply
 
 
@@ -143,14 +148,14 @@ def _attacked(ctx: RoundContext, user: UserData, attacker: bool) -> UserData:
 
 def _sent_update(ctx: RoundContext, user: str, update: StateDict, attacker: bool) -> torch.Tensor:
     """The flat vector this user sends: its update, poisoned if it is an attacker."""
-    flat = flatten(update)
+    flat = flatten(update).cpu()
     if not attacker:
         return flat
     a = ctx.cfg.attack
     seed = user_seed(a.seed, ctx.server_round, user, "attack")
     return poison(
         flat,
-        flatten(ctx.global_weights),
+        flatten(ctx.global_weights).cpu(),
         a.kind,
         scale=a.scale,
         noise_std=a.noise_std,
@@ -168,7 +173,7 @@ def train(msg: Message, context: Context) -> Message:
         evaluated = replace(ctx, server_round=ask.evaluation.round)
         reply.evaluation = _evaluate(evaluated, _users(context, ctx.cfg, ask.evaluation.users))
     mean = WeightedMean() if ask.node_mean else None
-    global_flat = flatten(ctx.global_weights).numpy()
+    global_flat = flatten(ctx.global_weights).cpu().numpy()
     # [privacy] (client/privacy.py): under user-level DP every user counts once in the mean,
     # its update clipped to C here (client-side clipping) before it enters the cohort's
     # mean or leaves the node; a user whose ε budget is spent trains no more.
@@ -192,7 +197,7 @@ def train(msg: Message, context: Context) -> Message:
         if user_dp:
             clipped = False
             if clip_norm > 0:
-                flat, clipped = clip_update(flat, flatten(ctx.global_weights), clip_norm)
+                flat, clipped = clip_update(flat, flatten(ctx.global_weights).cpu(), clip_norm)
             metrics[USERS_KEY] = 1
             metrics[KEY_NORM_BIT] = int(clipped)
         examples = metrics[protocol.NUM_EXAMPLES]

@@ -84,6 +84,14 @@ class Method:
         round it is from, or None when the personal model is the global one unchanged."""
         return None
 
+    def personalize_stack(
+        self, bench: Workbench, ctx: RoundContext, users: list[UserData]
+    ) -> list[tuple[StateDict, int]] | None:
+        """:meth:`personalize` for users trained as one stack (``train.stack-users``): each
+        user's personal weights and round, or None when there is nothing to train (the
+        per-user :meth:`personalize` is then called). Raises ``NotBatchable`` to fall back."""
+        return None
+
 
 #: Every method, by name: the choices of ``personalization.method``.
 METHODS: Registry[Method] = Registry("personalization.method")
@@ -135,7 +143,7 @@ class FineTune(Method):
         self, bench: Workbench, ctx: RoundContext, user: UserData, model: FedModel
     ) -> int | None:
         o = ctx.cfg.personalization.options
-        x, y = tensors(user.x_train, user.y_train)
+        x, y = tensors(user.x_train, user.y_train, ctx)
         stats = train(
             model,
             x,
@@ -147,6 +155,28 @@ class FineTune(Method):
         )
         note_steps(user.user_id, stats.steps)
         return ctx.server_round
+
+    def personalize_stack(
+        self, bench: Workbench, ctx: RoundContext, users: list[UserData]
+    ) -> list[tuple[StateDict, int]] | None:
+        # What personalize() does user by user, as one stack: every user starts from the
+        # global weights and gets its own shuffles (its own "finetune" generator).
+        o = ctx.cfg.personalization.options
+        model = bench.model(ctx.spec, device=ctx.device)
+        trained = train_stacked(
+            model,
+            [
+                StackedUser(
+                    *tensors(user.x_train, user.y_train, ctx),
+                    start=ctx.global_weights,
+                    generator=generator(ctx, user.user_id, "finetune"),
+                )
+                for user in users
+            ],
+            train_config(ctx.cfg, epochs=o.integer("finetune-epochs"), lr=o.number("finetune-lr")),
+            parameters=head_keys(model) if o.flag("finetune-head-only") else None,
+        )
+        return [(weights, ctx.server_round) for weights, _ in trained]
 
 
 def with_own_head(model: FedModel, ctx: RoundContext, user: str, *, before: int) -> None:
@@ -213,7 +243,7 @@ class Ditto(Method):
         update: StateDict,
         data: tuple[torch.Tensor, torch.Tensor],
     ) -> None:
-        personal = bench.model(ctx.spec, "personal")
+        personal = bench.model(ctx.spec, "personal", ctx.device)
         personal.load_state_dict(self._start(ctx, user.user_id))
         lam, config = self._config(ctx)
         x, y = data
@@ -239,7 +269,7 @@ class Ditto(Method):
     ) -> None:
         lam, config = self._config(ctx)
         personal = train_stacked(
-            bench.model(ctx.spec, "personal"),
+            bench.model(ctx.spec, "personal", ctx.device),
             [
                 StackedUser(
                     x=x,

@@ -45,6 +45,7 @@ __all__ = [
     "WeightedMean",
     "Workbench",
     "evaluate_user",
+    "evaluate_users",
     "is_dropped",
     "local_epochs",
     "train_user",
@@ -56,12 +57,12 @@ class Workbench:
     """Reusable model instances per (spec, role): building a model per user is waste."""
 
     def __init__(self) -> None:
-        self._models: dict[tuple[str, str], FedModel] = {}
+        self._models: dict[tuple[str, str, str], FedModel] = {}
 
-    def model(self, spec: ModelSpec, role: str = "work") -> FedModel:
-        key = (json.dumps(spec.to_dict(), sort_keys=True), role)
+    def model(self, spec: ModelSpec, role: str = "work", device: str = "cpu") -> FedModel:
+        key = (json.dumps(spec.to_dict(), sort_keys=True), role, device)
         if key not in self._models:
-            self._models[key] = create_model(spec.name, **spec.kwargs)
+            self._models[key] = create_model(spec.name, **spec.kwargs).to(device)
         return self._models[key]
 
 
@@ -77,6 +78,8 @@ class RoundContext:
     proximal_mu: float = 0.0
     # Names this run's per-user state in the store (a resumed run keeps it).
     run_key: str = ""
+    # Where models train and evaluate (`cpu` / `cuda`); global_weights are there already.
+    device: str = "cpu"
 
     def state(self, user: str, *, before: int) -> ModelArtifact | None:
         """The user's kept state (FedPer head, Ditto model) from a round before ``before``.
@@ -129,10 +132,10 @@ def train_user(
 ) -> tuple[StateDict, dict[str, float]]:
     """Local training from the global weights; returns the update and its train metrics."""
     method = method_of(ctx.cfg)
-    model = bench.model(ctx.spec)
+    model = bench.model(ctx.spec, device=ctx.device)
     model.load_state_dict(ctx.global_weights)
     method.before_training(model, ctx, user.user_id)
-    x, y = tensors(user.x_train, user.y_train)
+    x, y = tensors(user.x_train, user.y_train, ctx)
     mu = ctx.proximal_mu
     stats = train(
         model,
@@ -192,9 +195,9 @@ def _train_stack(
 ) -> Iterator[tuple[UserData, StateDict, dict[str, float]]]:
     """:func:`train_user` for ``users`` as one stack (and Ditto's personal models as another)."""
     method = method_of(ctx.cfg)
-    model = bench.model(ctx.spec)
+    model = bench.model(ctx.spec, device=ctx.device)
     mu = ctx.proximal_mu
-    data = [tensors(u.x_train, u.y_train) for u in users]
+    data = [tensors(u.x_train, u.y_train, ctx) for u in users]
     starts = []
     for user in users:
         model.load_state_dict(ctx.global_weights)
@@ -265,17 +268,50 @@ class WeightedMean:
         return protocol.train_metrics(self.examples, self._loss / self.examples)
 
 
-def evaluate_user(bench: Workbench, ctx: RoundContext, user: UserData) -> dict[str, float]:
+def evaluate_users(
+    bench: Workbench, ctx: RoundContext, users: Iterable[UserData]
+) -> Iterator[tuple[UserData, dict[str, float]]]:
+    """:func:`evaluate_user` for each user; personal models made ``train.stack-users`` at a
+    time as one stack where the method trains them (fine-tuning), with the same fall-back
+    to one user at a time as :func:`train_users`."""
+    method = method_of(ctx.cfg)
+    size = ctx.cfg.train.stack_users
+    if size > 1 and local_dp_on(ctx.cfg):
+        _fall_back_once("privacy.method = 'local' trains with DP-SGD")
+        size = 0
+    it = iter(users)
+    while chunk := list(islice(it, max(size, 1))):
+        personal: list[tuple[StateDict, int]] | None = None
+        if size > 1:
+            try:
+                personal = method.personalize_stack(bench, ctx, chunk)
+            except NotBatchable as why:
+                _fall_back_once(str(why))
+        for i, user in enumerate(chunk):
+            yield (
+                user,
+                evaluate_user(bench, ctx, user, personal=None if personal is None else personal[i]),
+            )
+
+
+def evaluate_user(
+    bench: Workbench,
+    ctx: RoundContext,
+    user: UserData,
+    *,
+    personal: tuple[StateDict, int] | None = None,
+) -> dict[str, float]:
     """Loss/accuracy of the global and the personal model on the user's own test split.
 
     Also writes both models to the user's store, so they outlive the run (every round, or
-    in the final round only: ``store.save-models``).
+    in the final round only: ``store.save-models``). ``personal``: the user's personal
+    weights and their round, made already (a stack of fine-tuned users).
     """
     method = method_of(ctx.cfg)
     write = _writes_models(ctx)
-    model = bench.model(ctx.spec)
+    model = bench.model(ctx.spec, device=ctx.device)
     model.load_state_dict(ctx.global_weights)
-    x_test, y_test = tensors(user.x_test, user.y_test)
+    x_test, y_test = tensors(user.x_test, user.y_test, ctx)
     g = evaluate(model, x_test, y_test)
     if write:
         ctx.store.save(
@@ -287,7 +323,11 @@ def evaluate_user(bench: Workbench, ctx: RoundContext, user: UserData) -> dict[s
             metrics={"loss": g.loss, "accuracy": g.accuracy, protocol.NUM_EXAMPLES: g.num_examples},
         )
 
-    personal_round = method.personalize(bench, ctx, user, model)
+    if personal is None:
+        personal_round = method.personalize(bench, ctx, user, model)
+    else:
+        model.load_state_dict(personal[0])
+        personal_round = personal[1]
     p = g if personal_round is None else evaluate(model, x_test, y_test)
     if write:
         ctx.store.save(

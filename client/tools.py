@@ -21,8 +21,16 @@ if TYPE_CHECKING:
 StateDict = dict[str, torch.Tensor]
 
 
-def tensors(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-    return torch.from_numpy(x), torch.from_numpy(y)
+def tensors(
+    x: np.ndarray, y: np.ndarray, ctx: RoundContext | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A user's arrays as tensors on the round's device (kept there between rounds)."""
+    if ctx is None or ctx.device == "cpu":
+        return torch.from_numpy(x), torch.from_numpy(y)
+    from pollinate.client.ondevice import DATA
+
+    DATA.max_bytes = ctx.cfg.simulation.device_cache_mb << 20
+    return DATA.tensors(x, y, ctx.device)
 
 
 def snapshot(model: torch.nn.Module) -> StateDict:

@@ -152,6 +152,13 @@ def cmd_node_start(args: argparse.Namespace) -> int:
     root_cert = Path(args.root_cert).expanduser() if args.root_cert else None
     if root_cert is not None and not root_cert.is_file():
         raise DeployError(f"--root-cert '{root_cert}' does not exist")
+    if args.device:  # checked here, on this machine: `cuda` without a GPU is one line
+        from pollinate.device import DeviceUnavailable, resolve_device
+
+        try:
+            resolve_device(args.device)
+        except DeviceUnavailable as err:
+            raise DeployError(f"--device {err}") from None
     data = Path(args.data).expanduser()
     users = check_data(data, args.user, args.user_column, args.label_column)
     state = NodeDir(Path(args.state_dir).expanduser() if args.state_dir else default_node_dir())
@@ -176,6 +183,7 @@ def cmd_node_start(args: argparse.Namespace) -> int:
         runtime_port=args.runtime_port,
         user_column=args.user_column,
         label_column=args.label_column,
+        device=args.device or None,
         threads=args.threads,
         stream=stream,
         echo=_print,
@@ -375,6 +383,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         default=0,
         help="torch threads for training (default: torch's, one per core; 1 when several "
         "nodes share one machine's cores)",
+    )
+    nstart.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="",
+        help="where this device trains (default: the server's simulation.device; auto = "
+        "cuda when torch sees a GPU)",
     )
     nstart.add_argument("--user-column", help="user id column (default: the server's config)")
     nstart.add_argument("--label-column", help="label column (default: the server's config)")

@@ -84,6 +84,7 @@ class NodeOptions:
     runtime_port: int = 0
     user_column: str | None = None
     label_column: str | None = None
+    device: str | None = None  # auto | cpu | cuda; None: the server's simulation.device
     threads: int = 0  # torch threads in the worker; 0: torch's default
     stream: StreamSettings | None = None  # answer requests from a broker too
     echo: Callable[[str], None] = print
@@ -117,6 +118,7 @@ def node_config(opts: NodeOptions) -> str:
         user_id=opts.user_id,
         user_column=opts.user_column,
         label_column=opts.label_column,
+        device=opts.device,
     )
     parts = []
     for key, value in items.items():

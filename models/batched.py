@@ -104,8 +104,15 @@ def _step_rows(
         for s, batch in enumerate(steps):
             rows[i, s, : len(batch)] = batch + offsets[i]
     num_features = users[0].x.shape[1]
-    x_all = torch.cat([u.x.to(torch.float32) for u in users] + [torch.zeros(1, num_features)])
-    y_all = torch.cat([u.y.to(torch.long) for u in users] + [torch.zeros(1, dtype=torch.long)])
+    # Concatenated where the data is (a GPU node keeps it there between rounds) and moved
+    # once to the model's device by the caller; no-op copies when both are the same.
+    at = users[0].x.device
+    x_all = torch.cat(
+        [u.x.to(at, torch.float32) for u in users] + [torch.zeros(1, num_features, device=at)]
+    )
+    y_all = torch.cat(
+        [u.y.to(at, torch.long) for u in users] + [torch.zeros(1, dtype=torch.long, device=at)]
+    )
     return rows, x_all, y_all
 
 

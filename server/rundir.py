@@ -150,6 +150,10 @@ RESUME_MAY_CHANGE = (
     "run.overwrite",
     "simulation.backend",
     "simulation.ray-address",
+    # Where it computes: a run started on a GPU may go on on a CPU (float32 rounding apart).
+    "simulation.device",
+    "simulation.device-cache-mb",
+    "simulation.nodes-per-gpu",
     "server.node-wait-timeout",
     "server.round-timeout",
 )

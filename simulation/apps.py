@@ -338,6 +338,7 @@ def run_apps(
     run_config: Mapping[str, Any] | None = None,
     preload: Sequence[str] = (),
     verbose: bool = False,
+    gpus_per_node: float = 0.0,
 ) -> None:
     """Run a Flower ServerApp against ``num_nodes`` virtual nodes running a ClientApp.
 
@@ -363,6 +364,10 @@ def run_apps(
         Modules the local backend's fork server imports once besides the ClientApp's.
     verbose
         Flower's and the workers' logs on the console.
+    gpus_per_node
+        Ray only: the share of a GPU each node actor asks for (``client_resources``
+        ``num_gpus``; 0.25 = four actors per GPU). The local backend's workers all see
+        every GPU and share it.
 
     Raises
     ------
@@ -408,7 +413,17 @@ def run_apps(
     try:
         loaded = load_app(client_app, "ClientApp") if isinstance(client_app, str) else client_app
         client = with_run_config(loaded, config)
-        _run_engine(server, client, num_nodes, "ray", cpus_per_node, init_args, config, verbose)
+        _run_engine(
+            server,
+            client,
+            num_nodes,
+            "ray",
+            cpus_per_node,
+            init_args,
+            config,
+            verbose,
+            gpus_per_node=gpus_per_node,
+        )
     finally:
         import ray
 
@@ -435,6 +450,7 @@ def _run_engine(
     verbose: bool,
     *,
     pool: WorkerPool | None = None,
+    gpus_per_node: float = 0.0,
 ) -> None:
     from pollinate.flower_compat import inmemory_grid, runtime, vce
 
@@ -456,7 +472,7 @@ def _run_engine(
             num_nodes=num_nodes,
             backend_name=backend,
             backend_config={
-                "client_resources": {"num_cpus": cpus_per_node, "num_gpus": 0.0},
+                "client_resources": {"num_cpus": cpus_per_node, "num_gpus": gpus_per_node},
                 "init_args": init_args,
             },
             run_config=run_config,

@@ -29,9 +29,10 @@ overhead once per user; ``num-nodes = data.num-users`` is Flower's one-node-per-
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
-from pollinate.config import RunConfig, check_against_data, data_spec
+from pollinate.config import ConfigError, RunConfig, check_against_data, data_spec
 from pollinate.data import load_federated_dataset
 from pollinate.simulation import apps
 from pollinate.simulation.apps import available_cpus
@@ -42,6 +43,38 @@ CLIENT_APP = "pollinate.client.app:app"
 # What a worker imports on its first message to load each dataset, imported once by the
 # fork server instead (scikit-learn's loader is about a second of CPU per worker).
 DATASET_MODULES = {"digits": ["sklearn.datasets"], "file": ["pandas"]}
+
+
+_log = logging.getLogger(__name__)
+
+
+def with_device(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with ``simulation.device`` resolved to ``cpu`` or ``cuda``.
+
+    The resolved device is what the ClientApps get and what the run's config.toml records
+    (``pollinate run`` prints it on its first line; :func:`run_simulation` logs it).
+    Only NVML is asked (:func:`pollinate.device.cuda_available`): this process
+    creates no CUDA context, so the processes it starts can all use the GPU.
+
+    Raises
+    ------
+    ConfigError
+        ``simulation.device = 'cuda'`` where torch sees no GPU (one line: how to fix it).
+    """
+    from pollinate.device import DeviceUnavailable, resolve_device
+
+    try:
+        device = resolve_device(cfg.simulation.device)
+    except DeviceUnavailable as err:
+        raise ConfigError(f"simulation.device = {err}") from None
+    return cfg if device == cfg.simulation.device else cfg.replace(**{"simulation.device": device})
+
+
+def gpus_per_node(cfg: RunConfig, cpus: int) -> float:
+    """Ray's ``num_gpus`` per node actor: a share of one GPU with device ``cuda``, else 0."""
+    if cfg.simulation.device != "cuda":
+        return 0.0
+    return 1.0 / (cfg.simulation.nodes_per_gpu or worker_slots(cfg, cpus))
 
 
 def count_users(cfg: RunConfig) -> int:
@@ -101,6 +134,9 @@ def _pinned(cfg: RunConfig) -> RunConfig:
 
 def _simulate(cfg: RunConfig, *, verbose: bool, num_users: int | None) -> Path:
     backend = engine_backend(cfg)
+    if cfg.simulation.device == "auto":  # `pollinate run` has resolved (and printed) it
+        cfg = with_device(cfg)
+        _log.info("simulation.device = auto: the ClientApps train on %s", cfg.simulation.device)
     if num_users is None:
         num_users = count_users(cfg)
     cfg = _pinned(cfg)
@@ -118,6 +154,7 @@ def _simulate(cfg: RunConfig, *, verbose: bool, num_users: int | None) -> Path:
             num_nodes=plan_nodes(cfg, num_users, cpus),
             backend=backend,
             cpus_per_node=cfg.simulation.cpus_per_node,
+            gpus_per_node=gpus_per_node(cfg, cpus) if backend == "ray" else 0.0,
             ray_address=ray_address if backend == "ray" else None,
             run_config=cfg.to_flat(),
             preload=DATASET_MODULES.get(cfg.data.dataset, []),

@@ -14,6 +14,7 @@ from pollinate.client.steps import (
     RoundContext,
     Workbench,
     evaluate_user,
+    evaluate_users,
     train_user,
     train_users,
 )
@@ -233,3 +234,78 @@ def test_stacked_users_train_as_one_by_one(tmp_path: Path, method: str) -> None:
         if p1 is not None and p2 is not None:
             for k in p1.state_dict:
                 assert torch.allclose(p1.state_dict[k], p2.state_dict[k], atol=2e-5), k
+
+
+@pytest.mark.parametrize(
+    ("method", "sets"),
+    [
+        ("none", {}),
+        ("finetune", {"personalization.finetune-epochs": 3, "personalization.finetune-lr": 0.05}),
+        ("finetune", {"personalization.finetune-head-only": True}),
+        ("fedper", {}),
+        ("ditto", {}),
+    ],
+)
+def test_stacked_evaluation_equals_one_by_one(
+    tmp_path: Path, method: str, sets: dict[str, object]
+) -> None:
+    """Personal models made at evaluation (fine-tuning) as one stack: the same metrics and
+    the same stored personal models as user by user (float32 tolerance)."""
+    sets = {**sets, "train.batch-size": 8, "train.momentum": 0.5}
+    results = {}
+    for stack in (0, 3):
+        ctx = context(
+            tmp_path / f"stack-{stack}", method, sets={**sets, "train.stack-users": stack}
+        )
+        bench = Workbench()
+        list(train_users(bench, ctx, _cohort()))  # FedPer's heads, Ditto's models to evaluate
+        evaluated = list(evaluate_users(bench, ctx, _cohort()))
+        personal = {u.user_id: ctx.store.load(u.user_id, "personal") for u, _ in evaluated}
+        results[stack] = (evaluated, personal)
+    (one, one_personal), (stacked, stacked_personal) = results[0], results[3]
+    assert (
+        [u.user_id for u, _ in one]
+        == [u.user_id for u, _ in stacked]
+        == [u.user_id for u in _cohort()]
+    )
+    for (_, m1), (_, m2) in zip(one, stacked, strict=True):
+        assert m1.keys() == m2.keys()
+        for key in m1:
+            assert m2[key] == pytest.approx(m1[key], abs=1e-5), key
+    if method == "finetune":  # it really trained: personal differs from global
+        assert any(m["personal-loss"] != m["global-loss"] for _, m in one)
+    for user_id, p1 in one_personal.items():
+        p2 = stacked_personal[user_id]
+        assert p1 is not None and p2 is not None and p1.round == p2.round
+        for k in p1.state_dict:
+            gap = (p1.state_dict[k] - p2.state_dict[k]).abs().max()
+            assert gap <= 2e-5, (k, float(gap))
+
+
+def test_stacked_finetuning_falls_back_for_a_model_with_buffers(tmp_path: Path) -> None:
+    """A model the stack cannot train (BatchNorm's statistics) is fine-tuned one by one,
+    with the same results as without stacking."""
+    from torch import nn
+
+    from pollinate.models import MODELS, register_model
+
+    saved = dict(MODELS._entries)
+
+    @register_model("bn_mlp")
+    def bn_mlp(*, in_features: int, num_classes: int) -> tuple[nn.Module, nn.Module]:
+        return nn.Sequential(nn.Linear(in_features, 8), nn.BatchNorm1d(8)), nn.Linear(
+            8, num_classes
+        )
+
+    try:
+        results = []
+        for stack in (0, 3):
+            ctx = context(tmp_path / str(stack), "finetune", sets={"train.stack-users": stack})
+            model = create_model("bn_mlp", in_features=6, num_classes=4, seed=0)
+            ctx = dataclasses.replace(ctx, spec=model.spec, global_weights=dict(model.state_dict()))
+            results.append([m for _, m in evaluate_users(Workbench(), ctx, _cohort())])
+    finally:
+        MODELS._entries = saved
+    one, stacked = results
+    assert one == stacked  # the same per-user path: bit for bit
+    assert all(m["personal-loss"] != m["global-loss"] for m in one)

@@ -167,7 +167,7 @@ class Deployment:
         self, port: int, keys: list[Path], serve_ports: list[int] | None = None
     ) -> list[Proc]:
         """One authenticated ``pollinate node start`` per key; returns once all joined."""
-        serve = serve_ports or [None] * len(keys)
+        serve: list[int | None] = list(serve_ports) if serve_ports else [None] * len(keys)
         nodes = [
             self.start(*self.node_argv(i, port, key=key, serve=serve[i]), name=f"node{i}")
             for i, key in enumerate(keys)

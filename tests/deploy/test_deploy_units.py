@@ -89,6 +89,19 @@ def test_node_config_round_trips_through_flowers_parser(tmp_path: Path, name: st
     }
 
 
+def test_node_start_device_reaches_the_clientapp_s_node_config(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from flwr.common.config import parse_config_args
+
+    from pollinate import protocol
+
+    opts = replace(_node(tmp_path, tmp_path / "d.csv"), device="cpu")
+    parsed = parse_config_args([node_config(opts)])
+    assert protocol.read_node_config(parsed).device == "cpu"
+    assert "device" not in parse_config_args([node_config(_node(tmp_path, tmp_path / "d.csv"))])
+
+
 def test_node_config_refuses_both_quotes(tmp_path: Path) -> None:
     with pytest.raises(DeployError, match="both kinds of quote"):
         node_config(_node(tmp_path, tmp_path / 'it\'s "x".csv'))

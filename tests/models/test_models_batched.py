@@ -84,6 +84,14 @@ CASES = {
         False,
     ),
     "finetune-head": (TrainConfig(epochs=2, batch_size=8, lr=0.05), [2, 2, 2, 2], False, True),
+    # Fine-tuning at evaluation (personalization.method = finetune): every user from the
+    # same global weights, finetune-lr, the same epochs each.
+    "finetune-at-evaluation": (
+        TrainConfig(epochs=2, batch_size=6, lr=0.01, momentum=0.3),
+        [2, 2, 2, 2],
+        False,
+        False,
+    ),
     "ditto": (
         TrainConfig(epochs=1, batch_size=8, lr=0.05, proximal_mu=0.5),
         [1, 1, 1, 1],
