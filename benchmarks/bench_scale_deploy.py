@@ -4,8 +4,9 @@
     python benchmarks/bench_scale_deploy.py --devices 10,100,1000 --rounds 5,5,2
     python benchmarks/bench_scale_deploy.py --devices 100 --paths tuned --profile out.svg
 
-Devices are emulated (:mod:`pollinate.deploy.emulator`): one process hosts every device
-identity, each with its own ECDSA node key (registered with the SuperLink, every request
+Devices are emulated (:mod:`pollinate.deploy.emulator`), split over
+``--emulator-processes`` processes (:mod:`pollinate.deploy.emulator_pool`; default one per
+CPU; their CPU is summed): each device identity has its own ECDSA node key (registered with the SuperLink, every request
 signed), its own TLS connection and its own data file (40 rows of sklearn's digits). Both
 paths run TLS + node authentication, the SuperLink's state in memory (stock Flower's
 default; ``pollinate server start --memory-state``), the same Pollinate strategy and
@@ -307,10 +308,10 @@ def launch_tuned(root: Path, cfg: Path, port: int) -> tuple[subprocess.Popen[byt
 
 
 def run_path(
-    path: str, root: Path, devices: int, rounds: int, threads: int, profile: str
+    path: str, root: Path, devices: int, rounds: int, threads: int, processes: int, profile: str
 ) -> Result:
-    from pollinate.client.app import app as client_app
-    from pollinate.deploy.emulator import POLICIES, Emulator, device_specs, register_devices
+    from pollinate.deploy.emulator import POLICIES, device_specs, register_devices
+    from pollinate.deploy.emulator_pool import EmulatorPool
     from pollinate.deploy.proc import free_port
 
     root.mkdir(parents=True)
@@ -325,20 +326,21 @@ def run_path(
     try:
         register_devices(flwr_home, "s" if path == "stock" else "pollinate", specs)
         ca = (root / ("certs" if path == "stock" else "server/certs") / "ca.crt").read_bytes()
-        emulator = Emulator(
+        emulator = EmulatorPool(
             specs,
             f"127.0.0.1:{port}",
-            client_app=client_app,
+            client_app="pollinate.client.app:app",
             root_certificates=ca,
             policy=POLICIES[path],
+            processes=processes,
             threads=threads,
         )
         with emulator:
             wait_for(lambda: emulator.active == devices, 600, f"{devices} devices active")
             t0, cpu0 = time.monotonic(), sampler.sample()
             req0 = request_counts(link_log)
-            emu0 = emulator.stats.requests.copy()
-            msg0, me0 = emulator.stats.messages, _own_cpu()
+            emu0 = emulator.stats.requests
+            msg0, me0 = emulator.stats.messages, emulator.stats.cpu
             if profile and path == "tuned" and "superlink" in sampler.pids:
                 spy = subprocess.Popen(
                     ["py-spy", "record", "-p", str(sampler.pids["superlink"]), "-o", profile,
@@ -355,8 +357,8 @@ def run_path(
             wall = time.monotonic() - t0
             time.sleep(STATS_SETTLE)
             req1 = request_counts(link_log)
-            emu1 = emulator.stats.requests.copy()
-            msg1, me1 = emulator.stats.messages, _own_cpu()
+            emu1 = emulator.stats.requests
+            msg1, me1 = emulator.stats.messages, emulator.stats.cpu
             if spy is not None:
                 spy.send_signal(signal.SIGINT)
                 spy.wait(120)
@@ -378,11 +380,6 @@ def run_path(
         exchanges=msg1 - msg0,
         emulator_cpu=me1 - me0,
     )
-
-
-def _own_cpu() -> float:
-    t = psutil.Process().cpu_times()
-    return t.user + t.system
 
 
 PROFILE_FORMATS = {".json": ["-f", "speedscope"], ".txt": ["-f", "raw"]}  # else a flame graph
@@ -469,7 +466,13 @@ def main() -> None:
     parser.add_argument("--devices", default="10,100", help="comma-separated device counts")
     parser.add_argument("--rounds", default="5", help="rounds, one for all or one per count")
     parser.add_argument("--paths", default="stock,tuned")
-    parser.add_argument("--threads", type=int, default=8, help="emulator threads")
+    parser.add_argument("--threads", type=int, default=8, help="threads per emulator process")
+    parser.add_argument(
+        "--emulator-processes",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="processes the devices are split over (default: one per CPU)",
+    )
     parser.add_argument("--profile", default="", help="py-spy output for the tuned SuperLink")
     args = parser.parse_args()
     counts = [int(n) for n in args.devices.split(",")]
@@ -483,7 +486,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
         for n, r in zip(counts, rounds, strict=True):
             for path in args.paths.split(","):
-                res = run_path(path, Path(tmp) / f"{path}-{n}", n, r, args.threads, args.profile)
+                res = run_path(
+                    path,
+                    Path(tmp) / f"{path}-{n}",
+                    n,
+                    r,
+                    args.threads,
+                    args.emulator_processes,
+                    args.profile,
+                )
                 results.append(res)
                 report([res])
     report(results)
