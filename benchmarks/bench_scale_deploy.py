@@ -27,8 +27,8 @@ requests (Fleet = devices, other = the ServerApp's Runtime API) and the wall tim
 "Device-round" = devices x rounds. Everything runs on this machine: the emulator's own CPU
 competes with the server's, so wall times are upper bounds; CPU times are per process.
 
-``--profile FILE``: record the SuperLink with py-spy (``pip install py-spy``) during the
-tuned run and write a flame graph (``.svg``), speedscope JSON (``.json``) or collapsed stacks
+``--profile FILE``: record the SuperLink with py-spy (``pip install py-spy``; ``--profile
+emulator=FILE``: the first emulator process instead) during the tuned run and write a flame graph (``.svg``), speedscope JSON (``.json``) or collapsed stacks
 (``.txt``, one ``frame;frame;... count`` line per stack: ``profile_summary.py`` reads it).
 """
 
@@ -341,10 +341,12 @@ def run_path(
             req0 = request_counts(link_log)
             emu0 = emulator.stats.requests
             msg0, me0 = emulator.stats.messages, emulator.stats.cpu
-            if profile and path == "tuned" and "superlink" in sampler.pids:
+            target, _, out = profile.rpartition("=") if "=" in profile else ("", "", profile)
+            pid = emulator.pids[0] if target == "emulator" else sampler.pids.get("superlink")
+            if out and path == "tuned" and pid:
                 spy = subprocess.Popen(
-                    ["py-spy", "record", "-p", str(sampler.pids["superlink"]), "-o", profile,
-                     "-r", "50", *PROFILE_FORMATS.get(Path(profile).suffix, [])],
+                    ["py-spy", "record", "-p", str(pid), "-o", out,
+                     "-r", "50", *PROFILE_FORMATS.get(Path(out).suffix, [])],
                     stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
                 )  # fmt: skip
             wait_for(
@@ -473,7 +475,12 @@ def main() -> None:
         default=os.cpu_count() or 1,
         help="processes the devices are split over (default: one per CPU)",
     )
-    parser.add_argument("--profile", default="", help="py-spy output for the tuned SuperLink")
+    parser.add_argument(
+        "--profile",
+        default="",
+        help="py-spy output for the tuned SuperLink (FILE), or its first emulator process "
+        "(emulator=FILE)",
+    )
     args = parser.parse_args()
     counts = [int(n) for n in args.devices.split(",")]
     rounds = [int(r) for r in args.rounds.split(",")]

@@ -3,7 +3,9 @@
 ``pollinate node start`` runs one device per process (a Flower SuperNode plus a warm
 ClientApp worker, ~400 MB with torch). To measure a *server* with 1,000 devices on one
 machine, :class:`Emulator` hosts many device identities in one process instead. Each has
-its own node key (node authentication: every request is signed with it), its own TLS
+its own node key (node authentication: every request carries a timestamp signed with it; a
+signature is reused for up to a minute, which the SuperLink accepts, see
+:class:`~pollinate.flower_compat.fleet.ReusedSignatureInterceptor`), its own TLS
 connection and its own data file, and does what a stock ``flower-supernode`` does with the
 SuperLink, request for request (``flwr/supernode/fleet_http_connection.py`` and
 ``start_client_internal.py``):
@@ -216,8 +218,10 @@ class Emulator:
         policy: PollPolicy = TUNED,
         threads: int = 8,
         seed: int = 0,
+        signature_reuse: float = fleet.SIGNATURE_REUSE,
     ) -> None:
         fleet.check_fleet_api()
+        self._signature_reuse = signature_reuse
         self.address = address
         self.policy = policy
         self.client_app = client_app
@@ -237,7 +241,9 @@ class Emulator:
         if spec.key is not None:
             private = load_private_key(spec.key)
             public = private.public_key()
-        client = fleet.fleet_client(self.address, root_certificates, private, public)
+        client = fleet.fleet_client(
+            self.address, root_certificates, private, public, signature_reuse=self._signature_reuse
+        )
         device = _Device(spec, _CountingClient(client, self.stats))
         if public is not None:
             device.public_key = fleet.public_key_to_bytes(public)

@@ -26,7 +26,7 @@ from pollinate.deploy.emulator import (
 )
 from pollinate.deploy.emulator_pool import EmulatorPool
 from pollinate.deploy.proc import port_in_use
-from pollinate.flower_compat import link_middleware
+from pollinate.flower_compat import fleet, link_middleware
 
 
 def start_superlink(dep: Deployment, port: int) -> tuple[subprocess.Popen[bytes], Path]:
@@ -192,3 +192,32 @@ def test_twelve_devices_in_two_emulator_processes_finish_five_rounds_with_tls_an
         users = {u for (u,) in db.execute("SELECT DISTINCT user FROM clients")}
     assert trained == dict.fromkeys(range(1, rounds + 1), n)
     assert users == {f"user{i}" for i in range(n)}  # every device's own data
+
+
+def test_a_reused_signature_verifies_and_is_renewed(monkeypatch: pytest.MonkeyPatch) -> None:
+    import base64
+
+    import httpx
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from flwr.supercore.primitives.asymmetric import verify_signature
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    auth = fleet.ReusedSignatureInterceptor(key, key.public_key(), reuse=60.0)
+    clock = [1000.0]
+    monkeypatch.setattr(fleet.time, "monotonic", lambda: clock[0])
+
+    def signed() -> httpx.Headers:
+        context = type("Ctx", (), {"request": httpx.Request("POST", "https://x/v1/fleet/p")})()
+        auth.intercept(context, lambda c: None)
+        return context.request.headers
+
+    first, again = signed(), signed()
+    clock[0] += 61.0
+    renewed = signed()
+    assert first == again  # within the minute: the same signed timestamp
+    assert renewed["flwr-signature"] != first["flwr-signature"]
+    for headers in (first, renewed):
+        stamp, sig = headers["flwr-timestamp"], base64.b64decode(headers["flwr-signature"])
+        assert verify_signature(key.public_key(), stamp.encode(), sig)
+    with pytest.raises(ValueError, match="reuse"):
+        fleet.ReusedSignatureInterceptor(key, key.public_key(), reuse=400.0)
