@@ -6,8 +6,9 @@
 
 Devices are emulated (:mod:`pollinate.deploy.emulator`), split over
 ``--emulator-processes`` processes (:mod:`pollinate.deploy.emulator_pool`; default one per
-CPU; their CPU is summed): each device identity has its own ECDSA node key (registered with the SuperLink, every request
-signed), its own TLS connection and its own data file (40 rows of sklearn's digits). Both
+CPU; their CPU is summed). Each device identity has its own ECDSA node key (registered
+with the SuperLink, every request signed), its own TLS connection and its own data file
+(40 rows of sklearn's digits). Both
 paths run TLS + node authentication, the SuperLink's state in memory (stock Flower's
 default; ``pollinate server start --memory-state``), the same Pollinate strategy and
 ClientApp, and the same job: logistic regression 64 -> 10, FedAvg, every device every
@@ -27,8 +28,9 @@ requests (Fleet = devices, other = the ServerApp's Runtime API) and the wall tim
 "Device-round" = devices x rounds. Everything runs on this machine: the emulator's own CPU
 competes with the server's, so wall times are upper bounds; CPU times are per process.
 
-``--profile FILE``: record the SuperLink with py-spy (``pip install py-spy``; ``--profile
-emulator=FILE``: the first emulator process instead) during the tuned run and write a flame graph (``.svg``), speedscope JSON (``.json``) or collapsed stacks
+``--profile FILE``: record the SuperLink with py-spy (``pip install py-spy``) during the
+tuned run (``--profile emulator=FILE``: the first emulator process instead) and write a
+flame graph (``.svg``), speedscope JSON (``.json``) or collapsed stacks
 (``.txt``, one ``frame;frame;... count`` line per stack: ``profile_summary.py`` reads it).
 """
 
@@ -65,6 +67,8 @@ REQUESTS_LINE = re.compile(r"pollinate: requests total=(\d+)(.*)")
 
 
 def job_config(root: Path, name: str, rounds: int, devices: int) -> Path:
+    # Timeouts grow with the devices: on a shared 2-core machine 1,000 devices take minutes
+    # per exchange (the emulator's CPU and the server's share the cores).
     path = root / f"{name}.toml"
     path.write_text(
         f"""[run]
@@ -87,8 +91,8 @@ method = "none"
 [store]
 save-models = "final-round"
 [server]
-node-wait-timeout = 600.0
-round-timeout = 900.0
+node-wait-timeout = {600.0 + 1.2 * devices}
+round-timeout = {900.0 + 1.5 * devices}
 """
     )
     return path

@@ -102,17 +102,19 @@ class PollPolicy:
 # flower-supernode 1.42: `time.sleep(3)` after an empty PullMessages, heartbeat 30 s.
 STOCK = PollPolicy(idle_min=3.0, idle_max=3.0, idle_share=0.0)
 # A round's next message comes about as long after a reply as the last one did: sleep 80%
-# of that, then poll every 10% of the time idle so far (50 ms .. 4 s), so a message is
-# picked up within ~2% of a round late with a few polls per round. The 4 s cap stays
+# of that, then poll every 15% of the time idle so far (0.25 .. 4 s), so a message is
+# picked up within ~3% of a round late with a few polls per round. Where there is no
+# rhythm yet (after the user query, which comes once), polls start 0.25 s apart and grow
+# 15% each: a wait of 60 s costs ~30 polls (50 ms and 10%: ~74). The 4 s cap stays
 # under uvicorn's 5 s keep-alive: an idle device's poll reuses its TLS connection instead
 # of costing the server a new handshake. Rounds of minutes (hundreds of devices on one
 # server): polls up to 10% of the last wait apart (a new handshake each, but a few per
 # round instead of one per 4 s), and a heartbeat interval of 2 waits (a dead device is
 # still found within ~4 rounds), so requests per device-round do not grow with the round.
 TUNED = PollPolicy(
-    idle_min=0.05,
+    idle_min=0.25,
     idle_max=4.0,
-    idle_share=0.1,
+    idle_share=0.15,
     get_fab=False,
     expect=0.8,
     expect_max=600.0,

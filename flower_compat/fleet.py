@@ -27,7 +27,12 @@ from base64 import b64encode
 from typing import Any
 
 from flwr.app.message import Message, remove_content_from_message
-from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, ErrorCode
+from flwr.common.constant import (
+    HEARTBEAT_DEFAULT_INTERVAL,
+    TIMESTAMP_HEADER,
+    TIMESTAMP_TOLERANCE,
+    ErrorCode,
+)
 from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.proto.control_pb2 import RegisterNodeRequest
 from flwr.proto.fab_pb2 import GetFabRequest
@@ -41,6 +46,8 @@ from flwr.proto.heartbeat_pb2 import SendNodeHeartbeatRequest
 from flwr.proto.message_pb2 import ObjectTree
 from flwr.proto.node_pb2 import Node
 from flwr.proto.run_pb2 import GetRunRequest
+from flwr.supercore.constant import FLEET_HTTP_PUBLIC_KEY_HEADER, FLEET_HTTP_SIGNATURE_HEADER
+from flwr.supercore.date import now
 from flwr.supercore.inflatable.inflatable_object import (
     get_all_nested_objects,
     get_object_tree,
@@ -58,9 +65,6 @@ from flwr.supercore.inflatable.inflatable_utils import (
     push_objects,
 )
 from flwr.supercore.interceptors.http.runtime_version import RuntimeVersionHttpInterceptor
-from flwr.common.constant import TIMESTAMP_HEADER, TIMESTAMP_TOLERANCE
-from flwr.supercore.constant import FLEET_HTTP_PUBLIC_KEY_HEADER, FLEET_HTTP_SIGNATURE_HEADER
-from flwr.supercore.date import now
 from flwr.supercore.interceptors.http.utils import add_headers
 from flwr.supercore.primitives.asymmetric import public_key_to_bytes, sign_message
 from flwr.supernode.fleet_http_client import FleetHttpClient
@@ -185,6 +189,7 @@ def register_node_keys(connection: str, public_keys: list[bytes]) -> list[int]:
 
 __all__ = [
     "HEARTBEAT_DEFAULT_INTERVAL",
+    "SIGNATURE_REUSE",
     "ActivateNodeRequest",
     "DeactivateNodeRequest",
     "ErrorCode",
@@ -197,7 +202,6 @@ __all__ = [
     "PullMessagesRequest",
     "PushMessagesRequest",
     "ReusedSignatureInterceptor",
-    "SIGNATURE_REUSE",
     "SendNodeHeartbeatRequest",
     "check_fleet_api",
     "fleet_client",

@@ -83,7 +83,7 @@ def test_poll_policies() -> None:
     assert TUNED.first_sleep(10.0) == pytest.approx(8.0)
     assert TUNED.first_sleep(1e6) == TUNED.expect_max
     assert TUNED.idle_sleep(0.0) == TUNED.idle_min
-    assert TUNED.idle_sleep(10.0) == pytest.approx(1.0)
+    assert TUNED.idle_sleep(10.0) == pytest.approx(1.5)
     assert TUNED.idle_sleep(1e6) == TUNED.idle_max < 5.0  # under uvicorn's keep-alive
 
 
