@@ -16,13 +16,20 @@ Server -> node (one message per node)
 
 Node -> server
 
-- train reply: ``users`` {``ids``}, per user ``metrics/<user>`` ({``num-examples``,
-  ``train-loss``}) and ``arrays/<user>`` (its update), or with ``node-mean`` one
-  ``arrays`` + ``metrics`` (the example-weighted mean of the cohort) and ``rejected``
-  {user: why its update was left out}; a carried evaluation adds ``evaluate/users`` and
-  ``evaluate/metrics/<user>``.
-- evaluate reply: ``users`` {``ids``} and ``metrics/<user>`` ({``num-examples``,
+- train reply: ``users``, one ConfigRecord for the whole cohort: ``ids`` (the users that
+  trained) and each user's metrics ({``num-examples``, ``train-loss``}) under
+  ``<i>/<metric>``, ``i`` the user's place in ``ids``; per user ``arrays/<user>`` (its
+  update), or with ``node-mean`` one ``arrays`` + ``metrics`` (the example-weighted mean of
+  the cohort) and ``rejected`` {user: why its update was left out}; a carried evaluation
+  adds ``evaluate/ids`` and ``evaluate/<i>/<metric>`` to ``users``.
+- evaluate reply: ``users`` {``ids``, ``<i>/<metric>``} ({``num-examples``,
   ``global-loss``, ``global-accuracy``, ``personal-loss``, ``personal-accuracy``}).
+
+Why one record for every user's metrics (not a MetricRecord per user): each record is an
+object of its own on the wire, one signed request each way in a deployment; a one-user
+train reply with a carried evaluation is 6 objects instead of 10 (message, record dict,
+``users``, and the update's ArrayRecord, Array and ArrayChunk). ConfigRecord values hold
+ints and floats as MetricRecord's do, so the readers give back the same MetricRecords.
 
 Node config (set where a node starts): a device's ``data-file``, ``user-id``,
 ``model-dir``, ``user-column``, ``label-column``, ``device`` (``pollinate node start``); a simulated
@@ -55,12 +62,11 @@ if TYPE_CHECKING:
 ARRAYS = "arrays"  # Flower's FedAvg arrayrecord_key: the global model, or a cohort mean
 CONFIG = "config"  # Flower's FedAvg configrecord_key
 METRICS = "metrics"  # the record Flower's aggregate reads beside ARRAYS
-USERS = "users"  # ConfigRecord {IDS: [...]} in every reply
+USERS = "users"  # ConfigRecord {IDS: [...], "<i>/<metric>": ...} in every reply
 IDS = "ids"
 REJECTED = "rejected"  # ConfigRecord {user: reason}: updates a node left out of its mean
 WEIGHTS = "weights"  # the one array of a model record: the flat vector of models/flat.py
 USER_ARRAYS = "arrays/"  # + user id: that user's update
-USER_METRICS = "metrics/"  # + user id: that user's metrics
 EVALUATION = "evaluate/"  # prefix of the evaluation half of a reply that carries one
 
 # ----------------------------------------------------------------- config keys
@@ -104,7 +110,7 @@ NUM_PARTITIONS = "num-partitions"
 
 # --------------------------------------------------------------------- metrics
 def train_metrics(num_examples: int, loss: float) -> dict[str, float]:
-    """A user's training metrics (``metrics/<user>`` of a train reply)."""
+    """A user's training metrics (in a train reply's ``users`` record)."""
     return {NUM_EXAMPLES: num_examples, TRAIN_LOSS: loss}
 
 
@@ -257,8 +263,7 @@ def users_content(ids: Iterable[str]) -> RecordDict:
 
 def read_users(content: RecordDict, prefix: str = "") -> list[str]:
     """The user ids of a reply (``prefix`` = :data:`EVALUATION`: of its evaluation)."""
-    record = content.config_records[f"{prefix}{USERS}"]
-    return _strings(record[IDS])
+    return _strings(content.config_records[USERS][f"{prefix}{IDS}"])
 
 
 @dataclass
@@ -286,19 +291,47 @@ class TrainReply:
     evaluation: EvaluateReply | None = None
 
 
-def evaluate_content(reply: EvaluateReply, prefix: str = "") -> RecordDict:
-    """An evaluate reply (``prefix`` = :data:`EVALUATION`: a train reply's carried half)."""
+def evaluate_content(reply: EvaluateReply) -> RecordDict:
+    """An evaluate reply."""
     from flwr.app import RecordDict
 
-    content = RecordDict()
-    _put_evaluation(content, reply, prefix)
-    return content
+    record = _cohort_record(reply.metrics, "")
+    return RecordDict({USERS: record})
 
 
-def _put_evaluation(content: RecordDict, reply: EvaluateReply, prefix: str) -> None:
-    for user, metrics in reply.metrics.items():
-        content[f"{prefix}{USER_METRICS}{user}"] = metrics
-    content[f"{prefix}{USERS}"] = _ids(reply.metrics)
+def _cohort_record(
+    metrics: Mapping[str, MetricRecord], prefix: str, into: ConfigRecord | None = None
+) -> ConfigRecord:
+    """``metrics`` (user -> record) into one ConfigRecord: ``<prefix>ids`` and
+    ``<prefix><i>/<metric>`` for the i-th user (``into``: add to that record)."""
+    from flwr.app import ConfigRecord
+
+    record = ConfigRecord() if into is None else into
+    record[f"{prefix}{IDS}"] = [str(u) for u in metrics]
+    for i, values in enumerate(metrics.values()):
+        for name, value in values.items():
+            record[f"{prefix}{i}/{name}"] = value
+    return record
+
+
+def _read_cohort(record: ConfigRecord, prefix: str) -> dict[str, MetricRecord]:
+    """The user -> metrics of :func:`_cohort_record` (users in ``ids`` order)."""
+    from flwr.app import MetricRecord
+
+    users = _strings(record[f"{prefix}{IDS}"])
+    per_user: list[dict[str, Any]] = [{} for _ in users]
+    for key, value in record.items():
+        if prefix and not key.startswith(prefix):
+            continue
+        head, sep, name = key[len(prefix) :].partition("/")
+        if sep and head.isdigit():  # "evaluate/..." has no digits before its "/"
+            if int(head) >= len(users):
+                raise KeyError(f"{key}: no user {head} in {prefix}{IDS}")
+            per_user[int(head)][name] = value
+    missing = [u for u, m in zip(users, per_user, strict=True) if not m]
+    if missing:
+        raise KeyError(f"no metrics for users {missing[:3]}")
+    return {u: MetricRecord(m) for u, m in zip(users, per_user, strict=True)}
 
 
 def train_content(reply: TrainReply) -> RecordDict:
@@ -306,43 +339,40 @@ def train_content(reply: TrainReply) -> RecordDict:
     from flwr.app import ConfigRecord, RecordDict
 
     content = RecordDict()
-    if reply.evaluation is not None:
-        _put_evaluation(content, reply.evaluation, EVALUATION)
     for user, update in reply.updates.items():
         content[f"{USER_ARRAYS}{user}"] = update
-    for user, metrics in reply.metrics.items():
-        content[f"{USER_METRICS}{user}"] = metrics
     if reply.mean is not None and reply.mean_metrics is not None:
         content[ARRAYS] = reply.mean
         content[METRICS] = reply.mean_metrics
     if reply.rejected:
         content[REJECTED] = ConfigRecord(dict(reply.rejected))
-    content[USERS] = _ids(reply.metrics)
+    users = _cohort_record(reply.metrics, "")
+    if reply.evaluation is not None:
+        _cohort_record(reply.evaluation.metrics, EVALUATION, into=users)
+    content[USERS] = users
     return content
 
 
 def read_evaluate_reply(content: RecordDict, prefix: str = "") -> EvaluateReply:
     """An evaluate reply, or (``prefix`` = :data:`EVALUATION`) a train reply's carried one."""
-    records = content.metric_records
-    return EvaluateReply(
-        {u: records[f"{prefix}{USER_METRICS}{u}"] for u in read_users(content, prefix)}
-    )
+    return EvaluateReply(_read_cohort(content.config_records[USERS], prefix))
 
 
 def read_train_reply(content: RecordDict) -> TrainReply:
-    """A train reply; KeyError if a listed user's metrics are missing."""
+    """A train reply; KeyError if a listed user's metrics (or ``users``) are missing."""
     arrays, metrics = content.array_records, content.metric_records
-    users = read_users(content)
+    users = content.config_records[USERS]
+    cohort = _read_cohort(users, "")
     rejected = content.config_records.get(REJECTED)
     return TrainReply(
-        metrics={u: metrics[f"{USER_METRICS}{u}"] for u in users},
-        updates={u: arrays[k] for u in users if (k := f"{USER_ARRAYS}{u}") in arrays},
+        metrics=cohort,
+        updates={u: arrays[k] for u in cohort if (k := f"{USER_ARRAYS}{u}") in arrays},
         mean=arrays.get(ARRAYS),
         mean_metrics=metrics.get(METRICS),
         rejected={str(u): str(r) for u, r in rejected.items()} if rejected else {},
         evaluation=(
-            read_evaluate_reply(content, EVALUATION)
-            if f"{EVALUATION}{USERS}" in content.config_records
+            EvaluateReply(_read_cohort(users, EVALUATION))
+            if f"{EVALUATION}{IDS}" in users
             else None
         ),
     )

@@ -4,9 +4,11 @@
     python benchmarks/bench_scale_deploy.py --devices 10,100,1000 --rounds 5,5,2
     python benchmarks/bench_scale_deploy.py --devices 100 --paths tuned --profile out.svg
 
-Devices are emulated (:mod:`pollinate.deploy.emulator`): one process hosts every device
-identity, each with its own ECDSA node key (registered with the SuperLink, every request
-signed), its own TLS connection and its own data file (40 rows of sklearn's digits). Both
+Devices are emulated (:mod:`pollinate.deploy.emulator`), split over
+``--emulator-processes`` processes (:mod:`pollinate.deploy.emulator_pool`; default one per
+CPU; their CPU is summed). Each device identity has its own ECDSA node key (registered
+with the SuperLink, every request signed), its own TLS connection and its own data file
+(40 rows of sklearn's digits). Both
 paths run TLS + node authentication, the SuperLink's state in memory (stock Flower's
 default; ``pollinate server start --memory-state``), the same Pollinate strategy and
 ClientApp, and the same job: logistic regression 64 -> 10, FedAvg, every device every
@@ -27,7 +29,8 @@ requests (Fleet = devices, other = the ServerApp's Runtime API) and the wall tim
 competes with the server's, so wall times are upper bounds; CPU times are per process.
 
 ``--profile FILE``: record the SuperLink with py-spy (``pip install py-spy``) during the
-tuned run and write a flame graph (``.svg``), speedscope JSON (``.json``) or collapsed stacks
+tuned run (``--profile emulator=FILE``: the first emulator process instead) and write a
+flame graph (``.svg``), speedscope JSON (``.json``) or collapsed stacks
 (``.txt``, one ``frame;frame;... count`` line per stack: ``profile_summary.py`` reads it).
 """
 
@@ -64,6 +67,8 @@ REQUESTS_LINE = re.compile(r"pollinate: requests total=(\d+)(.*)")
 
 
 def job_config(root: Path, name: str, rounds: int, devices: int) -> Path:
+    # Timeouts grow with the devices: on a shared 2-core machine 1,000 devices take minutes
+    # per exchange (the emulator's CPU and the server's share the cores).
     path = root / f"{name}.toml"
     path.write_text(
         f"""[run]
@@ -86,8 +91,8 @@ method = "none"
 [store]
 save-models = "final-round"
 [server]
-node-wait-timeout = 600.0
-round-timeout = 900.0
+node-wait-timeout = {600.0 + 1.2 * devices}
+round-timeout = {900.0 + 1.5 * devices}
 """
     )
     return path
@@ -307,10 +312,10 @@ def launch_tuned(root: Path, cfg: Path, port: int) -> tuple[subprocess.Popen[byt
 
 
 def run_path(
-    path: str, root: Path, devices: int, rounds: int, threads: int, profile: str
+    path: str, root: Path, devices: int, rounds: int, threads: int, processes: int, profile: str
 ) -> Result:
-    from pollinate.client.app import app as client_app
-    from pollinate.deploy.emulator import POLICIES, Emulator, device_specs, register_devices
+    from pollinate.deploy.emulator import POLICIES, device_specs, register_devices
+    from pollinate.deploy.emulator_pool import EmulatorPool
     from pollinate.deploy.proc import free_port
 
     root.mkdir(parents=True)
@@ -325,24 +330,27 @@ def run_path(
     try:
         register_devices(flwr_home, "s" if path == "stock" else "pollinate", specs)
         ca = (root / ("certs" if path == "stock" else "server/certs") / "ca.crt").read_bytes()
-        emulator = Emulator(
+        emulator = EmulatorPool(
             specs,
             f"127.0.0.1:{port}",
-            client_app=client_app,
+            client_app="pollinate.client.app:app",
             root_certificates=ca,
             policy=POLICIES[path],
+            processes=processes,
             threads=threads,
         )
         with emulator:
             wait_for(lambda: emulator.active == devices, 600, f"{devices} devices active")
             t0, cpu0 = time.monotonic(), sampler.sample()
             req0 = request_counts(link_log)
-            emu0 = emulator.stats.requests.copy()
-            msg0, me0 = emulator.stats.messages, _own_cpu()
-            if profile and path == "tuned" and "superlink" in sampler.pids:
+            emu0 = emulator.stats.requests
+            msg0, me0 = emulator.stats.messages, emulator.stats.cpu
+            target, _, out = profile.rpartition("=") if "=" in profile else ("", "", profile)
+            pid = emulator.pids[0] if target == "emulator" else sampler.pids.get("superlink")
+            if out and path == "tuned" and pid:
                 spy = subprocess.Popen(
-                    ["py-spy", "record", "-p", str(sampler.pids["superlink"]), "-o", profile,
-                     "-r", "50", *PROFILE_FORMATS.get(Path(profile).suffix, [])],
+                    ["py-spy", "record", "-p", str(pid), "-o", out,
+                     "-r", "50", *PROFILE_FORMATS.get(Path(out).suffix, [])],
                     stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
                 )  # fmt: skip
             wait_for(
@@ -355,8 +363,8 @@ def run_path(
             wall = time.monotonic() - t0
             time.sleep(STATS_SETTLE)
             req1 = request_counts(link_log)
-            emu1 = emulator.stats.requests.copy()
-            msg1, me1 = emulator.stats.messages, _own_cpu()
+            emu1 = emulator.stats.requests
+            msg1, me1 = emulator.stats.messages, emulator.stats.cpu
             if spy is not None:
                 spy.send_signal(signal.SIGINT)
                 spy.wait(120)
@@ -378,11 +386,6 @@ def run_path(
         exchanges=msg1 - msg0,
         emulator_cpu=me1 - me0,
     )
-
-
-def _own_cpu() -> float:
-    t = psutil.Process().cpu_times()
-    return t.user + t.system
 
 
 PROFILE_FORMATS = {".json": ["-f", "speedscope"], ".txt": ["-f", "raw"]}  # else a flame graph
@@ -469,8 +472,19 @@ def main() -> None:
     parser.add_argument("--devices", default="10,100", help="comma-separated device counts")
     parser.add_argument("--rounds", default="5", help="rounds, one for all or one per count")
     parser.add_argument("--paths", default="stock,tuned")
-    parser.add_argument("--threads", type=int, default=8, help="emulator threads")
-    parser.add_argument("--profile", default="", help="py-spy output for the tuned SuperLink")
+    parser.add_argument("--threads", type=int, default=8, help="threads per emulator process")
+    parser.add_argument(
+        "--emulator-processes",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="processes the devices are split over (default: one per CPU)",
+    )
+    parser.add_argument(
+        "--profile",
+        default="",
+        help="py-spy output for the tuned SuperLink (FILE), or its first emulator process "
+        "(emulator=FILE)",
+    )
     args = parser.parse_args()
     counts = [int(n) for n in args.devices.split(",")]
     rounds = [int(r) for r in args.rounds.split(",")]
@@ -483,7 +497,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
         for n, r in zip(counts, rounds, strict=True):
             for path in args.paths.split(","):
-                res = run_path(path, Path(tmp) / f"{path}-{n}", n, r, args.threads, args.profile)
+                res = run_path(
+                    path,
+                    Path(tmp) / f"{path}-{n}",
+                    n,
+                    r,
+                    args.threads,
+                    args.emulator_processes,
+                    args.profile,
+                )
                 results.append(res)
                 report([res])
     report(results)

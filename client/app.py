@@ -5,24 +5,25 @@ layout of every message is :mod:`pollinate.protocol`'s; in words:
 
 - ``query``: which users does this node host? Reply ``ConfigRecord "users"`` with ``ids``.
 - ``train``: config ``users`` names the sampled users; for each, train from the global
-  ``arrays`` and reply ``arrays/<user>`` + ``metrics/<user>`` (``num-examples``,
-  ``train-loss``) so the server sees every user's individual update. When the server's
+  ``arrays`` and reply ``arrays/<user>`` + that user's metrics (``num-examples``,
+  ``train-loss``, all users' in the one ``users`` record) so the server sees every
+  user's individual update. When the server's
   strategy aggregates by an example-weighted mean (FedAvg, FedProx, FedAdam, FedYogi) it
   sets config ``node-mean``: the node then replies the cohort's weighted mean as ``arrays``
   + ``metrics`` (the same result up to float rounding, one update to send instead of one
-  per user) and still ``metrics/<user>`` per user. A dropped straggler
+  per user) and still each user's metrics in ``users``. A dropped straggler
   (``train.drop-stragglers``) sends nothing. Before a user's update enters that mean the
   node checks it (:mod:`pollinate.models.checks`: finite, the model's size, an example
   count within the user's real training set, ``validation.norm-bound``); a refused one is
   left out and named in ``ConfigRecord "rejected"`` (user -> reason).
 - Config ``attack-users`` (only with an ``[attack]`` config) names the sampled users that
   play attacker this round: they poison their own update (:mod:`pollinate.models.attacks`).
-- ``evaluate``: for each user in ``users``, reply ``metrics/<user>`` with global and
-  personal loss/accuracy on the user's own test split.
+- ``evaluate``: for each user in ``users``, reply its global and personal loss/accuracy
+  on the user's own test split (in the reply's one ``users`` record).
 - A ``train`` message may also carry the previous round's evaluation (config
   ``evaluate-users`` and ``evaluate-round``; it evaluates the same global model): the node
   evaluates those users first, as a separate ``evaluate`` message would have, and adds
-  ``evaluate/metrics/<user>`` and ``evaluate/users`` to the reply.
+  their metrics to the reply's ``users`` record under ``evaluate/``.
 
 Model weights travel as one flat vector, ``ArrayRecord {"weights": ...}`` in the order of
 the model's ``state_dict`` (:mod:`pollinate.models.flat`): on a deployment every array is a

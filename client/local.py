@@ -71,7 +71,7 @@ def _federated(spec: Any) -> FederatedDataset:
     return load_federated_dataset(spec)
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=1024)  # a device reads one file; the emulator hosts 1,000 devices
 def _device_file(
     path: str,
     mtime: float,

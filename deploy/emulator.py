@@ -3,7 +3,9 @@
 ``pollinate node start`` runs one device per process (a Flower SuperNode plus a warm
 ClientApp worker, ~400 MB with torch). To measure a *server* with 1,000 devices on one
 machine, :class:`Emulator` hosts many device identities in one process instead. Each has
-its own node key (node authentication: every request is signed with it), its own TLS
+its own node key (node authentication: every request carries a timestamp signed with it; a
+signature is reused for up to a minute, which the SuperLink accepts, see
+:class:`~pollinate.flower_compat.fleet.ReusedSignatureInterceptor`), its own TLS
 connection and its own data file, and does what a stock ``flower-supernode`` does with the
 SuperLink, request for request (``flwr/supernode/fleet_http_connection.py`` and
 ``start_client_internal.py``):
@@ -61,6 +63,13 @@ class PollPolicy:
     ``expect`` (0: off): after a reply, the first poll waits ``expect`` x the wait that came
     before the last message (federated rounds keep a rhythm: the next message is due about
     a round later), at most ``expect_max`` s; polling then goes on as above.
+
+    Scaled to the rhythm (0: off), so that a device's requests per round stay flat however
+    long a round takes (a round's length grows with the number of devices):
+    ``rhythm_poll``: the idle sleep may grow past ``idle_max`` to that share of the last
+    wait; ``rhythm_heartbeat``: the heartbeat interval announced is that many last waits
+    (within ``heartbeat`` .. ``heartbeat_max``; the SuperLink takes any interval of
+    10 .. 1,800 s with every heartbeat, and marks a node offline after 2 missed ones).
     """
 
     idle_min: float
@@ -70,11 +79,20 @@ class PollPolicy:
     get_fab: bool = True
     expect: float = 0.0
     expect_max: float = 60.0
+    rhythm_poll: float = 0.0
+    rhythm_heartbeat: float = 0.0
+    heartbeat_max: int = 600
 
-    def idle_sleep(self, idle: float) -> float:
+    def idle_sleep(self, idle: float, last_wait: float = 0.0) -> float:
+        cap = max(self.idle_max, self.rhythm_poll * last_wait)
         if self.idle_share <= 0:
-            return self.idle_max
-        return min(max(self.idle_min, idle * self.idle_share), self.idle_max)
+            return cap
+        return min(max(self.idle_min, idle * self.idle_share), cap)
+
+    def heartbeat_interval(self, last_wait: float) -> int:
+        """The interval to announce (s), given the wait before the last message."""
+        scaled = int(self.rhythm_heartbeat * last_wait)
+        return min(max(self.heartbeat, scaled), max(self.heartbeat, self.heartbeat_max))
 
     def first_sleep(self, last_wait: float) -> float:
         """The sleep right after a reply, given the wait before the last message."""
@@ -84,11 +102,25 @@ class PollPolicy:
 # flower-supernode 1.42: `time.sleep(3)` after an empty PullMessages, heartbeat 30 s.
 STOCK = PollPolicy(idle_min=3.0, idle_max=3.0, idle_share=0.0)
 # A round's next message comes about as long after a reply as the last one did: sleep 80%
-# of that, then poll every 10% of the time idle so far (50 ms .. 4 s), so a message is
-# picked up within ~2% of a round late with a few polls per round. The 4 s cap stays
+# of that, then poll every 15% of the time idle so far (0.25 .. 4 s), so a message is
+# picked up within ~3% of a round late with a few polls per round. Where there is no
+# rhythm yet (after the user query, which comes once), polls start 0.25 s apart and grow
+# 15% each: a wait of 60 s costs ~30 polls (50 ms and 10%: ~74). The 4 s cap stays
 # under uvicorn's 5 s keep-alive: an idle device's poll reuses its TLS connection instead
-# of costing the server a new handshake.
-TUNED = PollPolicy(idle_min=0.05, idle_max=4.0, idle_share=0.1, get_fab=False, expect=0.8)
+# of costing the server a new handshake. Rounds of minutes (hundreds of devices on one
+# server): polls up to 10% of the last wait apart (a new handshake each, but a few per
+# round instead of one per 4 s), and a heartbeat interval of 2 waits (a dead device is
+# still found within ~4 rounds), so requests per device-round do not grow with the round.
+TUNED = PollPolicy(
+    idle_min=0.25,
+    idle_max=4.0,
+    idle_share=0.15,
+    get_fab=False,
+    expect=0.8,
+    expect_max=600.0,
+    rhythm_poll=0.1,
+    rhythm_heartbeat=2.0,
+)
 POLICIES = {"stock": STOCK, "tuned": TUNED}
 
 RETRY_AFTER = 1.0  # s, after a failed request (server busy or restarting)
@@ -188,8 +220,10 @@ class Emulator:
         policy: PollPolicy = TUNED,
         threads: int = 8,
         seed: int = 0,
+        signature_reuse: float = fleet.SIGNATURE_REUSE,
     ) -> None:
         fleet.check_fleet_api()
+        self._signature_reuse = signature_reuse
         self.address = address
         self.policy = policy
         self.client_app = client_app
@@ -209,7 +243,9 @@ class Emulator:
         if spec.key is not None:
             private = load_private_key(spec.key)
             public = private.public_key()
-        client = fleet.fleet_client(self.address, root_certificates, private, public)
+        client = fleet.fleet_client(
+            self.address, root_certificates, private, public, signature_reuse=self._signature_reuse
+        )
         device = _Device(spec, _CountingClient(client, self.stats))
         if public is not None:
             device.public_key = fleet.public_key_to_bytes(public)
@@ -308,7 +344,7 @@ class Emulator:
                 return now  # a one-off exchange before the rounds: no rhythm to go by
             # A SuperNode pulls again at once (expect = 0).
             return min(now + self.policy.first_sleep(device.last_wait), device.next_heartbeat)
-        sleep = self.policy.idle_sleep(time.monotonic() - device.idle_since)
+        sleep = self.policy.idle_sleep(time.monotonic() - device.idle_since, device.last_wait)
         return min(time.monotonic() + sleep, device.next_heartbeat)
 
     def _activate(self, device: _Device) -> None:
@@ -320,20 +356,20 @@ class Emulator:
         device.node = fleet.Node(node_id=res.node_id)
         device.next_heartbeat = time.monotonic() + self._heartbeat_every()
 
-    def _heartbeat_every(self) -> float:
+    def _heartbeat_every(self, interval: float | None = None) -> float:
         # Flower's HeartbeatSender: (interval - 5 s call timeout) x (0.8 +- 0.1).
-        return (self.policy.heartbeat - 5) * (0.8 + self._rng.uniform(-0.1, 0.1))
+        interval = self.policy.heartbeat if interval is None else interval
+        return (interval - 5) * (0.8 + self._rng.uniform(-0.1, 0.1))
 
     def _heartbeat(self, device: _Device) -> None:
+        interval = self.policy.heartbeat_interval(device.last_wait)
         res = device.client.SendNodeHeartbeat(
-            fleet.SendNodeHeartbeatRequest(
-                node=device.node, heartbeat_interval=self.policy.heartbeat
-            )
+            fleet.SendNodeHeartbeatRequest(node=device.node, heartbeat_interval=interval)
         )
         if not res.success:
             device.node = None  # the SuperLink forgot it: activate again
             raise RuntimeError("heartbeat refused; re-activating")
-        device.next_heartbeat = time.monotonic() + self._heartbeat_every()
+        device.next_heartbeat = time.monotonic() + self._heartbeat_every(interval)
 
     def _handle(self, device: _Device, message: Message, tree: Any) -> None:
         run_id = message.metadata.run_id

@@ -33,7 +33,7 @@ DISTINCT = {
     protocol.PARTITION_ID,
     protocol.NUM_PARTITIONS,
 }
-PREFIXES = (protocol.USER_ARRAYS, protocol.USER_METRICS, protocol.EVALUATION)
+PREFIXES = (protocol.USER_ARRAYS, protocol.EVALUATION)
 # Common words ("config" is also a checkpoint field, "users" a folder): protocol names
 # only where a Flower-layer module (one importing flwr) uses them as a key.
 GENERIC = {
@@ -134,7 +134,7 @@ def test_the_scan_catches_each_kind_of_literal(tmp_path: Path) -> None:
         "    '''A docstring may say node-mean and arrays/<user>.'''\n"
         "    a = content['arrays']\n"
         "    b = content.config_records['config'].get('node-mean')\n"
-        "    return a, b, content[f'metrics/{user}'], {'num-examples': 1}\n"
+        "    return a, b, content[f'arrays/{user}'], {'num-examples': 1}\n"
     )
     hits = protocol_literals(bad)
     assert sorted(h.split(": ", 1)[1] for h in hits) == [
@@ -142,7 +142,7 @@ def test_the_scan_catches_each_kind_of_literal(tmp_path: Path) -> None:
         "'config'",
         "'node-mean'",
         "'num-examples'",
-        "f'metrics/...'",
+        "f'arrays/...'",
     ]
 
 
@@ -223,3 +223,49 @@ def test_node_configs_read_back() -> None:
     )
     sim = protocol.read_node_config(protocol.simulated_node_config(2, 5))
     assert (sim.partition_id, sim.num_partitions, sim.data_file) == (2, 5, "")
+
+
+def _objects(content: RecordDict) -> int:
+    """Objects a reply is on the wire: the message, its records, their arrays."""
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    return len(get_all_nested_objects(Message(content, dst_node_id=1, message_type="train")))
+
+
+def test_a_cohorts_metrics_travel_as_one_record() -> None:
+    # One user with a carried evaluation: message, record dict, users, and its update's
+    # ArrayRecord, Array and ArrayChunk; a record per user and half would make it 10.
+    one = protocol.TrainReply(
+        metrics={"u": protocol.metric_record(protocol.train_metrics(5, 0.5))},
+        updates={"u": protocol.weights_record(torch.ones(2))},
+        evaluation=protocol.EvaluateReply(
+            {"u": protocol.metric_record(protocol.evaluate_metrics(4, 0.1, 0.9, 0.2, 0.8))}
+        ),
+    )
+    assert _objects(protocol.train_content(one)) == 6
+    many = protocol.EvaluateReply(
+        {
+            f"user/{i}": protocol.metric_record(protocol.evaluate_metrics(i, 0.1, 0.9, 0.2, i))
+            for i in range(50)
+        }
+    )
+    content = protocol.evaluate_content(many)
+    assert _objects(content) == 3  # message, record dict, users: however many users
+    got = protocol.read_evaluate_reply(content)
+    assert list(got.metrics) == list(many.metrics)  # order kept, "/" in an id is fine
+    for user, record in many.metrics.items():
+        assert dict(got.metrics[user]) == dict(record)
+        assert type(got.metrics[user][protocol.NUM_EXAMPLES]) is int  # ints stay ints
+
+
+def test_a_listed_user_without_metrics_is_a_key_error() -> None:
+    import pytest
+
+    content = protocol.evaluate_content(protocol.EvaluateReply({}))
+    users = content.config_records[protocol.USERS]
+    users[protocol.IDS] = ["ghost"]
+    with pytest.raises(KeyError, match="ghost"):
+        protocol.read_evaluate_reply(content)
+    users["3/num-examples"] = 1
+    with pytest.raises(KeyError, match="no user 3"):
+        protocol.read_evaluate_reply(content)

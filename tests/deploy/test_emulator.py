@@ -24,8 +24,9 @@ from pollinate.deploy.emulator import (
     register_devices,
     wait_until,
 )
+from pollinate.deploy.emulator_pool import EmulatorPool
 from pollinate.deploy.proc import port_in_use
-from pollinate.flower_compat import link_middleware
+from pollinate.flower_compat import fleet, link_middleware
 
 
 def start_superlink(dep: Deployment, port: int) -> tuple[subprocess.Popen[bytes], Path]:
@@ -82,8 +83,26 @@ def test_poll_policies() -> None:
     assert TUNED.first_sleep(10.0) == pytest.approx(8.0)
     assert TUNED.first_sleep(1e6) == TUNED.expect_max
     assert TUNED.idle_sleep(0.0) == TUNED.idle_min
-    assert TUNED.idle_sleep(10.0) == pytest.approx(1.0)
+    assert TUNED.idle_sleep(10.0) == pytest.approx(1.5)
     assert TUNED.idle_sleep(1e6) == TUNED.idle_max < 5.0  # under uvicorn's keep-alive
+
+
+def test_tuned_requests_per_round_do_not_grow_with_the_round() -> None:
+    # Polls and heartbeats in one idle wait of W s (after the 80% first sleep): with a
+    # rhythm, about the same for a 10 s round as for a 600 s one; stock's grow with W.
+    def requests(policy: Any, wait: float) -> float:
+        t, polls = policy.first_sleep(wait), 1
+        while t < wait:
+            t += policy.idle_sleep(t, wait)
+            polls += 1
+        heartbeats = wait / (0.8 * (policy.heartbeat_interval(wait) - 5))
+        return polls + heartbeats
+
+    tuned = [requests(TUNED, w) for w in (10.0, 100.0, 600.0)]
+    assert max(tuned) / min(tuned) < 1.5, tuned
+    assert requests(STOCK, 600.0) > 10 * requests(STOCK, 10.0)
+    assert STOCK.heartbeat_interval(600.0) == STOCK.heartbeat == 30
+    assert 10 <= TUNED.heartbeat_interval(0.0) <= TUNED.heartbeat_interval(1e6) <= 1800
 
 
 class _Spy:
@@ -133,7 +152,7 @@ def test_gated_chain_keeps_every_layer_in_order(monkeypatch: pytest.MonkeyPatch)
 
 
 @pytest.mark.slow
-def test_twelve_emulated_devices_finish_five_rounds_with_tls_and_node_auth(
+def test_twelve_devices_in_two_emulator_processes_finish_five_rounds_with_tls_and_node_auth(
     deployment: Deployment, port: int
 ) -> None:
     n, rounds = 12, 5
@@ -153,9 +172,17 @@ def test_twelve_emulated_devices_finish_five_rounds_with_tls_and_node_auth(
     devices = device_specs(deployment.root / "fleet", n, keys=True)
     assert register_devices(deployment.server_state / "flwr", "pollinate", devices) == n
     ca = (deployment.certs / "ca.crt").read_bytes()
-    emulator = Emulator(devices, f"127.0.0.1:{port}", client_app=client_app, root_certificates=ca)
+    # Two emulator processes, six devices each (the pool the scale benchmark uses).
+    emulator = EmulatorPool(
+        devices,
+        f"127.0.0.1:{port}",
+        client_app="pollinate.client.app:app",
+        root_certificates=ca,
+        processes=2,
+    )
     with emulator:
         assert server.wait(300) == 0, server.output
+    assert [len(share) for share in emulator.shares] == [6, 6]
     assert emulator.stats.app_errors == 0
     # query + rounds x train (the evaluation rides along) + the last evaluation, per device
     assert emulator.stats.messages == n * (rounds + 2)
@@ -165,3 +192,32 @@ def test_twelve_emulated_devices_finish_five_rounds_with_tls_and_node_auth(
         users = {u for (u,) in db.execute("SELECT DISTINCT user FROM clients")}
     assert trained == dict.fromkeys(range(1, rounds + 1), n)
     assert users == {f"user{i}" for i in range(n)}  # every device's own data
+
+
+def test_a_reused_signature_verifies_and_is_renewed(monkeypatch: pytest.MonkeyPatch) -> None:
+    import base64
+
+    import httpx
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from flwr.supercore.primitives.asymmetric import verify_signature
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    auth = fleet.ReusedSignatureInterceptor(key, key.public_key(), reuse=60.0)
+    clock = [1000.0]
+    monkeypatch.setattr(fleet.time, "monotonic", lambda: clock[0])
+
+    def signed() -> httpx.Headers:
+        context = type("Ctx", (), {"request": httpx.Request("POST", "https://x/v1/fleet/p")})()
+        auth.intercept(context, lambda c: None)
+        return context.request.headers
+
+    first, again = signed(), signed()
+    clock[0] += 61.0
+    renewed = signed()
+    assert first == again  # within the minute: the same signed timestamp
+    assert renewed["flwr-signature"] != first["flwr-signature"]
+    for headers in (first, renewed):
+        stamp, sig = headers["flwr-timestamp"], base64.b64decode(headers["flwr-signature"])
+        assert verify_signature(key.public_key(), stamp.encode(), sig)
+    with pytest.raises(ValueError, match="reuse"):
+        fleet.ReusedSignatureInterceptor(key, key.public_key(), reuse=400.0)

@@ -17,7 +17,7 @@ import torch
 from flwr.app import ArrayRecord, Message, MetricRecord
 from simhelpers import run_in_process, small_config
 
-from pollinate import config
+from pollinate import config, protocol
 from pollinate.models import load_artifact
 from pollinate.models.checks import NonFiniteModelError
 from pollinate.server.checkpoint import CHECKPOINT, load_checkpoint
@@ -78,18 +78,25 @@ class HostileGrid(InProcessGrid):
         return replies
 
     def _rewrite(self, reply: Message) -> None:
-        content = reply.content
-        for user in [str(u) for u in content.config_records["users"]["ids"]]:  # type: ignore[union-attr]
+        train = protocol.read_train_reply(reply.content)
+        for user in list(train.metrics):
             if user not in self.users or self.tamper is None:
                 continue
             # A cohort mean of one user is that user's update.
-            arrays = "arrays" if "arrays" in content.array_records else f"arrays/{user}"
-            metrics = "metrics" if "metrics" in content.metric_records else f"metrics/{user}"
-            w = content.array_records[arrays]["weights"].numpy()
-            weights, values = self.tamper(w, dict(content.metric_records[metrics]))
-            content[arrays] = ArrayRecord({"weights": torch.from_numpy(weights)})
-            content[metrics] = MetricRecord(values)
-            content[f"metrics/{user}"] = MetricRecord(values)
+            arrays = train.mean if train.mean is not None else train.updates[user]
+            w = arrays["weights"].numpy()
+            weights, values = self.tamper(w, dict(train.metrics[user]))
+            update = ArrayRecord({"weights": torch.from_numpy(weights)})
+            if train.mean is not None:
+                train.mean, train.mean_metrics = update, MetricRecord(values)
+            else:
+                train.updates[user] = update
+            train.metrics[user] = MetricRecord(values)
+        content = reply.content
+        for key in list(content):
+            del content[key]
+        for key, record in protocol.train_content(train).items():
+            content[key] = record
 
 
 def _config(run_dir: Path, **overrides: object) -> config.RunConfig:
