@@ -171,11 +171,15 @@ def start_workers_from(flat: Mapping[str, Any]) -> bool:
         return False
     if backend == "ray" or (backend == "auto" and address):
         return False
+    try:
+        text = json.dumps(dict(flat))
+    except (TypeError, ValueError):  # e.g. a TOML date: not a config value anyway
+        return False
     apps.prestart_local(
         CLIENT_APP,
         cpus_per_node=float(cpus),
         preload=[*DATASET_MODULES.get(dataset, []), PRELOAD_MODULE],
-        preload_env={RUN_CONFIG_ENV: json.dumps(dict(flat))},
+        preload_env={RUN_CONFIG_ENV: text},
     )
     return True
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 from pathlib import Path
 
@@ -72,6 +73,7 @@ def test_a_missing_file_is_left_to_the_workers(
         {"simulation.cpus-per-node": "two"},  # not a number: the config check says so
         {"simulation.cpus-per-node": 0},
         {"data.dataset": 3},
+        {"run.name": datetime.date(2026, 12, 1)},  # a TOML date: no JSON, no config value
     ],
 )
 def test_no_local_workers_start_where_the_raw_config_does_not_say_local(
