@@ -97,14 +97,38 @@ def run_config(args: argparse.Namespace) -> RunConfig:
     return config.load(args.config, overrides)
 
 
+def _start_workers_first(args: argparse.Namespace) -> None:
+    """The local backend's fork server, started from the config file and ``--set`` items
+    before they are resolved (:func:`pollinate.simulation.engine.start_workers_from`)."""
+    from pollinate import config
+    from pollinate.simulation.engine import start_workers_from
+
+    if args.resume or not args.config:
+        return
+    try:
+        flat = config.read_toml(args.config)
+        flat.update(config.parse_override(item) for item in args.set or [])
+    except Exception:  # run_config reads them again and says what is wrong
+        return
+    start_workers_from(flat)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    _start_workers_first(args)
     from pollinate.server import rundir
     from pollinate.server.metrics import read_rounds, read_run_info
     from pollinate.server.tracking import check_tracking
-    from pollinate.simulation.engine import count_users, run_simulation, with_device
+    from pollinate.simulation.engine import (
+        count_users,
+        run_simulation,
+        start_workers_early,
+        with_device,
+    )
 
     cfg = with_device(run_config(args))  # `cuda` without a GPU: one line, exit 2
-    num_users = count_users(cfg)  # data errors surface here, before any process starts
+    if not cfg.run.resume:  # the workers' imports overlap the data check (a resume may stop)
+        start_workers_early(cfg)
+    num_users = count_users(cfg)  # data errors surface here, before any file is written
     check_tracking(cfg)
     # Held for the whole command; the ServerApp (in this process) takes it again.
     with rundir.held(cfg.run_dir):

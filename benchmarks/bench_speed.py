@@ -20,6 +20,17 @@ of minibatch SGD from the global weights, and the server takes the example-weigh
 
 All three sample the same users with the same seeds: ``plain`` and ``pollinate`` end with
 the same global weights (checked: column ``max_dw_vs_plain``), so they did the same work.
+Column ``accuracy`` is each run's final global model on every user's own test split
+(example-weighted), ``acc_vs_per_user`` its difference to the ``pollinate`` variant's (one
+user at a time through Pollinate), measured here after all runs.
+
+Issue 13's job (``--max-samples 200``): the harness first writes one users file (Parquet,
+or ``--users-file-format csv``) of Synthetic(1,1) users cut to 200 samples each, and every
+variant reads its users from it (``data.dataset = "file"``; the plain loop through the same
+reader), start-up included::
+
+    python benchmarks/bench_speed.py --users 1000 --variants plain,pollinate,pollinate-stacked \
+        --model logreg --batch-size 10 --rounds 20 --max-samples 200 --repeat 2
 
 Every run is its own child process (own Ray instance), watched from here: wall time from
 launch to exit, the peak of the summed RSS and PSS of its whole process tree (driver, Ray's
@@ -95,6 +106,33 @@ class Job:
     seed: int = 0
     model: str = "mlp"
     device: str = "cpu"  # the plain loop's, and simulation.device for Pollinate
+    # Issue 13's job: every variant reads its users from this one CSV/Parquet file
+    # (written by `write_users_file`) instead of generating Synthetic(1,1) users itself.
+    users_file: str = ""
+
+    def data_spec(self) -> Any:
+        """The users every variant trains: the users file, or the lazy generator."""
+        from pollinate.data import DataSpec
+
+        if self.users_file:
+            return DataSpec(dataset="file", path=self.users_file, seed=self.seed)
+        return DataSpec(
+            dataset="synthetic",
+            num_users=self.users,
+            synthetic_alpha=1.0,
+            synthetic_beta=1.0,
+            seed=self.seed,
+        )
+
+    def data_config(self) -> dict[str, Any]:
+        if self.users_file:
+            return {"data.dataset": "file", "data.path": self.users_file}
+        return {
+            "data.dataset": "synthetic",
+            "data.num-users": self.users,
+            "data.synthetic-alpha": 1.0,
+            "data.synthetic-beta": 1.0,
+        }
 
     def model_kwargs(self) -> dict[str, Any]:
         return {"hidden": self.hidden} if self.model == "mlp" else {}
@@ -125,17 +163,18 @@ class Job:
     def pollinate_config(self, run_dir: Path, extra: dict[str, Any] | None = None) -> Any:
         from pollinate.config import resolve
 
-        return resolve(
+        return resolve(self.pollinate_flat(run_dir, extra))
+
+    def pollinate_flat(self, run_dir: Path, extra: dict[str, Any] | None = None) -> dict:
+        """The run's config as ``pollinate run`` reads it from a file, not yet resolved."""
+        return dict(
             {
                 "run.name": f"bench-{self.users}",
                 "run.num-rounds": self.rounds,
                 "run.seed": self.seed,
                 "run.dir": str(run_dir),
                 "run.overwrite": True,  # each repeat replaces the last one's folder
-                "data.dataset": "synthetic",
-                "data.num-users": self.users,
-                "data.synthetic-alpha": 1.0,
-                "data.synthetic-beta": 1.0,
+                **self.data_config(),
                 "model.name": self.model,
                 "model.hidden": self.hidden,
                 "train.epochs": self.epochs,
@@ -162,19 +201,11 @@ def run_plain(job: Job, out: Path) -> dict[str, Any]:
     import torch
 
     from pollinate.client.local import user_seed
-    from pollinate.data import DataSpec, load_federated_dataset
+    from pollinate.data import load_federated_dataset
     from pollinate.models import TrainConfig, create_model, train
 
     torch.set_num_threads(1)
-    data = load_federated_dataset(
-        DataSpec(
-            dataset="synthetic",
-            num_users=job.users,
-            synthetic_alpha=1.0,
-            synthetic_beta=1.0,
-            seed=job.seed,
-        )
-    )
+    data = load_federated_dataset(job.data_spec())
     model = create_model(
         job.model, in_features=60, num_classes=10, seed=job.seed, **job.model_kwargs()
     ).to(job.device)
@@ -239,6 +270,13 @@ def run_flower(job: Job, out: Path) -> dict[str, Any]:
 def run_pollinate(
     job: Job, out: Path, extra: dict[str, Any] | None = None, *, node_means: bool = True
 ) -> dict[str, Any]:
+    # As `pollinate run` does: the local backend's workers start from the config as read,
+    # before it is resolved (resolving imports torch), then the run.
+    from pollinate.simulation.engine import run_simulation, start_workers_from
+
+    flat = job.pollinate_flat(out / "run", extra)
+    start_workers_from(flat)
+
     import torch
 
     if not node_means:  # every user's update travels to the server, as robust rules need
@@ -248,10 +286,10 @@ def run_pollinate(
 
     import sqlite3
 
+    from pollinate.config import resolve
     from pollinate.models import load_artifact
-    from pollinate.simulation.engine import run_simulation
 
-    run_dir = run_simulation(job.pollinate_config(out / "run", extra))
+    run_dir = run_simulation(resolve(flat))
     # Straight from the metrics database: pandas (`read_rounds`) would add its import to
     # this variant's teardown, which the others do not pay.
     with sqlite3.connect(run_dir / "metrics.db") as db:
@@ -311,6 +349,7 @@ def measure(
         "peak_rss_gib": child.peak_rss / GiB,
         "peak_pss_gib": child.peak_pss / GiB,
         "processes": child.peak_processes,
+        "cpu_s": child.cpu_s,
         "ok": child.returncode == 0,
     }
     result_file = out / "result.json"
@@ -348,10 +387,63 @@ def measure(
     print(
         f"  {label:>10} {job.users:>6} users: wall {row['wall_s']:7.1f} s | start-up "
         f"{row['startup_s']:5.1f} s | {row['client_round_ms']:7.2f} ms/client-round | "
+        f"CPU {row['cpu_s']:5.1f} s | "
         f"peak RSS {row['peak_rss_gib']:.2f} GiB (PSS {row['peak_pss_gib']:.2f})",
         flush=True,
     )
     return row
+
+
+def write_users_file(path: Path, users: int, max_samples: int, seed: int = 0) -> Path:
+    """Issue 13's users file: ``users`` Synthetic(1,1) users, each cut to its first
+    ``max_samples`` samples (0 = all), one row per sample (``user``, ``label``, ``x0..x59``).
+
+    A user's samples are i.i.d. given the user, so its first ``max_samples`` are the data
+    Synthetic(1,1) gives with n_k capped there. Parquet or CSV by the suffix.
+    """
+    import numpy as np
+    import pandas as pd
+
+    from pollinate.data import synthetic
+    from pollinate.data.federated import user_id_for
+    from pollinate.data.seeds import user_rng
+
+    xs, ys, ids = [], [], []
+    for k in range(users):
+        x, y = synthetic.generate_user(user_rng(seed, k), 1.0, 1.0)
+        if max_samples:
+            x, y = x[:max_samples], y[:max_samples]
+        xs.append(x)
+        ys.append(y)
+        ids.extend([user_id_for(k, users)] * len(y))
+    df = pd.DataFrame(np.concatenate(xs), columns=[f"x{j}" for j in range(xs[0].shape[1])])
+    df.insert(0, "label", np.concatenate(ys))
+    df.insert(0, "user", ids)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".csv":
+        df.to_csv(path, index=False, float_format="%.9g")  # float32 round-trips
+    else:
+        df.to_parquet(path, index=False)
+    return path
+
+
+def global_accuracy(job: Job, weights: str) -> float:
+    """The final global model's test accuracy: the example-weighted mean over every user's
+    own test split (the ``global_accuracy`` a full evaluation round records)."""
+    import torch
+
+    from pollinate.data import load_federated_dataset
+    from pollinate.models import create_model, evaluate
+
+    data = load_federated_dataset(job.data_spec())
+    model = create_model(job.model, in_features=60, num_classes=10, **job.model_kwargs())
+    model.load_state_dict(torch.load(weights))
+    correct = total = 0.0
+    for user in data.users():
+        stats = evaluate(model, torch.from_numpy(user.x_test), torch.from_numpy(user.y_test))
+        correct += stats.accuracy * stats.num_examples
+        total += stats.num_examples
+    return correct / total
 
 
 def max_abs_diff(a: str, b: str) -> float:
@@ -359,6 +451,19 @@ def max_abs_diff(a: str, b: str) -> float:
 
     wa, wb = torch.load(a), torch.load(b)
     return max(float((wa[k].float() - wb[k].float()).abs().max()) for k in wa)
+
+
+def add_accuracy(rows: list[dict[str, Any]], jobs: dict[int, Job]) -> None:
+    """Each run's final global test accuracy, and its difference to the per-user path
+    (the ``pollinate`` variant: one user at a time through Pollinate)."""
+    for r in rows:
+        if r.get("ok") and r.get("weights"):
+            r["accuracy"] = global_accuracy(jobs[r["users"]], r["weights"])
+    by = {(r["variant"], r["users"]): r for r in rows}
+    for r in rows:
+        base = by.get(("pollinate", r["users"]))
+        if "accuracy" in r and base and "accuracy" in base:
+            r["acc_vs_per_user"] = r["accuracy"] - base["accuracy"]
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
@@ -369,6 +474,9 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
         ok = r.get("ok") and "startup_s" in r
         if ok and plain and plain.get("ok") and "startup_s" in plain:
             r["x_plain_wall"] = r["wall_s"] / plain["wall_s"]
+            r["speedup_vs_plain"] = plain["wall_s"] / r["wall_s"]
+            if plain.get("cpu_s"):
+                r["cpu_s_vs_plain"] = r["cpu_s"] / plain["cpu_s"]
             r["startup_over_plain_s"] = r["startup_s"] - plain["startup_s"]
             r["x_plain_rounds"] = r["rounds_s"] / plain["rounds_s"]
             if r["variant"] not in ("plain", "flower") and r.get("weights"):
@@ -395,13 +503,18 @@ COLUMNS = (
     "peak_rss_gib",
     "peak_pss_gib",
     "processes",
+    "cpu_s",
+    "cpu_s_vs_plain",
     "x_plain_wall",
+    "speedup_vs_plain",
     "x_plain_rounds",
     "flower_x_faster_wall",
     "flower_x_faster_rounds",
     "x_plain_cpu_wall",
     "x_plain_cpu_rounds",
     "max_dw_vs_plain",
+    "accuracy",
+    "acc_vs_per_user",
 )
 
 
@@ -471,6 +584,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--model", default="mlp", choices=("mlp", "logreg"))
+    p.add_argument(
+        "--max-samples",
+        type=int,
+        default=0,
+        help="issue 13's job: every variant reads one users file of Synthetic(1,1) users cut "
+        "to this many samples each (written once per scale, before any run); 0 = the lazy "
+        "generator in every process, n_k up to 10,000",
+    )
+    p.add_argument("--users-file-format", default="parquet", choices=("parquet", "csv"))
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument(
         "--device",
@@ -539,6 +661,7 @@ def main(argv: list[str] | None = None) -> int:
         extras["pollinate-ray"] = {**extra, "simulation.backend": "ray"}
     if cluster:
         extras["pollinate-cluster"] = {**extra, "simulation.ray-address": cluster[0]}
+    jobs: dict[int, Job] = {}
     with tempfile.TemporaryDirectory(prefix="pollinate-bench-") as tmp, _stopping(cluster):
         work = Path(tmp)
         # Warm the page cache (torch, Ray and Flower binaries) so the first measured run
@@ -547,7 +670,14 @@ def main(argv: list[str] | None = None) -> int:
             measure(v, replace(base, users=10, rounds=1), work / "warmup", args.timeout)
         for users in scales:
             job = replace(base, users=users)
-            run_now = [v for v in variants if v != "flower" or users <= args.flower_max_users]
+            if args.max_samples:
+                name = f"users-{users}-max{args.max_samples}.{args.users_file_format}"
+                path = write_users_file(work / name, users, args.max_samples, base.seed)
+                job = replace(job, users_file=str(path))
+            jobs[users] = job
+            # Flower's quickstart-style app generates its users itself (no file reader).
+            flower_ok = users <= args.flower_max_users and not job.users_file
+            run_now = [v for v in variants if v != "flower" or flower_ok]
             if len(run_now) < len(variants):
                 print(
                     f"  {'flower':>10} {users:>6} users: skipped (--flower-max-users "
@@ -568,13 +698,19 @@ def main(argv: list[str] | None = None) -> int:
                 best["wall_s_all"] = " ".join(f"{t['wall_s']:.1f}" for t in tries[v])
                 rows.append(best)
         add_ratios(rows)
+        add_accuracy(rows, jobs)
     for r in rows:
         r.pop("weights", None)
     out = Path(args.out)
     common.write_csv(out / f"{args.name}.csv", rows)
+    data = "Synthetic(1,1)"
+    if args.max_samples:
+        data += (
+            f" users of at most {args.max_samples} samples from one {args.users_file_format} file"
+        )
     title = (
         f"{args.rounds} rounds, {args.fraction:.0%} of users per round, E={args.epochs}, "
-        f"B={args.batch_size}, {args.model} on Synthetic(1,1); {common.machine()['nproc']} cores"
+        f"B={args.batch_size}, {args.model} on {data}; {common.machine()['nproc']} cores"
         + (f"; on {args.device}" if args.device != "cpu" else "")
     )
     plot(rows, out / f"{args.name}.png", title)

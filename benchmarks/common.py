@@ -10,6 +10,7 @@ import csv
 import datetime as dt
 import os
 import platform
+import resource
 import signal
 import subprocess
 import sys
@@ -126,6 +127,19 @@ def _pss(pid: int) -> int:
     return 0
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) ``pid`` has used so far, from ``/proc/<pid>/stat``."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat[stat.rfind(")") + 2 :].split()  # fields from 3 (state) on
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime (14, 15)
+
+
 @dataclass
 class TreeMemory:
     """Samples the summed RSS (and PSS) of a process tree in a background thread.
@@ -142,6 +156,9 @@ class TreeMemory:
     peak_rss: int = 0
     peak_pss: int = 0
     peak_processes: int = 0
+    # CPU seconds of every process seen, as last sampled (a load-independent figure: on a
+    # shared machine wall times swing with the others' load, CPU time much less).
+    cpu: dict[int, float] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -152,6 +169,12 @@ class TreeMemory:
         self.peak_rss = max(self.peak_rss, sum(_rss(p) for p in pids))
         self.peak_pss = max(self.peak_pss, sum(_pss(p) for p in pids))
         self.peak_processes = max(self.peak_processes, len(pids))
+        for p in pids:
+            self.cpu[p] = max(self.cpu.get(p, 0.0), _cpu_seconds(p))
+
+    @property
+    def cpu_s(self) -> float:
+        return sum(self.cpu.values())
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
@@ -176,6 +199,9 @@ class ChildRun:
     peak_pss: int
     peak_processes: int
     launched_at: float  # time.time() just before the child was started
+    # CPU seconds of the whole tree, sampled every 0.2 s: each process's last 0.2 s before
+    # it exits are not seen (the root's own are, from the kernel's account of the child).
+    cpu_s: float = 0.0
 
 
 def run_child(
@@ -193,6 +219,7 @@ def run_child(
         proc = subprocess.Popen(
             list(argv), stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO
         )
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         with TreeMemory(proc.pid, also_group) as mem:
             try:
                 code = proc.wait(timeout=timeout)
@@ -200,8 +227,11 @@ def run_child(
                 out.write(f"\n[harness] timed out after {timeout:g} s\n")
                 code = -1
         wall = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    root = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    mem.cpu[proc.pid] = max(mem.cpu.get(proc.pid, 0.0), root)
     _kill_group(proc.pid)
-    return ChildRun(code, wall, mem.peak_rss, mem.peak_pss, mem.peak_processes, launched)
+    return ChildRun(code, wall, mem.peak_rss, mem.peak_pss, mem.peak_processes, launched, mem.cpu_s)
 
 
 def _kill_group(pgid: int) -> None:

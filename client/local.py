@@ -71,6 +71,13 @@ def _federated(spec: Any) -> FederatedDataset:
     return load_federated_dataset(spec)
 
 
+def preload_simulated_data(cfg: RunConfig) -> FederatedDataset:
+    """Read the simulation's dataset into this process's cache, where :func:`hosted_cohort`
+    finds it: the local backend's fork server does it once, before it forks the workers,
+    which then share it instead of each parsing the users file again."""
+    return _federated(data_spec(cfg))
+
+
 @functools.lru_cache(maxsize=1024)  # a device reads one file; the emulator hosts 1,000 devices
 def _device_file(
     path: str,

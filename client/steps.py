@@ -20,7 +20,7 @@ import torch
 
 from pollinate import protocol
 from pollinate.client.local import user_seed
-from pollinate.client.personalization import method_of
+from pollinate.client.personalization import Method, method_of
 from pollinate.client.privacy import dp_metrics, dp_sgd_for, local_dp_on, take_noted_steps
 from pollinate.client.store import ModelStore
 from pollinate.client.tools import StateDict, generator, snapshot, tensors, train_config
@@ -198,11 +198,7 @@ def _train_stack(
     model = bench.model(ctx.spec, device=ctx.device)
     mu = ctx.proximal_mu
     data = [tensors(u.x_train, u.y_train, ctx) for u in users]
-    starts = []
-    for user in users:
-        model.load_state_dict(ctx.global_weights)
-        method.before_training(model, ctx, user.user_id)
-        starts.append(snapshot(model))
+    starts = _starting_weights(method, model, ctx, users)
     trained = train_stacked(
         model,
         [
@@ -221,6 +217,26 @@ def _train_stack(
     method.after_stack(bench, ctx, users, data, [update for update, _ in trained])
     for user, (update, stats) in zip(users, trained, strict=True):
         yield user, update, protocol.train_metrics(stats.num_examples, stats.loss)
+
+
+def _starting_weights(
+    method: Method, model: FedModel, ctx: RoundContext, users: list[UserData]
+) -> list[StateDict]:
+    """Where each user's local training starts: the global weights, as changed by the
+    method's ``before_training`` (FedPer: the user's own head).
+
+    A method that changes nothing there (the base hook) gives every user the same start,
+    built once: loading and copying the model per user was most of a stack's set-up.
+    """
+    if type(method).before_training is Method.before_training:
+        model.load_state_dict(ctx.global_weights)
+        return [snapshot(model)] * len(users)  # read only: train_stacked copies each start
+    starts = []
+    for user in users:
+        model.load_state_dict(ctx.global_weights)
+        method.before_training(model, ctx, user.user_id)
+        starts.append(snapshot(model))
+    return starts
 
 
 class WeightedMean:

@@ -10,6 +10,7 @@ from .federated import (
     load_federated_dataset,
     register_dataset,
     register_partitioner,
+    shared_federated_dataset,
     split_user,
 )
 from .files import load_user_file
@@ -41,6 +42,7 @@ __all__ = [
     "partition_shards",
     "register_dataset",
     "register_partitioner",
+    "shared_federated_dataset",
     "split_train_test",
     "split_user",
 ]

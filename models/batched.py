@@ -68,24 +68,27 @@ class StackedUser:
 
 def _schedule(
     n: int, epochs: int, batch_size: int, generator: torch.Generator | None
-) -> list[torch.Tensor]:
-    """The row indices of each of the user's steps, in order — :func:`train`'s loop.
+) -> torch.Tensor:
+    """The row indices of each of the user's S steps, in order — :func:`train`'s loop.
 
-    The generator is drawn exactly as :func:`train` draws it: one ``randperm`` per epoch,
-    and none when a batch is the whole dataset.
+    Returns (S, B): step s takes rows ``[s, :]``, ``-1`` where its batch is short (the last
+    of an epoch). The generator is drawn exactly as :func:`train` draws it: one
+    ``randperm`` per epoch, and none when a batch is the whole dataset. One tensor per
+    user, not one per step: at 2,000 users a round the per-step slices cost more than
+    the training itself.
     """
     if epochs == 0 or n == 0:
-        return []
+        return torch.empty((0, 1), dtype=torch.long)
     batch = n if batch_size <= 0 else min(batch_size, n)
-    steps: list[torch.Tensor] = []
-    for _ in range(epochs):
-        order = torch.randperm(n, generator=generator) if batch < n else torch.arange(n)
-        steps.extend(order[start : start + batch] for start in range(0, n, batch))
-    return steps
+    per_epoch = -(-n // batch)  # ceil: the last batch of an epoch may be short
+    steps = torch.full((epochs, per_epoch * batch), -1, dtype=torch.long)
+    for e in range(epochs):
+        steps[e, :n] = torch.randperm(n, generator=generator) if batch < n else torch.arange(n)
+    return steps.view(epochs * per_epoch, batch)
 
 
 def _step_rows(
-    schedules: list[list[torch.Tensor]], users: list[StackedUser]
+    schedules: list[torch.Tensor], users: list[StackedUser]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Every user's batches as rows of one concatenated dataset, padded.
 
@@ -98,11 +101,12 @@ def _step_rows(
         offsets.append(offsets[-1] + len(u.x))
     pad = offsets[-1]
     num_steps = max((len(s) for s in schedules), default=0)
-    width = max((len(b) for s in schedules for b in s), default=1)
+    width = max((s.shape[1] for s in schedules if len(s)), default=1)
     rows = torch.full((len(users), num_steps, width), pad, dtype=torch.long)
     for i, steps in enumerate(schedules):
-        for s, batch in enumerate(steps):
-            rows[i, s, : len(batch)] = batch + offsets[i]
+        if len(steps):
+            block = torch.where(steps >= 0, steps + offsets[i], pad)  # (S_i, B_i)
+            rows[i, : len(steps), : steps.shape[1]] = block
     num_features = users[0].x.shape[1]
     # Concatenated where the data is (a GPU node keeps it there between rounds) and moved
     # once to the model's device by the caller; no-op copies when both are the same.

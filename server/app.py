@@ -26,7 +26,7 @@ from flwr.serverapp.strategy import Strategy
 from pollinate import protocol
 from pollinate.config import RunConfig, data_spec, model_kwargs, resolve, to_toml
 from pollinate.config import flatten as flatten_tables
-from pollinate.data import load_federated_dataset
+from pollinate.data import shared_federated_dataset
 from pollinate.models import FedModel, ModelSpec, create_model, evaluate, save_artifact
 from pollinate.models.checks import ensure_finite_model
 from pollinate.models.flat import flatten, unflatten
@@ -58,7 +58,7 @@ def model_spec(cfg: RunConfig, central: tuple | None = None) -> tuple[ModelSpec,
     """Architecture from the config, with input/output sizes from the dataset if unset."""
     in_features, num_classes = cfg.model.in_features, cfg.model.num_classes
     if not (in_features and num_classes):
-        dataset = load_federated_dataset(data_spec(cfg))
+        dataset = shared_federated_dataset(data_spec(cfg))  # read once per process
         in_features = in_features or dataset.num_features
         num_classes = num_classes or dataset.num_classes
         central = dataset.central_test

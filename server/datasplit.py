@@ -21,7 +21,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from pollinate.data import DataSpec, load_federated_dataset
+from pollinate.data import DataSpec, shared_federated_dataset
 from pollinate.data.stats import LabelCounts, label_counts
 from pollinate.models import atomic_write
 
@@ -36,7 +36,7 @@ NOT_RECORDED_DEPLOYMENT = (
 def write_data_split(run_dir: Path, spec: DataSpec | None) -> Path:
     """Write the split of ``spec``'s dataset, or (``spec=None``, a deployment) why there is none."""
     body: dict[str, Any]
-    dataset = None if spec is None else load_federated_dataset(spec)  # lazy: no user built
+    dataset = None if spec is None else shared_federated_dataset(spec)  # lazy: no user built
     if dataset is None:
         body = {"recorded": False, "reason": NOT_RECORDED_DEPLOYMENT}
     elif len(dataset) > MAX_USERS:

@@ -143,11 +143,15 @@ def _start_method() -> str:
     return "forkserver" if "forkserver" in methods else "spawn"
 
 
-def _start_fork_server(modules: Sequence[str], threads: int) -> None:
+def _start_fork_server(
+    modules: Sequence[str], threads: int, env: Mapping[str, str] | None = None
+) -> None:
     """Launch multiprocessing's fork server, which imports ``modules`` (torch, the ClientApp).
 
     Returns as soon as the server process is launched (its imports run on); started before
-    this process imports torch, so the thread settings below reach only the server.
+    this process imports torch, so the thread settings below reach only the server. ``env``:
+    more variables the server (and so every worker) starts with, for what its ``modules``
+    read when imported.
     """
     import multiprocessing
     from multiprocessing import forkserver
@@ -158,8 +162,10 @@ def _start_fork_server(modules: Sequence[str], threads: int) -> None:
     # OpenMP sizes its thread pool when torch loads it: as Ray gives an actor
     # OMP_NUM_THREADS = its CPUs. torch.set_num_threads in an already-forked worker is
     # not the same: rounds ran about 1.5x slower with the pool sized for the machine.
-    saved = {k: os.environ.get(k) for k in THREAD_VARS}
+    extra = dict(env or {})
+    saved = {k: os.environ.get(k) for k in (*THREAD_VARS, *extra)}
     os.environ.update(dict.fromkeys(THREAD_VARS, str(threads)))
+    os.environ.update(extra)
     try:
         with detached_from_main():
             forkserver.ensure_running()
@@ -169,6 +175,21 @@ def _start_fork_server(modules: Sequence[str], threads: int) -> None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+def prestart_local(
+    client_ref: str,
+    *,
+    cpus_per_node: float = 1.0,
+    preload: Sequence[str] = (),
+    preload_env: Mapping[str, str] | None = None,
+) -> None:
+    """Launch the local backend's fork server ahead of :func:`run_apps`, which then finds it
+    running: its imports (torch, the ClientApp, ``preload``) run while the caller does what
+    comes first (checking the data, say). The same settings as ``run_apps`` must follow."""
+    if _start_method() == "forkserver":
+        threads = max(1, int(cpus_per_node))
+        _start_fork_server([client_ref.partition(":")[0], *preload], threads, preload_env)
 
 
 def _import_engine(server_app: ServerApp | str, failed: list[BaseException]) -> list[Any]:
@@ -208,6 +229,7 @@ def start_local(
     size: int,
     threads: int,
     preload: Sequence[str] = (),
+    preload_env: Mapping[str, str] | None = None,
     verbose: bool = False,
     run_config: dict[str, Any] | None = None,
 ) -> tuple[WorkerPool, ServerApp]:
@@ -218,7 +240,7 @@ def start_local(
     of each worker paying for its own after the driver's.
     """
     if _start_method() == "forkserver":
-        _start_fork_server([client_ref.partition(":")[0], *preload], threads)
+        _start_fork_server([client_ref.partition(":")[0], *preload], threads, preload_env)
     pools: list[WorkerPool] = []
     failed: list[BaseException] = []
 
@@ -337,6 +359,7 @@ def run_apps(
     ray_address: str | None = None,
     run_config: Mapping[str, Any] | None = None,
     preload: Sequence[str] = (),
+    preload_env: Mapping[str, str] | None = None,
     verbose: bool = False,
     gpus_per_node: float = 0.0,
 ) -> None:
@@ -362,6 +385,8 @@ def run_apps(
         The run config the ServerApp's and every node's ``context.run_config`` carries.
     preload
         Modules the local backend's fork server imports once besides the ClientApp's.
+    preload_env
+        Environment variables the fork server starts with (read by ``preload``'s modules).
     verbose
         Flower's and the workers' logs on the console.
     gpus_per_node
@@ -391,6 +416,7 @@ def run_apps(
             size=size,
             threads=threads,
             preload=preload,
+            preload_env=preload_env,
             verbose=verbose,
             run_config=config,
         )

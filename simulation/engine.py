@@ -9,8 +9,10 @@ process and no runtime dependency installation, and nothing outlives the call.
 The engine's *backend* runs the ClientApp (``simulation.backend``):
 
 - ``local`` (the default on one machine): worker processes forked from a server that
-  imported the ClientApp once (:mod:`pollinate.simulation.workers`); that import runs
-  while this process does its own, so a run starts in about the time of a torch import.
+  imported the ClientApp once (:mod:`pollinate.simulation.workers`) and read the run's data
+  once (:mod:`pollinate.simulation.preload`); the server starts before this process checks
+  the data (:func:`start_workers_early`), so its import and reading run while this process
+  does its own, and the workers share one parsed copy of a users file.
 - ``ray`` (the default with ``simulation.ray-address``): Flower's Ray backend, on a local
   Ray or a cluster of many machines. Ray is started, as Flower's backend would start it,
   while this process imports torch and the apps, and a local Ray inherits the import path
@@ -29,13 +31,17 @@ overhead once per user; ``num-nodes = data.num-users`` is Flower's one-node-per-
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from pollinate.config import ConfigError, RunConfig, check_against_data, data_spec
-from pollinate.data import load_federated_dataset
+from pollinate.data import shared_federated_dataset
 from pollinate.simulation import apps
 from pollinate.simulation.apps import available_cpus
+from pollinate.simulation.preload import RUN_CONFIG_ENV
 
 # The apps, by reference: the local backend's workers load the ClientApp by it.
 SERVER_APP = "pollinate.server.app:app"
@@ -43,6 +49,8 @@ CLIENT_APP = "pollinate.client.app:app"
 # What a worker imports on its first message to load each dataset, imported once by the
 # fork server instead (scikit-learn's loader is about a second of CPU per worker).
 DATASET_MODULES = {"digits": ["sklearn.datasets"], "file": ["pandas"]}
+# Imported by the fork server last: it reads the run's data once, for every worker it forks.
+PRELOAD_MODULE = "pollinate.simulation.preload"
 
 
 _log = logging.getLogger(__name__)
@@ -79,7 +87,7 @@ def gpus_per_node(cfg: RunConfig, cpus: int) -> float:
 
 def count_users(cfg: RunConfig) -> int:
     """The run's number of users; refuses settings impossible for its data (ConfigError)."""
-    dataset = load_federated_dataset(data_spec(cfg))
+    dataset = shared_federated_dataset(data_spec(cfg))  # the ServerApp reuses it
     num_users = len(dataset.user_ids)
     check_against_data(
         cfg,
@@ -132,12 +140,65 @@ def _pinned(cfg: RunConfig) -> RunConfig:
     )
 
 
+def start_workers_early(cfg: RunConfig) -> None:
+    """Start the local backend's fork server now (nothing else with the ``ray`` backend).
+
+    It imports torch and the ClientApp and reads the run's data (:mod:`pollinate.
+    simulation.preload`) while this process checks the data and imports Flower's engine,
+    instead of after: on 2 cores that is most of a small run's start-up. Nothing is written;
+    if the data then proves bad, the server goes with this process.
+    """
+    if engine_backend(cfg) == "local":
+        apps.prestart_local(CLIENT_APP, cpus_per_node=cfg.simulation.cpus_per_node, **_preload(cfg))
+
+
+def start_workers_from(flat: Mapping[str, Any]) -> bool:
+    """:func:`start_workers_early` from a config not resolved yet (``pollinate run``'s file
+    and ``--set`` items): the fork server's torch import then overlaps this process's own
+    (resolving a config imports torch for the model registry, ~1 s).
+
+    Only the few keys that say whether and how the local backend runs are read here, with
+    their defaults; the fork server resolves the rest itself when it reads the data. Does
+    nothing (False) where they are not plain values: the config check says what is wrong.
+    """
+    backend = flat.get("simulation.backend", "auto")
+    address = flat.get("simulation.ray-address", "")
+    cpus = flat.get("simulation.cpus-per-node", 1.0)
+    dataset = flat.get("data.dataset", "digits")
+    if not (isinstance(backend, str) and isinstance(address, str) and isinstance(dataset, str)):
+        return False
+    if isinstance(cpus, bool) or not isinstance(cpus, int | float) or not cpus > 0:
+        return False
+    if backend == "ray" or (backend == "auto" and address):
+        return False
+    try:
+        text = json.dumps(dict(flat))
+    except (TypeError, ValueError):  # e.g. a TOML date: not a config value anyway
+        return False
+    apps.prestart_local(
+        CLIENT_APP,
+        cpus_per_node=float(cpus),
+        preload=[*DATASET_MODULES.get(dataset, []), PRELOAD_MODULE],
+        preload_env={RUN_CONFIG_ENV: text},
+    )
+    return True
+
+
+def _preload(cfg: RunConfig) -> dict[str, Any]:
+    """What the fork server imports and reads besides the ClientApp (its data, once)."""
+    return {
+        "preload": [*DATASET_MODULES.get(cfg.data.dataset, []), PRELOAD_MODULE],
+        "preload_env": {RUN_CONFIG_ENV: json.dumps(cfg.to_flat())},
+    }
+
+
 def _simulate(cfg: RunConfig, *, verbose: bool, num_users: int | None) -> Path:
     backend = engine_backend(cfg)
     if cfg.simulation.device == "auto":  # `pollinate run` has resolved (and printed) it
         cfg = with_device(cfg)
         _log.info("simulation.device = auto: the ClientApps train on %s", cfg.simulation.device)
     if num_users is None:
+        start_workers_early(cfg)
         num_users = count_users(cfg)
     cfg = _pinned(cfg)
     ray_address = cfg.simulation.ray_address or None
@@ -157,8 +218,8 @@ def _simulate(cfg: RunConfig, *, verbose: bool, num_users: int | None) -> Path:
             gpus_per_node=gpus_per_node(cfg, cpus) if backend == "ray" else 0.0,
             ray_address=ray_address if backend == "ray" else None,
             run_config=cfg.to_flat(),
-            preload=DATASET_MODULES.get(cfg.data.dataset, []),
             verbose=verbose,
+            **_preload(cfg),
         )
     finally:
         if backend == "ray":
