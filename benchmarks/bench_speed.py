@@ -186,6 +186,9 @@ class Job:
                 "strategy.min-train-users": 1,
                 "personalization.method": "none",
                 "simulation.device": self.device,
+                # One user at a time unless a variant stacks them (``pollinate-stacked``):
+                # ``pollinate`` is the per-user path the stacked one is compared with.
+                "train.stack-users": 0,
                 **(extra or {}),
             }
         )

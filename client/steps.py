@@ -167,7 +167,7 @@ def train_users(
     size = ctx.cfg.train.stack_users
     if size > 1 and local_dp_on(ctx.cfg):
         # DP-SGD clips each example's gradient: per-user loops, not the stacked models.
-        _fall_back_once("privacy.method = 'local' trains with DP-SGD")
+        _fall_back_once("privacy.method = 'local' trains with DP-SGD", logging.INFO)
         size = 0
     it = iter(users)
     while chunk := list(islice(it, max(size, 1))):
@@ -184,10 +184,12 @@ def train_users(
 _FELL_BACK: set[str] = set()
 
 
-def _fall_back_once(why: str) -> None:
+def _fall_back_once(why: str, level: int = logging.WARNING) -> None:
+    """Say once per process why users are trained one at a time. DP-SGD's fall-back is
+    documented and expected (information); a model the stack cannot train is a warning."""
     if why not in _FELL_BACK:
         _FELL_BACK.add(why)
-        _log.warning("train.stack-users: training one user at a time (%s)", why)
+        _log.log(level, "train.stack-users: training one user at a time (%s)", why)
 
 
 def _train_stack(
@@ -293,7 +295,7 @@ def evaluate_users(
     method = method_of(ctx.cfg)
     size = ctx.cfg.train.stack_users
     if size > 1 and local_dp_on(ctx.cfg):
-        _fall_back_once("privacy.method = 'local' trains with DP-SGD")
+        _fall_back_once("privacy.method = 'local' trains with DP-SGD", logging.INFO)
         size = 0
     it = iter(users)
     while chunk := list(islice(it, max(size, 1))):

@@ -13,7 +13,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, Met
 from flwr.serverapp.strategy import FedAvg
 
 from pollinate import config, protocol
-from pollinate.server.rounds import Sample, sample_users
+from pollinate.server.rounds import CohortSettings, Sample, sample_users
 from pollinate.server.strategies import build_strategy
 from pollinate.server.strategy import NodeWaitTimeout, wait_for_nodes
 
@@ -285,3 +285,13 @@ def test_error_reason_unwraps_flowers_client_app_exception() -> None:
         "could not load the ClientApp a:b: ModuleNotFoundError: No module named 'a'"
     )
     assert error_reason("Node Unavailable\n  timed out") == "Node Unavailable timed out"
+
+
+@pytest.mark.parametrize(("node_wait", "query"), [(120.0, 600.0), (1800.0, 1800.0)])
+def test_the_user_query_waits_at_least_as_long_as_the_run_waits_for_nodes(
+    node_wait: float, query: float
+) -> None:
+    """At 1,000 devices the query of every node outlasted a fixed 600 s, and round 1 then
+    trained only those that had answered: a longer node wait now lengthens it too."""
+    cfg = config.resolve({"server.node-wait-timeout": node_wait})
+    assert CohortSettings.from_config(cfg).query_timeout == query
