@@ -112,10 +112,12 @@ class TrainSection:
     drop_stragglers: bool = setting(False, "stragglers send nothing (FedAvg's rule in FedProx)")
     # Train up to this many of a node's users at once, their models stacked (vmap): the
     # same results up to float32 rounding, several times faster for small models. Models
-    # it cannot stack fall back to one at a time (logged once). On by default: 256 users
-    # amortise the per-step Python cost while a stack's padded data stays small.
+    # it cannot stack fall back to one at a time (logged once). On by default. Bigger
+    # stacks are faster where users' sizes vary (one long user's tail per stack) and
+    # cost memory: 100,000 users at 10% a round peaked at 1.44 / 1.76 / 3.12 GiB with
+    # 256 / 1,024 / 4,096 (benchmarks/bench_memory.py).
     stack_users: int = setting(
-        256,
+        1024,
         "train up to N of a node's users at once as one stack of models; 0 or 1 = one at a time",
         Range(0, 4_096),
     )

@@ -122,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--scales", default=DEFAULT_SCALES, help="USERS:FRACTION,...")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--stack-users", type=int, default=4096)
+    parser.add_argument(
+        "--stack-users", type=int, default=1024, help="train.stack-users (its default)"
+    )
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per run")
     parser.add_argument("--out", type=Path, default=common.RESULTS)
     parser.add_argument("--name", default="memory")
