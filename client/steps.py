@@ -164,11 +164,7 @@ def train_users(
     the same schedule per user, the same results up to float32 rounding. A model the stack
     cannot train falls back to one user at a time, said once per process.
     """
-    size = ctx.cfg.train.stack_users
-    if size > 1 and local_dp_on(ctx.cfg):
-        # DP-SGD clips each example's gradient: per-user loops, not the stacked models.
-        _fall_back_once("privacy.method = 'local' trains with DP-SGD", logging.INFO)
-        size = 0
+    size = _stack_size(ctx)
     it = iter(users)
     while chunk := list(islice(it, max(size, 1))):
         if size > 1:
@@ -182,6 +178,16 @@ def train_users(
 
 
 _FELL_BACK: set[str] = set()
+
+
+def _stack_size(ctx: RoundContext) -> int:
+    """How many users to stack at once: ``train.stack-users``, or 0 (one at a time)."""
+    size = ctx.cfg.train.stack_users
+    if size > 1 and local_dp_on(ctx.cfg):
+        # DP-SGD clips each example's gradient: per-user loops, not the stacked models.
+        _fall_back_once("privacy.method = 'local' trains with DP-SGD", logging.INFO)
+        return 0
+    return size
 
 
 def _fall_back_once(why: str, level: int = logging.WARNING) -> None:
@@ -293,10 +299,7 @@ def evaluate_users(
     time as one stack where the method trains them (fine-tuning), with the same fall-back
     to one user at a time as :func:`train_users`."""
     method = method_of(ctx.cfg)
-    size = ctx.cfg.train.stack_users
-    if size > 1 and local_dp_on(ctx.cfg):
-        _fall_back_once("privacy.method = 'local' trains with DP-SGD", logging.INFO)
-        size = 0
+    size = _stack_size(ctx)
     it = iter(users)
     while chunk := list(islice(it, max(size, 1))):
         personal: list[tuple[StateDict, int]] | None = None
