@@ -233,7 +233,7 @@ class WorkerPool:
 
     def run(self, message: Message, context: Context) -> tuple[Message, Context]:
         """Run the ClientApp on one message in an idle worker (waits for one)."""
-        from pollinate.flower_compat.clientapp import ClientAppException
+        from pollinate.flower_compat.clientapp import ClientAppException, error_reply
 
         worker: _Worker | None = self._idle.get()
         assert worker is not None
@@ -241,6 +241,12 @@ class WorkerPool:
             worker.conn.send((message, context))
             reply, new_context, error = worker.conn.recv()
         except (EOFError, OSError) as err:
+            if self._closed:
+                # close() stopped the workers (Ctrl-C, SIGTERM) with this message in
+                # flight: the run is ending, the ClientApp did not fail. An error reply
+                # nobody reads, instead of Flower's engine logging a traceback.
+                worker = None
+                return error_reply(message, "the run stopped during this message"), context
             worker.process.join(STOP_GRACE)  # reaped, so its exit code is known
             code = worker.process.exitcode
             worker = self._replace(worker)
