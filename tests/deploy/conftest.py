@@ -40,6 +40,7 @@ def deployment(tmp_path: Path) -> Iterator[Deployment]:
         for proc in reversed(dep.procs):
             if proc.popen.poll() is None:
                 proc.popen.send_signal(signal.SIGTERM)
+                proc.resume()  # a paused device would not act on its SIGTERM
         deadline = time.monotonic() + 30
         for proc in dep.procs:
             with contextlib.suppress(subprocess.TimeoutExpired):

@@ -102,6 +102,18 @@ class Proc:
             self.popen.send_signal(signal.SIGTERM)
         return self.wait(timeout)
 
+    def pause(self) -> None:
+        """SIGSTOP this process and everything it started: a device that stops answering."""
+        self._signal_tree(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self._signal_tree(signal.SIGCONT)
+
+    def _signal_tree(self, signum: signal.Signals) -> None:
+        for pid in [self.popen.pid, *descendants(self.popen.pid)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
     def crash(self) -> None:
         """SIGKILL this process and everything it started at once: a power cut."""
         victims = [self.popen.pid, *descendants(self.popen.pid)]
