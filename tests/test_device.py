@@ -10,14 +10,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from runhelp import QUICKSTART, quickstart_rounds
 
 from pollinate import config, device
 from pollinate.cli import main
 from pollinate.client.ondevice import DeviceData
-from pollinate.server.metrics import read_rounds
 
-ROOT = Path(__file__).resolve().parents[1]
-QUICKSTART = str(ROOT / "configs" / "quickstart.toml")
 NO_GPU = "this machine has a CUDA GPU: the CPU-only behaviour cannot be seen here"
 ON_CPU_ONLY = pytest.mark.skipif(device.cuda_available(), reason=NO_GPU)
 
@@ -124,15 +122,10 @@ def test_device_data_is_bounded_least_recently_used() -> None:
 def test_a_run_on_cpu_equals_the_default_run(tmp_path: Path) -> None:
     """device = cpu is what auto is here; the config records the resolved device."""
     sets = ["data.num-users=6", "run.num-rounds=2", "model.name=logreg", "train.stack-users=3"]
-    rounds = {}
-    for name in ("auto", "cpu"):
-        argv = ["run", QUICKSTART, "--run-dir", str(tmp_path / name)]
-        for s in [*sets, f"simulation.device={name}"]:
-            argv += ["--set", s]
-        assert main(argv) == 0
-        rounds[name] = read_rounds(tmp_path / name)
-        recorded = config.load(tmp_path / name / "config.toml").simulation.device
-        assert recorded == device.resolve_device("auto")
+    runs = quickstart_rounds(tmp_path, ("auto", "cpu"), sets)
+    for _, recorded in runs.values():
+        assert recorded.simulation.device == device.resolve_device("auto")
+    rounds = {name: frame for name, (frame, _) in runs.items()}
     cols = ["global_accuracy", "personal_accuracy", "server_accuracy", "train_loss"]
     cols = [c for c in cols if c in rounds["cpu"]]
     # Equal up to the order in which the server sums the nodes' replies (float64).

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from runhelp import quickstart_rounds
 
 from pollinate import config
-from pollinate.cli import main
 from pollinate.client.ondevice import DeviceData
 from pollinate.client.steps import RoundContext, Workbench, evaluate_users, train_users
 from pollinate.client.store import ModelStore
@@ -23,14 +23,11 @@ from pollinate.device import cuda_available
 from pollinate.models import available_models, create_model, head_keys, train
 from pollinate.models.batched import StackedUser, train_stacked
 from pollinate.models.train import TrainConfig
-from pollinate.server.metrics import read_rounds
 
 pytestmark = pytest.mark.skipif(
     not cuda_available(), reason="no CUDA GPU here (or a CPU-only build of torch)"
 )
 
-ROOT = Path(__file__).resolve().parents[1]
-QUICKSTART = str(ROOT / "configs" / "quickstart.toml")
 # float32 in another summation order (and other kernels) over a few dozen SGD steps.
 ATOL = 1e-4
 IN_FEATURES, NUM_CLASSES = 64, 10  # 8x8: the CNN's shape too
@@ -171,14 +168,10 @@ def test_a_simulation_on_cuda_matches_the_cpu_run(tmp_path: Path) -> None:
     """Several worker processes share the GPU (forked from a fork server with no CUDA
     context); the run records the device and ends where the CPU run ends."""
     sets = ["data.num-users=8", "run.num-rounds=3", "simulation.num-nodes=4"]
-    rounds = {}
-    for dev in ("cpu", "cuda"):
-        argv = ["run", QUICKSTART, "--run-dir", str(tmp_path / dev)]
-        for s in [*sets, f"simulation.device={dev}"]:
-            argv += ["--set", s]
-        assert main(argv) == 0
-        rounds[dev] = read_rounds(tmp_path / dev)
-        assert config.load(tmp_path / dev / "config.toml").simulation.device == dev
+    runs = quickstart_rounds(tmp_path, ("cpu", "cuda"), sets)
+    for dev, (_, recorded) in runs.items():
+        assert recorded.simulation.device == dev
+    rounds = {dev: frame for dev, (frame, _) in runs.items()}
     last_cpu, last_gpu = rounds["cpu"].iloc[-1], rounds["cuda"].iloc[-1]
     for col in ("global_accuracy", "personal_accuracy", "server_accuracy"):
         assert abs(last_gpu[col] - last_cpu[col]) <= 0.01, col
