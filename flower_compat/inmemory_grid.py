@@ -10,6 +10,11 @@ ServerApp thread before its engine registers the nodes, so a ServerApp that star
 (as it does here) sampled from some of them (FedAvg with ``min_available_nodes=1`` trained
 2 of 3 nodes in round 1). Stock fallback (the constructor changed): Flower's 0.1 s poll and
 no wait, with a one-line warning.
+
+With doorbells (:mod:`pollinate.flower_compat.doorbell`): the grid rings ``sent`` after
+storing a round's messages (the engine's scan looks at once), and its wait for replies
+ends as soon as ``replied`` rings (the engine stored one) instead of at the next poll.
+Fallback (Flower's ``send_and_receive`` or ``push_messages`` changed): the poll alone.
 """
 
 from __future__ import annotations
@@ -20,7 +25,15 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from pollinate.flower_compat._core import mark_engaged, signature_matches, swapped
+from pollinate.flower_compat._core import (
+    mark_engaged,
+    parameters,
+    signature_matches,
+    swapped,
+    warn_fallback,
+)
+from pollinate.flower_compat.doorbell import Doorbell
+from pollinate.flower_compat.exchange import push_and_pull
 
 # The module of Flower's simulation runtime (``flwr.simulation.run_simulation`` the
 # attribute is the public function of the same name, not this module).
@@ -29,18 +42,50 @@ _runtime = importlib.import_module("flwr.simulation.run_simulation")
 IN_MEMORY_GRID = f"{_runtime.__name__}.InMemoryGrid"
 IN_MEMORY_GRID_PARAMS = ("state_factory", "pull_interval")
 ALL_NODES = f"{IN_MEMORY_GRID}:all-nodes-registered"
+# The grid methods the doorbells go through, as Flower 1.42 defines them.
+RUNG = {
+    "send_and_receive": ("self", "messages", "timeout"),
+    "push_messages": ("self", "messages"),
+    "pull_messages": ("self", "message_ids"),
+}
+REPLY_WAIT = f"{IN_MEMORY_GRID}.send_and_receive:doorbell"
 NODES_WAIT = 30.0
 
 
+def _doorbells_fit(flower_grid: type) -> bool:
+    """Whether the grid's push / pull / send-and-receive are the ones the doorbells wrap."""
+    for name, params in RUNG.items():
+        method = getattr(flower_grid, name, None)
+        found = parameters(method) if callable(method) else ()
+        if found != params:
+            warn_fallback(
+                REPLY_WAIT,
+                f"flwr's InMemoryGrid.{name} takes ({', '.join(found)}), Pollinate expects "
+                f"({', '.join(params)}) (each exchange then waits for the grid's poll)",
+            )
+            return False
+    return True
+
+
 @contextmanager
-def fast_in_memory_poll(poll: float, expected_nodes: int = 0) -> Iterator[bool]:
+def fast_in_memory_poll(
+    poll: float,
+    expected_nodes: int = 0,
+    *,
+    sent: Doorbell | None = None,
+    replied: Doorbell | None = None,
+) -> Iterator[bool]:
     """Simulation grids built in the block poll every ``poll`` s and, with
-    ``expected_nodes``, list nodes only once that many are registered; yields if applied."""
+    ``expected_nodes``, list nodes only once that many are registered; yields if applied.
+    With both doorbells, ``sent`` is rung after each push and a ring of ``replied`` ends the
+    wait for replies."""
     flower_grid = _runtime.InMemoryGrid  # what the runtime would build
     why = "the ServerApp then checks for replies every 0.1 s and may start before its nodes"
     if not signature_matches(flower_grid, IN_MEMORY_GRID_PARAMS, what=IN_MEMORY_GRID, why=why):
         yield False
         return
+    if (sent or replied) and not _doorbells_fit(flower_grid):
+        sent = replied = None
 
     class FastPollGrid(flower_grid):  # type: ignore[misc, valid-type]
         """Flower's InMemoryGrid with a shorter reply poll, seen with all its nodes."""
@@ -62,5 +107,30 @@ def fast_in_memory_poll(poll: float, expected_nodes: int = 0) -> Iterator[bool]:
             self._all_registered = True  # simulated nodes never leave: wait once
             return ids
 
-    with swapped(_runtime, "InMemoryGrid", FastPollGrid, why=why):
+    grid = FastPollGrid if sent is None or replied is None else _rung(FastPollGrid, sent, replied)
+    with swapped(_runtime, "InMemoryGrid", grid, why=why):
         yield True
+
+
+def _rung(flower_grid: type, sent: Doorbell, replied: Doorbell) -> type:
+    """``flower_grid`` ringing ``sent`` after each push, its wait for replies ended by
+    ``replied``."""
+
+    class RungGrid(flower_grid):
+        def push_messages(self, messages: Iterable[Any]) -> Iterable[str]:
+            ids = super().push_messages(messages)
+            sent.ring()  # stored: the engine's scan may look now
+            return ids
+
+        def send_and_receive(
+            self, messages: Iterable[Any], *, timeout: float | None = None
+        ) -> Iterable[Any]:
+            """Flower's push, then pull until every message has its reply or ``timeout``
+            passes; between pulls, wait for ``replied`` (at most one poll)."""
+
+            def until_replied(elapsed: float, left: float | None) -> None:
+                replied.wait(self.pull_interval if left is None else min(self.pull_interval, left))
+
+            return push_and_pull(self, messages, timeout, until_replied)
+
+    return RungGrid

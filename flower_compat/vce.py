@@ -10,9 +10,11 @@ up to a second of waiting. Three patches, each for one run (``with``) and undone
   of worker processes instead of Flower's Ray backend. Stock Flower: Ray. No stock
   fallback (a run asked to be local would silently run on Ray): a mismatch is an error.
 - :func:`prompt_delivery`: ``add_messages_to_queue`` runs unchanged but its stop event
-  waits at most ``poll`` s between scans. Stock fallback: Flower's 0.1 s scan.
+  waits at most ``poll`` s between scans, less when the grid rings ``sent`` (it stored
+  messages: :mod:`pollinate.flower_compat.doorbell`). Stock fallback: Flower's 0.1 s scan.
 - :func:`prompt_stop`: ``worker`` and ``put_message_into_state`` run unchanged over
-  queues whose timed ``get`` gives up within ``poll`` s once the run stops. Stock
+  queues whose timed ``get`` gives up within ``poll`` s once the run stops; the injector
+  rings ``replied`` after storing each reply, so the grid's wait for it ends then. Stock
   fallback: Flower's 1 s timeouts.
 
 Everything else (node registration, the queues, the threads, the link state) is Flower's.
@@ -32,6 +34,7 @@ from flwr.server.superlink.fleet.vce import vce_api
 from flwr.server.superlink.fleet.vce.backend import Backend
 
 from pollinate.flower_compat._core import mark_engaged, signature_matches, swapped
+from pollinate.flower_compat.doorbell import Doorbell
 
 _MODULE = vce_api.__name__
 RUN_API = f"{_MODULE}.run_api"
@@ -40,6 +43,7 @@ WORKER = f"{_MODULE}.worker"
 INJECT = f"{_MODULE}.put_message_into_state"
 # Counted each time a patched loop's shortened wait runs (tests: the short poll applies).
 SCAN_WAIT = f"{SCAN}:short-wait"
+SCAN_RUNG = f"{SCAN}:doorbell"  # a Doorbell's name: a scan woken by new messages
 STOP_WAIT = f"{WORKER}:stop-aware-get"
 LOCAL_MESSAGE = f"{RUN_API}:local-backend-message"
 
@@ -122,28 +126,52 @@ def local_backend(pool: Pool) -> Iterator[None]:
 
 
 class _Hurried:
-    """A stop event whose ``wait`` lasts at most ``poll`` s (Flower's scan waits 0.1 s)."""
+    """A stop event whose ``wait`` lasts at most ``poll`` s (Flower's scan waits 0.1 s),
+    and ends when ``bell`` rings. Flower's scan loop only waits on it between scans and
+    checks ``is_set`` itself, so a stop is still seen within ``poll`` s."""
 
-    def __init__(self, event: threading.Event, poll: float) -> None:
+    def __init__(self, event: threading.Event, poll: float, bell: Doorbell | None = None) -> None:
         self._event = event
         self._poll = poll
+        self._bell = bell
 
     def is_set(self) -> bool:
         return self._event.is_set()
 
     def wait(self, timeout: float | None = None) -> bool:
         mark_engaged(SCAN_WAIT)
-        return self._event.wait(self._poll if timeout is None else min(timeout, self._poll))
+        wait = self._poll if timeout is None else min(timeout, self._poll)
+        if self._bell is None:
+            return self._event.wait(wait)
+        self._bell.wait(wait)
+        return self._event.is_set()
+
+
+class _Ringing:
+    """The link state as Flower's reply injector sees it: each stored reply rings ``bell``."""
+
+    def __init__(self, state: Any, bell: Doorbell) -> None:
+        self._state = state
+        self._bell = bell
+
+    def store_message_res(self, message: Message) -> Any:
+        stored = self._state.store_message_res(message)
+        self._bell.ring()
+        return stored
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._state, name)
 
 
 @contextmanager
-def prompt_delivery(poll: float) -> Iterator[bool]:
-    """Flower's scan for new messages every ``poll`` s instead of 0.1 s; yields if applied."""
+def prompt_delivery(poll: float, *, sent: Doorbell | None = None) -> Iterator[bool]:
+    """Flower's scan for new messages every ``poll`` s instead of 0.1 s, and at once when
+    ``sent`` rings; yields if applied."""
     scan = vce_api.add_messages_to_queue
 
     def prompt_scan(state: Any, queue: Any, nodes: Any, f_stop: threading.Event) -> None:
         mark_engaged(SCAN)
-        scan(state, queue, nodes, _Hurried(f_stop, poll))  # type: ignore[arg-type]
+        scan(state, queue, nodes, _Hurried(f_stop, poll, sent))  # type: ignore[arg-type]
 
     with swapped(
         vce_api,
@@ -189,8 +217,9 @@ class _StopAwareQueue:
 
 
 @contextmanager
-def prompt_stop(poll: float) -> Iterator[bool]:
+def prompt_stop(poll: float, *, replied: Doorbell | None = None) -> Iterator[bool]:
     """Flower's engine worker and reply injector on stop-aware queues; yields if applied.
+    The injector rings ``replied`` after storing each reply.
 
     Both functions are checked before either is swapped: one without the other would
     still leave the run's end waiting out a 1 s timeout.
@@ -213,7 +242,8 @@ def prompt_stop(poll: float) -> Iterator[bool]:
 
     def prompt_inject(state: Any, queue: Any, f_stop: threading.Event) -> None:
         mark_engaged(INJECT)
-        inject(state, _StopAwareQueue(queue, f_stop, poll), f_stop)  # type: ignore[arg-type]
+        seen = state if replied is None else _Ringing(state, replied)
+        inject(seen, _StopAwareQueue(queue, f_stop, poll), f_stop)  # type: ignore[arg-type]
 
     with ExitStack() as patches:
         patches.enter_context(swapped(vce_api, "worker", prompt_worker, why=why))
@@ -226,6 +256,7 @@ __all__ = [
     "LOCAL_MESSAGE",
     "RUN_API",
     "SCAN",
+    "SCAN_RUNG",
     "SCAN_WAIT",
     "STOP_WAIT",
     "WORKER",

@@ -18,6 +18,8 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import secrets
+import shutil
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -337,9 +339,42 @@ def atomic_write(
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    # Persist the rename itself; not possible on every platform (e.g. Windows), hence best effort.
+    _fsync_folder(path.parent)
+
+
+def atomic_link(source: str | os.PathLike[str], path: str | os.PathLike[str]) -> None:
+    """Make ``path`` the same file as ``source`` (written and fsynced), atomically: readers
+    of ``path`` see its old file or ``source``'s, never part of one.
+
+    A hard link to a temp name renamed over ``path``: the bytes are written once however
+    many names they have (a run's ``global.pt`` and its round's file). Where the file
+    system has no hard links, an :func:`atomic_write` copy instead. Files written with
+    :func:`atomic_write` are never changed in place, so a second name stays valid.
+    """
+    source, path = Path(source), Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Named as atomic_write's temp files, so a crash's leftover is found and removed the same way.
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
     try:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
+        os.link(source, tmp)
+    except OSError:  # no hard links here (e.g. FAT, some network shares), or another device
+        with source.open("rb") as src:
+            mode = source.stat().st_mode & 0o777
+            atomic_write(path, lambda f: shutil.copyfileobj(src, f), mode=mode)
+        return
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_folder(path.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Persist a rename in ``folder``; not possible on every platform (e.g. Windows), hence
+    best effort."""
+    try:
+        dir_fd = os.open(folder, os.O_RDONLY)
     except OSError:
         return
     try:

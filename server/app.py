@@ -27,7 +27,14 @@ from pollinate import protocol
 from pollinate.config import RunConfig, data_spec, model_kwargs, resolve, to_toml
 from pollinate.config import flatten as flatten_tables
 from pollinate.data import shared_federated_dataset
-from pollinate.models import FedModel, ModelSpec, create_model, evaluate, save_artifact
+from pollinate.models import (
+    FedModel,
+    ModelSpec,
+    atomic_link,
+    create_model,
+    evaluate,
+    save_artifact,
+)
 from pollinate.models.checks import ensure_finite_model
 from pollinate.models.flat import flatten, unflatten
 from pollinate.server import rundir
@@ -246,11 +253,14 @@ def _commit_round(
     server: dict[str, float],
     recorder: MetricsRecorder,
 ) -> dict[str, float]:
-    """The round's global artifacts, then its metrics row (the checkpoint comes last)."""
+    """The round's global artifacts, then its metrics row (the checkpoint comes last).
+
+    ``global.pt`` is a second name for the round's file: written once, not twice.
+    """
     name = f"global-round-{server_round:04d}.pt"
     rundir.record(run_dir, f"models/{name}", "models/global.pt")
-    for path in (run_dir / "models" / name, run_dir / "models" / "global.pt"):
-        save_artifact(path, model, round=server_round, metrics=dict(server))
+    save_artifact(run_dir / "models" / name, model, round=server_round, metrics=dict(server))
+    atomic_link(run_dir / "models" / name, run_dir / "models" / "global.pt")
     return recorder.end_round(server_round, server)
 
 

@@ -30,6 +30,7 @@ from typing import Any
 from flwr.app import Message
 from flwr.serverapp import Grid
 
+from pollinate.flower_compat.exchange import push_and_pull
 from pollinate.flower_compat.http_grid import (
     ObjectPullError,
     ObjectUnavailableError,
@@ -60,25 +61,16 @@ def send_and_receive(
 ) -> list[Message]:
     """``Grid.send_and_receive`` with a poll that keeps up with the exchange, not a fixed 3 s."""
     messages = list(messages)
-    nodes = {m.metadata.dst_node_id for m in messages}
-    pending = set(grid.push_messages(messages))
-    start = time.monotonic()
-    end = start + (timeout if timeout is not None else 0.0)
-    replies: list[Message] = []
-    _exchange.current = (grid, nodes)
+    _exchange.current = (grid, {m.metadata.dst_node_id for m in messages})
     try:
-        while timeout is None or time.monotonic() < end:
-            got = list(grid.pull_messages(pending))
-            replies.extend(got)
-            pending.difference_update(m.metadata.reply_to_message_id for m in got)
-            if not pending:
-                break
-            now = time.monotonic()
-            poll = min(max(POLL_MIN, (now - start) * POLL_SHARE), POLL_MAX)
-            time.sleep(poll if timeout is None else max(0.0, min(poll, end - now)))
+        return push_and_pull(grid, messages, timeout, _growing_poll)
     finally:
         _exchange.current = None
-    return replies
+
+
+def _growing_poll(elapsed: float, left: float | None) -> None:
+    poll = min(max(POLL_MIN, elapsed * POLL_SHARE), POLL_MAX)
+    time.sleep(poll if left is None else min(poll, left))
 
 
 def _sender_gone(stalled_since: float, exchange: tuple[Grid, set[int]] | None) -> bool:

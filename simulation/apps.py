@@ -17,7 +17,8 @@ ClientApp:
   while this process imports the apps.
 
 With up to ``FAST_POLL_MAX_NODES`` nodes the ServerApp and the engine check for new
-messages every few milliseconds instead of Flower's 0.1 s, and either way the engine's
+messages every few milliseconds instead of Flower's 0.1 s, and wake each other when they
+store one (:mod:`pollinate.flower_compat.doorbell`); either way the engine's
 threads stop within milliseconds of the last round instead of waiting out Flower's 1 s
 queue timeouts (:mod:`pollinate.flower_compat.vce`, :mod:`pollinate.flower_compat.inmemory_grid`).
 Every such patch is undone when the run ends.
@@ -479,17 +480,27 @@ def _run_engine(
     gpus_per_node: float = 0.0,
 ) -> None:
     from pollinate.flower_compat import inmemory_grid, runtime, vce
+    from pollinate.flower_compat.doorbell import Doorbell
 
     if not verbose:  # after the imports: importing flwr sets its logger's level
         logging.getLogger("flwr").setLevel(logging.WARNING)
     fast = num_nodes <= FAST_POLL_MAX_NODES
+    # With a few nodes the grid and the engine also wake each other when they store work
+    # (a push, a reply) instead of waiting for their next poll. Not with thousands: each
+    # reply would then make the grid pull every reply still outstanding.
+    sent = Doorbell(vce.SCAN_RUNG) if fast else None
+    replied = Doorbell(inmemory_grid.REPLY_WAIT) if fast else None
     with ExitStack() as patches:
         # Every run: the ServerApp's grid lists the nodes only once all are registered.
         poll = GRID_POLL if fast else STOCK_GRID_POLL
-        patches.enter_context(inmemory_grid.fast_in_memory_poll(poll, expected_nodes=num_nodes))
+        patches.enter_context(
+            inmemory_grid.fast_in_memory_poll(
+                poll, expected_nodes=num_nodes, sent=sent, replied=replied
+            )
+        )
         if fast:
-            patches.enter_context(vce.prompt_delivery(ENGINE_POLL))
-        patches.enter_context(vce.prompt_stop(STOP_POLL))
+            patches.enter_context(vce.prompt_delivery(ENGINE_POLL, sent=sent))
+        patches.enter_context(vce.prompt_stop(STOP_POLL, replied=replied))
         if pool is not None:
             patches.enter_context(vce.local_backend(pool))
         runtime.run_runtime(

@@ -52,6 +52,8 @@ def test_models_outlive_the_run(small_run: Path) -> None:
     final = load_artifact(small_run / "models" / "global.pt")
     assert final.round == 2
     assert (small_run / "models" / "global-round-0001.pt").exists()
+    last = small_run / "models" / "global-round-0002.pt"  # global.pt is the last round's file
+    assert (small_run / "models" / "global.pt").read_bytes() == last.read_bytes()
     store = ModelStore(small_run / "users")
     assert len(store.users()) == 4
     for user in store.users():

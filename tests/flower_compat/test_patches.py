@@ -17,6 +17,7 @@ from flwr.superlink.grid import http_grid
 import pollinate.flower_compat as fc
 from pollinate.flower_compat import _core, inmemory_grid, runtime, vce
 from pollinate.flower_compat import http_grid as compat_http
+from pollinate.flower_compat.doorbell import Doorbell
 from pollinate.flower_compat.identity import task_identity, task_identity_kept
 
 
@@ -219,3 +220,74 @@ def test_task_identity_is_restored() -> None:
             TaskIdentity.run_id = 99  # as Flower's runtime does, for the whole process
         assert TaskIdentity.run_id == 7
     assert TaskIdentity.run_id == 1  # conftest's
+
+
+def test_a_doorbell_ends_a_wait_early_and_is_kept_until_one_wait_takes_it() -> None:
+    bell = Doorbell("test:bell")
+    before = fc.engaged["test:bell"]
+    assert bell.wait(0.01) is False  # not rung: the whole (short) wait, then False
+    bell.ring()  # rung while nobody waits: the next wait returns at once ...
+    assert bell.wait(600.0) is True
+    assert bell.wait(0.01) is False  # ... and only that one
+    woken: list[bool] = []
+    waiter = threading.Thread(target=lambda: woken.append(bell.wait(600.0)), daemon=True)
+    waiter.start()
+    bell.ring()
+    waiter.join(30.0)  # the ring ends a 600 s wait
+    assert woken == [True] and fc.engaged["test:bell"] - before == 2
+
+
+def test_the_reply_injector_rings_after_flowers_state_stored_the_reply() -> None:
+    stored: list[str] = []
+    bell = Doorbell("test:replied")
+
+    class State:
+        rung_before_store = False
+
+        def store_message_res(self, message: str) -> str:
+            State.rung_before_store = bell.wait(0)
+            stored.append(message)
+            return "id"
+
+        def other(self) -> str:
+            return "passed through"
+
+    seen = vce._Ringing(State(), bell)
+    assert seen.store_message_res("reply") == "id" and stored == ["reply"]  # type: ignore[arg-type]
+    assert not State.rung_before_store and bell.wait(0)  # rung after the store, not before
+    assert seen.other() == "passed through"
+
+
+def test_the_scan_wakes_when_the_grid_rings_and_still_sees_a_stop() -> None:
+    bell = Doorbell("test:sent")
+    stop = threading.Event()
+    hurried = vce._Hurried(stop, 600.0, bell)  # a poll so long only a ring can end a wait
+    woken: list[bool] = []
+    waiter = threading.Thread(target=lambda: woken.append(hurried.wait(0.1)), daemon=True)
+    waiter.start()
+    waiter.join(30.0)
+    assert woken == [False]  # Flower's own 0.1 s bound still holds
+    waiter = threading.Thread(target=lambda: woken.append(hurried.wait(600.0)), daemon=True)
+    waiter.start()
+    stop.set()
+    bell.ring()
+    waiter.join(30.0)
+    assert woken == [False, True]  # woken by the ring; it reports the stop Flower checks
+
+
+@pytest.mark.parametrize("method", ["send_and_receive", "push_messages", "pull_messages"])
+def test_a_changed_grid_method_keeps_the_fast_poll_without_doorbells(
+    method: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    flower_grid = inmemory_grid._runtime.InMemoryGrid
+    monkeypatch.setattr(flower_grid, method, _changed("self", "messages", "new_argument"))
+    caplog.set_level(logging.WARNING, logger="pollinate.flower_compat")
+    sent, replied = Doorbell("test:sent"), Doorbell("test:replied")
+    with inmemory_grid.fast_in_memory_poll(0.005, sent=sent, replied=replied) as applied:
+        assert applied  # the short poll and the node wait still apply
+        built = inmemory_grid._runtime.InMemoryGrid
+        assert built is not flower_grid
+        # Flower's own push / pull / send-and-receive, not the doorbells' versions:
+        assert all(getattr(built, m) is getattr(flower_grid, m) for m in inmemory_grid.RUNG)
+    said = _warnings(caplog)
+    assert len(said) == 1 and method in said[0] and fc.SUPPORTED_RANGE not in said[0]

@@ -11,6 +11,7 @@ from pollinate.models import (
     ArtifactError,
     ModelArtifact,
     ModelSpec,
+    atomic_link,
     available_models,
     create_model,
     load_artifact,
@@ -132,6 +133,38 @@ def test_failed_save_keeps_old_file_and_cleans_up(
         save_artifact(saved, create_model("mlp", in_features=F, num_classes=K), round=9)
     assert os.listdir(saved.parent) == [saved.name]
     assert saved.read_bytes() == before
+
+
+def test_a_linked_name_is_the_round_file_and_outlives_its_replacement(tmp_path: Path) -> None:
+    model = create_model("logreg", in_features=F, num_classes=K, seed=0)
+    first, latest = tmp_path / "round-1.pt", tmp_path / "latest.pt"
+    save_artifact(first, model, round=1)
+    save_artifact(latest, model, round=0)  # an older file under the name: replaced
+    with latest.open("rb") as reader:  # a reader of the old file ...
+        atomic_link(first, latest)
+        assert torch.load(reader, weights_only=True)["round"] == 0  # ... keeps reading it
+    assert latest.stat().st_ino == first.stat().st_ino  # one file, written once
+    assert load_artifact(latest).round == 1
+    # The round's name written again (atomic_write: a new file): the link keeps round 1.
+    save_artifact(first, create_model("logreg", in_features=F, num_classes=K, seed=1), round=7)
+    assert load_artifact(latest).round == 1 and load_artifact(first).round == 7
+    assert sorted(os.listdir(tmp_path)) == ["latest.pt", "round-1.pt"]  # no temp name left
+
+
+def test_without_hard_links_the_name_gets_an_atomic_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source, path = tmp_path / "round-1.pt", tmp_path / "latest.pt"
+    save_artifact(source, create_model("logreg", in_features=F, num_classes=K), round=1)
+
+    def no_links(src: object, dst: object) -> None:
+        raise OSError(1, "Operation not permitted")  # e.g. FAT, some network shares
+
+    monkeypatch.setattr(artifact_module.os, "link", no_links)
+    atomic_link(source, path)
+    assert path.read_bytes() == source.read_bytes() and path.stat().st_ino != source.stat().st_ino
+    assert path.stat().st_mode & 0o777 == source.stat().st_mode & 0o777
+    assert sorted(os.listdir(tmp_path)) == ["latest.pt", "round-1.pt"]
 
 
 def test_save_argument_errors(tmp_path: Path) -> None:

@@ -85,6 +85,11 @@ def test_every_patch_engaged_in_the_run_and_none_is_left(
     assert counts[inmemory_grid.IN_MEMORY_GRID] == 1  # the ServerApp's grid polls fast
     assert counts[inmemory_grid.ALL_NODES] == 1  # and listed its nodes once all were there
     assert counts[vce.SCAN] == 1 and counts[vce.SCAN_WAIT] > MESSAGES  # the short scan wait
+    # The doorbells: pushes woke the scan and stored replies ended the grid's waits (at
+    # most once per message: a ring is taken by the one wait it ends; a ring that comes
+    # as a wait ends by itself is not counted, the look that follows sees the work).
+    assert 1 <= counts[vce.SCAN_RUNG] <= ROUNDS * 2
+    assert 1 <= counts[inmemory_grid.REPLY_WAIT] <= MESSAGES
     assert counts[vce.WORKER] >= 1 and counts[vce.INJECT] == 1
     assert counts[vce.STOP_WAIT] > 0
     assert fc.active_patches() == ()
