@@ -14,7 +14,8 @@ no wait, with a one-line warning.
 With doorbells (:mod:`pollinate.flower_compat.doorbell`): the grid rings ``sent`` after
 storing a round's messages (the engine's scan looks at once), and its wait for replies
 ends as soon as ``replied`` rings (the engine stored one) instead of at the next poll.
-Fallback (Flower's ``send_and_receive`` or ``push_messages`` changed): the poll alone.
+Fallback (one of Flower's ``send_and_receive``, ``push_messages``, ``pull_messages``
+changed): the poll alone, with a one-line warning.
 """
 
 from __future__ import annotations
@@ -25,13 +26,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from pollinate.flower_compat._core import (
-    mark_engaged,
-    parameters,
-    signature_matches,
-    swapped,
-    warn_fallback,
-)
+from pollinate.flower_compat._core import mark_engaged, signature_matches, swapped
 from pollinate.flower_compat.doorbell import Doorbell
 from pollinate.flower_compat.exchange import push_and_pull
 
@@ -53,18 +48,15 @@ NODES_WAIT = 30.0
 
 
 def _doorbells_fit(flower_grid: type) -> bool:
-    """Whether the grid's push / pull / send-and-receive are the ones the doorbells wrap."""
-    for name, params in RUNG.items():
-        method = getattr(flower_grid, name, None)
-        found = parameters(method) if callable(method) else ()
-        if found != params:
-            warn_fallback(
-                REPLY_WAIT,
-                f"flwr's InMemoryGrid.{name} takes ({', '.join(found)}), Pollinate expects "
-                f"({', '.join(params)}) (each exchange then waits for the grid's poll)",
-            )
-            return False
-    return True
+    """Whether the grid's push / pull / send-and-receive are the ones the doorbells wrap
+    (else the stock-fallback warning, once)."""
+    why = "each exchange then waits for the grid's poll, not for its doorbells"
+    return all(
+        signature_matches(
+            getattr(flower_grid, name), params, what=f"{IN_MEMORY_GRID}.{name}", why=why
+        )
+        for name, params in RUNG.items()
+    )
 
 
 @contextmanager

@@ -290,4 +290,5 @@ def test_a_changed_grid_method_keeps_the_fast_poll_without_doorbells(
         # Flower's own push / pull / send-and-receive, not the doorbells' versions:
         assert all(getattr(built, m) is getattr(flower_grid, m) for m in inmemory_grid.RUNG)
     said = _warnings(caplog)
-    assert len(said) == 1 and method in said[0] and fc.SUPPORTED_RANGE not in said[0]
+    assert len(said) == 1 and "\n" not in said[0]
+    assert method in said[0] and fc.SUPPORTED_RANGE in said[0] and "stock Flower" in said[0]
