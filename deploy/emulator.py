@@ -45,7 +45,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.app.error import Error
 
 from pollinate import protocol
-from pollinate.flower_compat import fleet
+from pollinate.flower_compat import fleet, poll_advice
 
 log = logging.getLogger("pollinate.emulator")
 
@@ -82,6 +82,7 @@ class PollPolicy:
     rhythm_poll: float = 0.0
     rhythm_heartbeat: float = 0.0
     heartbeat_max: int = 600
+    take_advice: bool = False
 
     def idle_sleep(self, idle: float, last_wait: float = 0.0) -> float:
         cap = max(self.idle_max, self.rhythm_poll * last_wait)
@@ -120,6 +121,7 @@ TUNED = PollPolicy(
     expect_max=600.0,
     rhythm_poll=0.1,
     rhythm_heartbeat=2.0,
+    take_advice=True,
 )
 POLICIES = {"stock": STOCK, "tuned": TUNED}
 
@@ -155,6 +157,7 @@ class _Device:
     node: Any = None  # fleet.Node once active
     idle_since: float = 0.0
     last_wait: float = 0.0  # idle time before the last message
+    advised: int = 0  # s, the server's advice at the last empty pull since a message
     next_heartbeat: float = 0.0
     contexts: dict[int, Context] = field(default_factory=dict)
     runs: set[int] = field(default_factory=set)
@@ -337,6 +340,7 @@ class Emulator:
         got = device.client.PullMessages(fleet.PullMessagesRequest(node=device.node))
         if got.messages_list:
             device.last_wait = time.monotonic() - device.idle_since
+            device.advised = 0
             message = fleet.message_from_proto(got.messages_list[0])
             self._handle(device, message, got.message_object_trees[0])
             now = device.idle_since = time.monotonic()
@@ -344,6 +348,10 @@ class Emulator:
                 return now  # a one-off exchange before the rounds: no rhythm to go by
             # A SuperNode pulls again at once (expect = 0).
             return min(now + self.policy.first_sleep(device.last_wait), device.next_heartbeat)
+        advised = poll_advice.advice_of(got) if self.policy.take_advice else 0
+        if advised:
+            device.advised = advised
+            return min(time.monotonic() + advised, device.next_heartbeat)
         sleep = self.policy.idle_sleep(time.monotonic() - device.idle_since, device.last_wait)
         return min(time.monotonic() + sleep, device.next_heartbeat)
 
@@ -362,7 +370,7 @@ class Emulator:
         return (interval - 5) * (0.8 + self._rng.uniform(-0.1, 0.1))
 
     def _heartbeat(self, device: _Device) -> None:
-        interval = self.policy.heartbeat_interval(device.last_wait)
+        interval = self.policy.heartbeat_interval(max(device.last_wait, device.advised))
         res = device.client.SendNodeHeartbeat(
             fleet.SendNodeHeartbeatRequest(node=device.node, heartbeat_interval=interval)
         )

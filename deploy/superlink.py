@@ -14,6 +14,12 @@ stop runs) and Runtime API (the ServerApp) on one port. This launcher runs Flowe
   peer, :mod:`pollinate.deploy.events`), which ``pollinate server start`` turns into a
   message; so do nodes joining and leaving, learnt from Flower's Fleet handlers, not from
   its log text;
+- **less CPU per device request**: Flower's middleware layers run only for the requests
+  they act on, and each node signature is verified once, not on every request that
+  carries it (devices reuse a signature for a minute);
+- **idle devices are told when to poll again**: a pull that finds no message carries the
+  expected wait's share in Flower's ``reconnect`` field (:mod:`pollinate.deploy.pacing`),
+  which Pollinate's devices follow and stock ones ignore;
 - log lines carry timestamps and no colour codes (they go to a file);
 - it dies when its parent (``pollinate server start``) dies, however that dies, and takes
   the ``flower-superexec`` and ``flwr-serverapp`` it started along
@@ -34,11 +40,14 @@ from typing import Any
 
 from pollinate.deploy import events
 from pollinate.deploy.certs import key_fingerprint
+from pollinate.deploy.pacing import PollAdvisor
 from pollinate.deploy.proc import guard_tree
 from pollinate.flower_compat.console import plain_console
 from pollinate.flower_compat.entry_points import flower_superlink
 from pollinate.flower_compat.fleet_activation import ActivationEvents, activation_observed
 from pollinate.flower_compat.link_middleware import gated_link_middleware
+from pollinate.flower_compat.node_auth_cache import node_signatures_remembered
+from pollinate.flower_compat.poll_advice import poll_advice_given
 from pollinate.flower_compat.superlink_app import wrapped_superlink_app
 from pollinate.flower_compat.tls_handshake import handshake_failures_reported
 
@@ -144,6 +153,12 @@ def patched_flower() -> Iterator[None]:
         stack.enter_context(wrapped_superlink_app(LoopbackAdmin))
         stack.enter_context(activation_observed(ACTIVATION))
         stack.enter_context(gated_link_middleware())  # fewer layers per device request
+        stack.enter_context(node_signatures_remembered())  # one verification per signature
+        if not os.environ.get("POLLINATE_NO_POLL_ADVICE"):  # for side-by-side benchmarks
+            advisor = PollAdvisor()
+            stack.enter_context(
+                poll_advice_given(advisor.advice, advisor.replied, advisor.delivered)
+            )
         if os.environ.get("POLLINATE_REQUEST_STATS"):
             _print_request_stats()
         yield

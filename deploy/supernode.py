@@ -7,7 +7,8 @@ launcher runs Flower's own ``flower_supernode()`` with these changes and nothing
 
 - while idle it polls every ``POLL_SHARE`` of the time idle so far (``POLL_MIN`` to
   Flower's 3 s), so the next message of a round is picked up within tens of ms while an
-  idle device still polls only every 3 s;
+  idle device still polls only every 3 s; where Pollinate's server advises a wait (a
+  round with many devices, :mod:`pollinate.deploy.pacing`), it waits that long instead;
 - the wait for the ClientApp's reply polls every 20 ms (local state, no network), and a
   message whose arrays are still being uploaded is retried after 50 ms rather than 1 s;
 - the heartbeat interval is ``HEARTBEAT`` (10 s, the SuperLink's minimum), so the server
@@ -44,6 +45,7 @@ from pollinate.flower_compat.entry_points import flower_supernode
 from pollinate.flower_compat.heartbeat import heartbeat_every
 from pollinate.flower_compat.node_connection import ConnectionEvents, connection_observed
 from pollinate.flower_compat.object_pull import fast_object_pull
+from pollinate.flower_compat.poll_advice import poll_advice_taken
 from pollinate.flower_compat.reconnect import reconnect_within
 from pollinate.flower_compat.supernode_poll import supernode_sleeps
 
@@ -55,6 +57,9 @@ OBJECT_RETRY = 0.05  # each retry is a request to the SuperLink, the bottleneck
 OBJECT_RETRY_CAP = 0.5
 HEARTBEAT = 10  # seconds; the SuperLink rejects anything below 10
 RECONNECT_MAX = 5  # seconds between retries while the server is down
+# The server's advice is followed up to this (its heartbeats go on regardless: Flower's
+# HeartbeatSender is its own thread).
+ADVICE_MAX = 120
 
 # Environment overrides, for benchmarks and tests.
 POLL_MIN = float(os.environ.get("POLLINATE_POLL_MIN", POLL_MIN))
@@ -62,19 +67,30 @@ POLL_MAX = float(os.environ.get("POLLINATE_POLL_MAX", POLL_MAX))
 
 
 class Clock:
-    """The SuperNode loop's sleeps: an adaptive idle poll, a fast wait for local replies."""
+    """The SuperNode loop's sleeps: an adaptive idle poll (or the server's advice), a fast
+    wait for local replies."""
 
     def __init__(self) -> None:
         self.idle_since: float | None = None  # None: busy with a message
+        self.advised = 0  # s, from the last empty pull (0: none)
+
+    def idle_wait(self) -> float:
+        """The sleep after an empty pull: the server's advice if it gave one."""
+        if self.idle_since is None:
+            self.idle_since = time.monotonic()
+        if self.advised > 0:
+            return float(min(self.advised, ADVICE_MAX))
+        idle = time.monotonic() - self.idle_since
+        return poll_interval(idle, POLL_SHARE, POLL_MIN, POLL_MAX)
 
     def sleep(self, seconds: float) -> None:
         if seconds >= 1:  # Flower's "no message, wait for a while"
-            if self.idle_since is None:
-                self.idle_since = time.monotonic()
-            idle = time.monotonic() - self.idle_since
-            time.sleep(poll_interval(idle, POLL_SHARE, POLL_MIN, POLL_MAX))
+            time.sleep(self.idle_wait())
         else:  # waiting for the local ClientApp's reply
             time.sleep(min(seconds, REPLY_POLL))
+
+    def advise(self, seconds: int) -> None:
+        self.advised = seconds
 
     def reset(self) -> None:
         self.idle_since = None
@@ -98,6 +114,7 @@ def patched_flower() -> Iterator[None]:
         stack.enter_context(connection_observed(connection_events()))
         stack.enter_context(ended_runs_dropped())
         stack.enter_context(supernode_sleeps(clock.sleep, clock.reset))
+        stack.enter_context(poll_advice_taken(clock.advise))
         stack.enter_context(fast_object_pull(OBJECT_RETRY, OBJECT_RETRY_CAP))
         stack.enter_context(heartbeat_every(HEARTBEAT))
         stack.enter_context(reconnect_within(RECONNECT_MAX))

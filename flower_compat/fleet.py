@@ -40,6 +40,7 @@ from flwr.proto.fleet_pb2 import (
     ActivateNodeRequest,
     DeactivateNodeRequest,
     PullMessagesRequest,
+    PullMessagesResponse,
     PushMessagesRequest,
 )
 from flwr.proto.heartbeat_pb2 import SendNodeHeartbeatRequest
@@ -200,6 +201,7 @@ __all__ = [
     "Node",
     "ObjectTree",
     "PullMessagesRequest",
+    "PullMessagesResponse",
     "PushMessagesRequest",
     "ReusedSignatureInterceptor",
     "SendNodeHeartbeatRequest",

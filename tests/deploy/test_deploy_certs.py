@@ -55,6 +55,36 @@ def test_a_second_call_keeps_the_ca_and_reissues_the_server_certificate(tmp_path
     assert "10.1.2.3" in certificate_hosts(second.server_cert)
 
 
+def test_tls_keys_are_p256_and_a_p384_ca_from_before_still_signs(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import hashes
+
+    from pollinate.deploy import certs
+
+    paths, _ = create_certs(tmp_path / "new")
+    for cert_path in (paths.ca_cert, paths.server_cert):
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        key = cert.public_key()
+        assert isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name == "secp256r1"
+        assert isinstance(cert.signature_hash_algorithm, hashes.SHA256)
+    # A CA made by an earlier Pollinate (P-384) is reused and signs with SHA-384.
+    old = tmp_path / "old"
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca_cert = certs._builder(
+        x509.Name([]), x509.Name([]), ca_key, certs.dt.datetime.now(certs.dt.timezone.utc), 30
+    )
+    ca = ca_cert.add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True).sign(
+        ca_key, hashes.SHA384()
+    )
+    old.mkdir()
+    write_private(old / "ca.key", certs._pem_key(ca_key))
+    (old / "ca.crt").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    reissued, new_ca = create_certs(old)
+    assert not new_ca
+    server = x509.load_pem_x509_certificate(reissued.server_cert.read_bytes())
+    server.verify_directly_issued_by(ca)
+    assert isinstance(server.signature_hash_algorithm, hashes.SHA384)
+
+
 @pytest.mark.parametrize("host", ["localhost", "127.0.0.1"])
 def test_tls_handshake_with_the_ca(tmp_path: Path, host: str) -> None:
     paths, _ = create_certs(tmp_path)

@@ -26,8 +26,10 @@ from pollinate.flower_compat.control_errors import api_error_code, flower_error_
 from pollinate.flower_compat.ended_runs import RunEnded, ended_runs_dropped, failing_on_ended_run
 from pollinate.flower_compat.fleet_activation import ActivationEvents, activation_observed
 from pollinate.flower_compat.heartbeat import heartbeat_every
+from pollinate.flower_compat.node_auth_cache import node_signatures_remembered
 from pollinate.flower_compat.node_connection import ConnectionEvents, connection_observed
 from pollinate.flower_compat.object_pull import fast_object_pull
+from pollinate.flower_compat.poll_advice import poll_advice_given, poll_advice_taken
 from pollinate.flower_compat.reconnect import reconnect_within
 from pollinate.flower_compat.superlink_app import wrapped_superlink_app
 from pollinate.flower_compat.supernode_poll import StandInTime, supernode_sleeps
@@ -251,6 +253,156 @@ def test_heartbeat_interval_inside_the_block_only() -> None:
         pass
 
 
+class _Request:
+    """What Flower's ``authenticate_node`` reads from a Starlette request."""
+
+    def __init__(self, headers: dict[str, str], protobuf_request: Any) -> None:
+        self.headers = headers
+        self.state = type("State", (), {"protobuf_request": protobuf_request})()
+
+
+def _signed_request(key: Any, signed_at: Any, *, tamper: bool = False) -> _Request:
+    import base64
+
+    from flwr.common.constant import TIMESTAMP_HEADER
+    from flwr.proto.fleet_pb2 import ActivateNodeRequest
+    from flwr.supercore.constant import (
+        FLEET_HTTP_PUBLIC_KEY_HEADER,
+        FLEET_HTTP_SIGNATURE_HEADER,
+    )
+    from flwr.supercore.primitives.asymmetric import public_key_to_bytes, sign_message
+
+    public = public_key_to_bytes(key.public_key())
+    timestamp = signed_at.isoformat()
+    signature = sign_message(key, timestamp.encode("ascii"))
+    if tamper:
+        signature = sign_message(key, b"something else")
+    headers = {
+        FLEET_HTTP_PUBLIC_KEY_HEADER: base64.b64encode(public).decode(),
+        FLEET_HTTP_SIGNATURE_HEADER: base64.b64encode(signature).decode(),
+        TIMESTAMP_HEADER: timestamp,
+    }
+    # ActivateNode: the key is checked against the request, not the LinkState.
+    return _Request(headers, ActivateNodeRequest(public_key=public, heartbeat_interval=30))
+
+
+def test_a_node_signature_is_verified_once_and_a_bad_or_expired_one_refused_each_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import datetime as dt
+
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from fastapi import HTTPException
+
+    node_auth = _mod("flwr.superlink.routers.fleet.node_auth")
+    calls: list[str] = []
+    stock_verify, stock_parse = node_auth.verify_signature, node_auth.bytes_to_public_key
+
+    def verify_signature(public_key: Any, message: bytes, signature: bytes) -> bool:
+        calls.append("verify")
+        return bool(stock_verify(public_key, message, signature))
+
+    def bytes_to_public_key(public_key_bytes: bytes) -> Any:
+        calls.append("parse")
+        return stock_parse(public_key_bytes)
+
+    monkeypatch.setattr(node_auth, "verify_signature", verify_signature)
+    monkeypatch.setattr(node_auth, "bytes_to_public_key", bytes_to_public_key)
+    key = ec.generate_private_key(ec.SECP384R1())
+    signed_at = dt.datetime.now(dt.timezone.utc)
+    good = _signed_request(key, signed_at)
+    bad = _signed_request(key, signed_at, tamper=True)
+    with node_signatures_remembered() as on:
+        assert on
+        for _ in range(5):
+            node_auth.authenticate_node(good)  # passes: no exception
+        assert calls == ["parse", "verify"]  # Flower's own functions ran once
+        for _ in range(3):
+            with pytest.raises(HTTPException) as refused:
+                node_auth.authenticate_node(bad)
+            assert refused.value.status_code == 401
+        assert calls.count("verify") == 4  # a failed signature is verified every time
+        # The age is still checked on every request: a remembered signature expires.
+        later = signed_at + dt.timedelta(minutes=10)
+        monkeypatch.setattr(node_auth, "now", lambda: later)
+        with pytest.raises(HTTPException):
+            node_auth.authenticate_node(good)
+    assert node_auth.verify_signature is verify_signature  # undone
+    assert node_auth.bytes_to_public_key is bytes_to_public_key
+    assert not fc.active_patches()
+
+
+class _LinkState:
+    """The LinkState calls Flower's ``pull_messages`` handler and the advice make."""
+
+    def __init__(self, ins: int, res: int) -> None:
+        self.ins, self.res = ins, res
+
+    def get_message_ins(self, node_id: int, limit: int) -> list[Any]:
+        return []
+
+    def num_message_ins(self) -> int:
+        return self.ins
+
+    def num_message_res(self) -> int:
+        return self.res
+
+
+def test_an_empty_pull_carries_the_advice_and_stored_replies_are_counted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from flwr.proto.fleet_pb2 import PullMessagesRequest
+    from flwr.proto.node_pb2 import Node
+
+    handlers = _mod("flwr.superlink.servicer.fleet.fleet_handlers")
+    told: list[int] = []
+    replies: list[int] = []
+
+    def push_messages(request: Any, state: Any) -> str:
+        if request == "refused":
+            raise RuntimeError("run not running")
+        return "stored"
+
+    monkeypatch.setattr(handlers, "push_messages", push_messages)
+
+    def advice(outstanding: int) -> int:
+        told.append(outstanding)
+        return 9
+
+    request = PullMessagesRequest(node=Node(node_id=1))
+    with poll_advice_given(advice, lambda: replies.append(1)) as on:
+        assert on
+        response = handlers.pull_messages(request, _LinkState(ins=30, res=10), None)
+        assert response.reconnect.reconnect == 9 and not response.messages_list
+        assert told == [20]  # stored messages not yet replied to
+        assert handlers.push_messages("reply", None) == "stored"
+        with pytest.raises(RuntimeError):
+            handlers.push_messages("refused", None)
+        assert replies == [1]  # only a stored reply counts
+    stock = handlers.pull_messages(request, _LinkState(ins=30, res=10), None)
+    assert not stock.HasField("reconnect")  # undone: Flower's own handler again
+    assert not fc.active_patches()
+
+
+def test_the_supernode_hears_each_pulls_advice(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flwr.proto.fleet_pb2 import PullMessagesResponse, Reconnect
+
+    client = _mod("flwr.supernode.fleet_http_client").FleetHttpClient
+    answers = [PullMessagesResponse(reconnect=Reconnect(reconnect=12)), PullMessagesResponse()]
+
+    def pull_messages(self: Any, request: Any) -> Any:
+        return answers.pop(0)
+
+    monkeypatch.setattr(client, "PullMessages", pull_messages)
+    heard: list[int] = []
+    with poll_advice_taken(heard.append) as on:
+        assert on
+        client.PullMessages(None, None)
+        client.PullMessages(None, None)
+    assert heard == [12, 0]
+    assert client.PullMessages is pull_messages
+
+
 def test_retries_are_capped_for_both_of_flowers_backoffs() -> None:
     heartbeat = _mod("flwr.supercore.heartbeat")
     retry = _mod("flwr.supercore.retry.http_retry")
@@ -383,6 +535,30 @@ FALLBACKS: list[tuple[str, str, Any, Callable[[], AbstractContextManager[Any]]]]
     ("flwr.supercore.heartbeat", "HEARTBEAT_DEFAULT_INTERVAL", None, lambda: heartbeat_every(10)),
     ("flwr.supercore.retry.http_retry", "MAX_RETRY_DELAY", None, lambda: reconnect_within(5)),
     ("flwr.supercore.heartbeat", "exponential", _changed("delay"), lambda: reconnect_within(5)),
+    (
+        "flwr.superlink.routers.fleet.node_auth",
+        "bytes_to_public_key",
+        _changed("data"),
+        node_signatures_remembered,
+    ),
+    (
+        "flwr.superlink.routers.fleet.node_auth",
+        "verify_signature",
+        _changed("key", "message"),
+        node_signatures_remembered,
+    ),
+    (
+        "flwr.superlink.servicer.fleet.fleet_handlers",
+        "pull_messages",
+        _changed("request", "state"),
+        lambda: poll_advice_given(lambda n: 0, _noop),
+    ),
+    (
+        "flwr.superlink.servicer.fleet.fleet_handlers",
+        "push_messages",
+        _changed("request"),
+        lambda: poll_advice_given(lambda n: 0, _noop),
+    ),
 ]
 
 
@@ -433,3 +609,17 @@ def test_the_flwr_cli_error_code_is_flowers_api_error_code() -> None:
     assert flower_error_code("connection refused") is None
     with pytest.raises(fc.FlowerIncompatible, match="NO_SUCH_CODE"):
         api_error_code("NO_SUCH_CODE")
+
+
+def test_the_launchers_put_the_request_savings_in_place() -> None:
+    from pollinate.deploy import superlink, supernode
+
+    with superlink.patched_flower():
+        active = fc.active_patches()
+        assert "flwr.superlink.routers.fleet.node_auth.verify_signature" in active
+        assert "flwr.superlink.routers.fleet.node_auth.bytes_to_public_key" in active
+        assert "flwr.superlink.servicer.fleet.fleet_handlers.pull_messages" in active
+        assert "flwr.superlink.servicer.fleet.fleet_handlers.push_messages" in active
+    with supernode.patched_flower():
+        assert "FleetHttpClient.PullMessages" in fc.active_patches()
+    assert not fc.active_patches()
