@@ -6,7 +6,7 @@ import inspect
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -114,6 +114,24 @@ def swapped(
     finally:
         setattr(owner, attr, original)
         _active[name] -= 1
+
+
+@contextmanager
+def swapped_together(
+    owner: Any, replacements: Sequence[tuple[str, Any, Sequence[str]]], *, why: str
+) -> Iterator[bool]:
+    """Each ``(attr, replacement, expect)`` swapped as :func:`swapped` with
+    ``stock_fallback``, in order; yields whether all are. The first mismatch stops there
+    (after its one warning): the ones before it stay in place for the block."""
+    with ExitStack() as stack:
+        for attr, replacement, expect in replacements:
+            on = stack.enter_context(
+                swapped(owner, attr, replacement, why=why, expect=expect, stock_fallback=True)
+            )
+            if not on:
+                yield False
+                return
+        yield True
 
 
 def warn_fallback(name: str, message: str) -> None:

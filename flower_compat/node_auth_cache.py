@@ -28,12 +28,12 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 
-from pollinate.flower_compat._core import mark_engaged, swapped
+from pollinate.flower_compat._core import mark_engaged, swapped_together
 from pollinate.flower_compat._names import flower_module
 
 MODULE = "flwr.superlink.routers.fleet.node_auth"
@@ -122,28 +122,12 @@ def node_signatures_remembered(limit: int = MAX_ENTRIES) -> Iterator[bool]:
     node_auth = flower_module(MODULE)
     parse, verify = remembering(node_auth.bytes_to_public_key, node_auth.verify_signature, limit)
     why = "verifying a reused P-384 signature on every request costs ~0.57 ms of CPU"
-    with ExitStack() as stack:
-        parsed = stack.enter_context(
-            swapped(
-                node_auth,
-                "bytes_to_public_key",
-                parse,
-                why=why,
-                expect=PARSE_EXPECT,
-                stock_fallback=True,
-            )
-        )
-        checked = parsed and stack.enter_context(
-            swapped(
-                node_auth,
-                "verify_signature",
-                verify,
-                why=why,
-                expect=VERIFY_EXPECT,
-                stock_fallback=True,
-            )
-        )
-        yield bool(checked)
+    with swapped_together(
+        node_auth,
+        [("bytes_to_public_key", parse, PARSE_EXPECT), ("verify_signature", verify, VERIFY_EXPECT)],
+        why=why,
+    ) as on:
+        yield on
 
 
 __all__ = ["MAX_ENTRIES", "node_signatures_remembered", "remembering"]

@@ -28,10 +28,10 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from typing import Any
 
-from pollinate.flower_compat._core import mark_engaged, swapped
+from pollinate.flower_compat._core import mark_engaged, swapped, swapped_together
 from pollinate.flower_compat._names import flower_module
 
 HANDLERS = "flwr.superlink.servicer.fleet.fleet_handlers"
@@ -94,28 +94,15 @@ def poll_advice_given(
         replied()
         return response
 
-    with ExitStack() as stack:
-        on = stack.enter_context(
-            swapped(
-                handlers,
-                "push_messages",
-                push_counted,
-                why=WHY,
-                expect=PUSH_EXPECT,
-                stock_fallback=True,
-            )
-        )
-        on = on and stack.enter_context(
-            swapped(
-                handlers,
-                "pull_messages",
-                pull_advised,
-                why=WHY,
-                expect=PULL_EXPECT,
-                stock_fallback=True,
-            )
-        )
-        yield bool(on)
+    with swapped_together(
+        handlers,
+        [
+            ("push_messages", push_counted, PUSH_EXPECT),
+            ("pull_messages", pull_advised, PULL_EXPECT),
+        ],
+        why=WHY,
+    ) as on:
+        yield on
 
 
 def advice_of(response: Any) -> int:
