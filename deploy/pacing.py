@@ -32,7 +32,8 @@ class PollAdvisor:
     ``share`` of the expected wait (``outstanding`` replies at the rate of the last
     ``window`` replies, those within ``horizon`` s), rounded down to whole seconds (the
     field Flower has for it counts seconds), at most ``longest``; 0 (no advice) below
-    ``min_replies`` recent replies. With nothing outstanding (between exchanges):
+    ``min_replies`` recent replies, and none in exchanges of fewer than ``min_crowd``
+    messages (the current one or the last). With nothing outstanding (between exchanges):
     ``gap_share`` of what is left of a gap as long as the last one (the first:
     :data:`GAP_PRIOR` of the exchange before it; none before any exchange).
     """
@@ -46,6 +47,7 @@ class PollAdvisor:
         window: int = 64,
         horizon: float = 60.0,
         min_replies: int = 8,
+        min_crowd: int = 32,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not 0 < share < 1:
@@ -59,6 +61,9 @@ class PollAdvisor:
         self.longest = longest
         self.horizon = horizon
         self.min_replies = min_replies
+        self.min_crowd = min_crowd
+        self._wave_size = 0  # messages handed out in this exchange
+        self._last_wave_size = 0
         self.clock = clock
         self._replies: deque[float] = deque(maxlen=window)
         self._lock = threading.Lock()
@@ -80,8 +85,10 @@ class PollAdvisor:
     def advice(self, outstanding: int) -> int:
         """Whole seconds to wait before the next poll; 0: no advice."""
         if outstanding <= 0:
-            return self._gap_advice()
+            return self._gap_advice() if self._crowd() else 0
         self._gap_over()
+        if not self._crowd():
+            return 0
         rate = self.reply_rate()
         if rate is None:
             return 0
@@ -100,6 +107,7 @@ class PollAdvisor:
                 if self._wave_started is not None:  # an exchange just ended
                     self._last_wave = now - self._wave_started
                     self._wave_started = None
+                    self._last_wave_size, self._wave_size = self._wave_size, 0
             expected = self._last_gap
             if expected is None and self._last_wave is not None:
                 expected = GAP_PRIOR * self._last_wave
@@ -111,6 +119,14 @@ class PollAdvisor:
     def delivered(self) -> None:
         """A device got a message: an exchange is under way (a gap, if any, is over)."""
         self._gap_over()
+        with self._lock:
+            self._wave_size += 1
+
+    # A few devices pace themselves as cheaply, and there one reply that does not come (a
+    # device died mid-round) would make the estimate wrong: rounds would only get slower.
+    def _crowd(self) -> bool:
+        with self._lock:
+            return max(self._wave_size, self._last_wave_size) >= self.min_crowd
 
     def _gap_over(self) -> None:
         now = self.clock()

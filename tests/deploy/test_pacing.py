@@ -31,7 +31,7 @@ def _replies(advisor: PollAdvisor, clock: FakeClock, n: int, every: float) -> No
 
 def test_no_advice_without_recent_replies_or_outstanding_work() -> None:
     clock = FakeClock()
-    advisor = PollAdvisor(clock=clock)
+    advisor = PollAdvisor(min_crowd=0, clock=clock)
     assert advisor.advice(1000) == 0  # nothing to go by yet
     _replies(advisor, clock, 7, 0.1)
     assert advisor.advice(1000) == 0  # fewer than min_replies
@@ -44,7 +44,7 @@ def test_no_advice_without_recent_replies_or_outstanding_work() -> None:
 
 def test_advice_is_a_share_of_the_expected_wait_in_whole_seconds_and_capped() -> None:
     clock = FakeClock()
-    advisor = PollAdvisor(share=0.6, longest=120, clock=clock)
+    advisor = PollAdvisor(share=0.6, longest=120, min_crowd=0, clock=clock)
     _replies(advisor, clock, 20, 0.1)  # 10 replies/s
     assert advisor.advice(100) == 6  # 0.6 x 10 s
     assert advisor.advice(10) == 0  # 0.6 s rounds down: no advice, the device paces itself
@@ -58,7 +58,7 @@ def test_an_advised_device_polls_a_few_times_per_wait_and_is_not_late(outstandin
     # A device that has replied waits for `outstanding` others, served at 8 replies/s
     # (a busy SuperLink). It polls when advised, and 0.25 s apart when not.
     clock, rate = FakeClock(), 8.0
-    advisor = PollAdvisor(clock=clock)
+    advisor = PollAdvisor(min_crowd=0, clock=clock)
     _replies(advisor, clock, 64, 1 / rate)
     start = next_reply = clock.now
     due = start + outstanding / rate  # when the last reply, and so its message, comes
@@ -124,7 +124,7 @@ def test_tuned_devices_follow_the_advice_and_stock_ones_ignore_it() -> None:
 
 def test_between_exchanges_the_advice_is_what_is_left_of_a_gap_like_the_last() -> None:
     clock = FakeClock()
-    advisor = PollAdvisor(gap_share=0.5, clock=clock)
+    advisor = PollAdvisor(gap_share=0.5, min_crowd=0, clock=clock)
     assert advisor.advice(0) == 0  # devices joining, before any exchange: nothing to go by
     clock.now += 100
     advisor.delivered()  # the first exchange (40 s); the wait before it is no gap
@@ -140,3 +140,19 @@ def test_between_exchanges_the_advice_is_what_is_left_of_a_gap_like_the_last() -
     advisor.delivered()
     _replies(advisor, clock, 10, 0.5)
     assert advisor.advice(10) == 4  # replies outstanding: the exchange's own estimate
+
+
+def test_a_few_devices_get_no_advice_as_a_crowd_does() -> None:
+    # Three devices, one of them dead mid-round: its reply never comes, and an estimate
+    # from the other two would only make their next round start late.
+    clock = FakeClock()
+    few = PollAdvisor(min_crowd=32, clock=clock)
+    for _ in range(3):
+        few.delivered()
+    _replies(few, clock, 20, 0.5)
+    assert few.advice(1) == 0 and few.advice(0) == 0
+    crowd = PollAdvisor(min_crowd=32, clock=clock)
+    for _ in range(200):
+        crowd.delivered()
+    _replies(crowd, clock, 20, 0.5)
+    assert crowd.advice(100) == 42  # 0.85 x 100 replies at 2 a second
