@@ -85,6 +85,7 @@ class PollAdvisor:
     def advice(self, outstanding: int) -> int:
         """Whole seconds to wait before the next poll; 0: no advice."""
         if outstanding <= 0:
+            self._gap_begins()  # kept for every federation: the crowd test reads it
             return self._gap_advice() if self._crowd() else 0
         self._gap_over()
         if not self._crowd():
@@ -99,7 +100,7 @@ class PollAdvisor:
     # SuperLink. With many devices that takes a while (10-20 s of a 40 s round at 200
     # devices), and it is about as long each round: the last gap is the estimate, and
     # before one has been seen whole, GAP_PRIOR of the exchange that came before it.
-    def _gap_advice(self) -> int:
+    def _gap_begins(self) -> None:
         now = self.clock()
         with self._lock:
             if self._gap_started is None:
@@ -108,6 +109,11 @@ class PollAdvisor:
                     self._last_wave = now - self._wave_started
                     self._wave_started = None
                     self._last_wave_size, self._wave_size = self._wave_size, 0
+
+    def _gap_advice(self) -> int:
+        now = self.clock()
+        with self._lock:
+            assert self._gap_started is not None  # _gap_begins ran first
             expected = self._last_gap
             if expected is None and self._last_wave is not None:
                 expected = GAP_PRIOR * self._last_wave

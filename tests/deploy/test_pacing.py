@@ -156,3 +156,16 @@ def test_a_few_devices_get_no_advice_as_a_crowd_does() -> None:
         crowd.delivered()
     _replies(crowd, clock, 20, 0.5)
     assert crowd.advice(100) == 42  # 0.85 x 100 replies at 2 a second
+
+
+def test_a_small_federation_stays_without_advice_round_after_round() -> None:
+    # 3 devices for 50 rounds: each exchange is counted on its own, never summed.
+    clock = FakeClock()
+    advisor = PollAdvisor(min_crowd=32, clock=clock)
+    for _ in range(50):
+        for _ in range(3):
+            advisor.delivered()
+        _replies(advisor, clock, 3, 0.5)
+        assert advisor.advice(1) == 0
+        assert advisor.advice(0) == 0  # the gap after the exchange
+        clock.now += 2
