@@ -15,8 +15,12 @@ stop runs) and Runtime API (the ServerApp) on one port. This launcher runs Flowe
   message; so do nodes joining and leaving, learnt from Flower's Fleet handlers, not from
   its log text;
 - **less CPU per device request**: Flower's middleware layers run only for the requests
-  they act on, and each node signature is verified once, not on every request that
-  carries it (devices reuse a signature for a minute);
+  they act on, and for Fleet and Runtime API calls without a task group and stream each
+  (``POLLINATE_TASKGROUP_MIDDLEWARE=1``: Starlette's driver); each node signature is
+  verified once, not on every request that carries it (devices reuse a signature for a
+  minute); and with the state in memory the Fleet and Runtime API handlers run on the
+  event loop instead of hopping to a worker thread each (``POLLINATE_THREADED_HANDLERS=1``:
+  Flower's threads, for side-by-side runs);
 - **idle devices are told when to poll again**: a pull that finds no message carries the
   expected wait's share in Flower's ``reconnect`` field (:mod:`pollinate.deploy.pacing`),
   which Pollinate's devices follow and stock ones ignore;
@@ -45,6 +49,7 @@ from pollinate.deploy.proc import guard_tree
 from pollinate.flower_compat.console import plain_console
 from pollinate.flower_compat.entry_points import flower_superlink
 from pollinate.flower_compat.fleet_activation import ActivationEvents, activation_observed
+from pollinate.flower_compat.inline_handlers import MEMORY_DATABASE, handlers_inline
 from pollinate.flower_compat.link_middleware import gated_link_middleware
 from pollinate.flower_compat.node_auth_cache import node_signatures_remembered
 from pollinate.flower_compat.poll_advice import poll_advice_given
@@ -144,9 +149,22 @@ def _print_request_stats() -> None:
     threading.Thread(target=report, name="request-stats", daemon=True).start()
 
 
+def _memory_state(argv: list[str]) -> bool:
+    """Whether ``argv`` keeps the SuperLink's state in memory (``--database :flwr-in-memory:``)."""
+    for i, arg in enumerate(argv):
+        if arg == "--database" and i + 1 < len(argv):
+            return argv[i + 1] == MEMORY_DATABASE
+        if arg.startswith("--database="):
+            return arg.partition("=")[2] == MEMORY_DATABASE
+    return False
+
+
 @contextmanager
-def patched_flower() -> Iterator[None]:
-    """Every change this launcher makes to Flower's SuperLink, undone when the block ends."""
+def patched_flower(argv: list[str] | None = None) -> Iterator[None]:
+    """Every change this launcher makes to Flower's SuperLink, undone when the block ends.
+
+    ``argv``: the SuperLink's arguments (with ``--database`` in memory its handlers run
+    on the event loop)."""
     with ExitStack() as stack:
         stack.enter_context(plain_console())  # log lines go to a file
         stack.enter_context(handshake_failures_reported(_tls_refused))
@@ -159,6 +177,8 @@ def patched_flower() -> Iterator[None]:
             stack.enter_context(
                 poll_advice_given(advisor.advice, advisor.replied, advisor.delivered)
             )
+        if _memory_state(argv or []) and not os.environ.get("POLLINATE_THREADED_HANDLERS"):
+            stack.enter_context(handlers_inline())  # no thread hop per handler
         if os.environ.get("POLLINATE_REQUEST_STATS"):
             _print_request_stats()
         yield
@@ -166,7 +186,7 @@ def patched_flower() -> Iterator[None]:
 
 def main(argv: list[str]) -> None:
     guard_tree()  # before anything is started: nothing outlives `pollinate ... start`
-    with patched_flower():
+    with patched_flower(argv):
         flower_superlink(argv)
 
 

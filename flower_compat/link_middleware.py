@@ -12,6 +12,15 @@ every other request straight to the next layer, so a device's request passes thr
 (error translation, protobuf translation, node authentication) and the ServerApp's
 Runtime API requests two. What each layer does to the requests it acts on is unchanged.
 
+For a Fleet or Runtime API request (one protobuf request, one protobuf response) each of
+those layers runs its ``dispatch`` through :class:`_Buffered`: ``call_next`` runs the rest
+of the chain to its end and hands back the buffered response, where Starlette's
+``BaseHTTPMiddleware`` starts a task group, a memory stream, and a task per layer to
+stream it. The dispatch functions are Flower's own, unchanged; exceptions reach them
+from ``call_next`` as they do in Starlette. Other requests (the Control API's log and
+event streams, the Runtime API's response stream) keep Starlette's driver.
+``POLLINATE_TASKGROUP_MIDDLEWARE=1`` keeps it for every request (side-by-side runs).
+
 :func:`check_middleware` checks that the chain is still the one this was written for.
 """
 
@@ -23,6 +32,8 @@ from contextlib import contextmanager
 from typing import Any
 
 import flwr.superlink.main as superlink_main
+from flwr.supercore.error.http import http_error_translator
+from flwr.supercore.protobuf.translation import PROTOBUF_REQUEST_TYPES
 from flwr.superlink.routers.control.middlewares import (
     ControlAuthenticationMiddleware,
     ControlEventLogMiddleware,
@@ -32,6 +43,9 @@ from flwr.superlink.routers.control.middlewares import (
 from flwr.superlink.routers.fleet.middlewares import FleetEventLogMiddleware
 from flwr.superlink.routers.fleet.node_auth import NodeAuthMiddleware
 from starlette.middleware import Middleware
+from starlette.middleware.base import BaseHTTPMiddleware
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
 
 from pollinate.flower_compat._core import (
     FlowerIncompatible,
@@ -42,6 +56,7 @@ from pollinate.flower_compat._core import (
 
 CONTROL = "/v1/control/"
 FLEET = "/v1/fleet/"
+RUNTIME = "/v1/runtime/"
 
 
 def _fleet_event_log_on(scope: dict[str, Any]) -> bool:
@@ -60,8 +75,89 @@ GATES: dict[type, Callable[[dict[str, Any]], bool]] = {
 }
 
 
+def _always(scope: dict[str, Any]) -> bool:
+    return True
+
+
+def is_unary(scope: dict[str, Any]) -> bool:
+    """A Fleet or Runtime API call: one protobuf request, answered by one response."""
+    path = scope["path"]
+    return (
+        path.startswith((FLEET, RUNTIME))
+        and (
+            scope.get("method"),
+            path,
+        )
+        in PROTOBUF_REQUEST_TYPES
+    )
+
+
+def _replay(body: bytes, receive: Any) -> Any:
+    """A ``receive`` that gives ``body`` once, then what ``receive`` gives (a disconnect)."""
+    given = False
+
+    async def replay() -> dict[str, Any]:
+        nonlocal given
+        if given:
+            return dict(await receive())
+        given = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay
+
+
+async def _whole_body(receive: Any) -> bytes:
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def _run_to_end(app: Any, scope: dict[str, Any], receive: Any) -> Response:
+    """``app``'s response to the request, buffered whole."""
+    start: dict[str, Any] | None = None
+    parts: list[bytes] = []
+
+    async def keep(message: dict[str, Any]) -> None:
+        nonlocal start
+        if message["type"] == "http.response.start":
+            start = message
+        elif message["type"] == "http.response.body":
+            parts.append(message.get("body", b""))
+
+    await app(scope, receive, keep)
+    if start is None:
+        raise RuntimeError("No response returned.")
+    response = Response(b"".join(parts), status_code=start["status"])
+    response.raw_headers = list(start.get("headers", []))
+    return response
+
+
+class _Buffered:
+    """Plain ASGI: a ``BaseHTTPMiddleware`` dispatch, its ``call_next`` buffering the rest
+    of the chain's response (for :func:`is_unary` requests only: it does not stream)."""
+
+    def __init__(self, app: Any, dispatch: Callable[..., Any]) -> None:
+        self.app = app
+        self.dispatch = dispatch
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        body = await _whole_body(receive)
+
+        async def call_next(request: Request) -> Response:
+            return await _run_to_end(self.app, scope, _replay(body, receive))
+
+        response = await self.dispatch(Request(scope, _replay(body, receive)), call_next)
+        await response(scope, receive, send)
+
+
 class _Gate:
-    """Plain ASGI: HTTP requests for which ``applies(scope)`` is false skip ``layer``."""
+    """Plain ASGI: HTTP requests for which ``applies(scope)`` is false skip ``layer``; a
+    ``BaseHTTPMiddleware`` layer runs :func:`is_unary` requests through :class:`_Buffered`."""
 
     def __init__(
         self, app: Any, *, layer: type, applies: Callable[[dict[str, Any]], bool], **kw: Any
@@ -69,10 +165,19 @@ class _Gate:
         self.app = app
         self.layer = layer(app, **kw)
         self.applies = applies
+        self.buffered: _Buffered | None = None
+        if isinstance(self.layer, BaseHTTPMiddleware) and not os.environ.get(
+            "POLLINATE_TASKGROUP_MIDDLEWARE"
+        ):
+            self.buffered = _Buffered(app, self.layer.dispatch_func)
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and not self.applies(scope):
+        if scope["type"] != "http":
+            await self.layer(scope, receive, send)
+        elif not self.applies(scope):
             await self.app(scope, receive, send)
+        elif self.buffered is not None and is_unary(scope):
+            await self.buffered(scope, receive, send)
         else:
             await self.layer(scope, receive, send)
 
@@ -96,6 +201,8 @@ def gated_middleware(chain: list[Middleware]) -> list[Middleware]:
     for m in chain:
         layer: Any = m.cls
         applies = GATES.get(layer)
+        if layer is BaseHTTPMiddleware and m.kwargs.get("dispatch") is http_error_translator:
+            applies = _always  # every request; gated only to run it buffered
         if applies is None:
             out.append(m)
         else:
@@ -135,4 +242,4 @@ def gated_link_middleware() -> Iterator[bool]:
         yield on
 
 
-__all__ = ["GATES", "check_middleware", "gated_link_middleware", "gated_middleware"]
+__all__ = ["GATES", "check_middleware", "gated_link_middleware", "gated_middleware", "is_unary"]

@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
+from flwr.proto.fleet_pb2 import ActivateNodeResponse
 
 import pollinate.flower_compat as fc
 from pollinate.deploy.certs import create_certs
@@ -26,6 +27,7 @@ from pollinate.flower_compat.control_errors import api_error_code, flower_error_
 from pollinate.flower_compat.ended_runs import RunEnded, ended_runs_dropped, failing_on_ended_run
 from pollinate.flower_compat.fleet_activation import ActivationEvents, activation_observed
 from pollinate.flower_compat.heartbeat import heartbeat_every
+from pollinate.flower_compat.inline_handlers import handlers_inline, runs_inline
 from pollinate.flower_compat.node_auth_cache import node_signatures_remembered
 from pollinate.flower_compat.node_connection import ConnectionEvents, connection_observed
 from pollinate.flower_compat.object_pull import fast_object_pull
@@ -332,6 +334,166 @@ def test_a_node_signature_is_verified_once_and_a_bad_or_expired_one_refused_each
     assert not fc.active_patches()
 
 
+def _activate_over_http(app: Any, key: Any) -> tuple[int, int]:
+    """A signed ActivateNode request through ``app`` (in this thread's event loop): the
+    HTTP status and the node id answered."""
+    response = _post_activate(app, key)
+    node_id = ActivateNodeResponse.FromString(response.content).node_id
+    return response.status_code, node_id if response.status_code == 200 else -1
+
+
+def _post_activate(app: Any, key: Any, *, tamper: bool = False) -> httpx.Response:
+    """A signed (``tamper``: badly signed) ActivateNode request through ``app``."""
+    import base64
+    import datetime as dt
+
+    from flwr.common.constant import TIMESTAMP_HEADER
+    from flwr.proto.fleet_pb2 import ActivateNodeRequest
+    from flwr.supercore.constant import (
+        FLEET_HTTP_PUBLIC_KEY_HEADER,
+        FLEET_HTTP_SIGNATURE_HEADER,
+    )
+    from flwr.supercore.primitives.asymmetric import public_key_to_bytes, sign_message
+    from flwr.supercore.protobuf.constants import PROTOBUF_MEDIA_TYPE
+
+    public = public_key_to_bytes(key.public_key())
+    timestamp = dt.datetime.now(dt.timezone.utc).isoformat()
+    headers = {
+        FLEET_HTTP_PUBLIC_KEY_HEADER: base64.b64encode(public).decode(),
+        FLEET_HTTP_SIGNATURE_HEADER: base64.b64encode(
+            sign_message(key, b"tampered" if tamper else timestamp.encode("ascii"))
+        ).decode(),
+        TIMESTAMP_HEADER: timestamp,
+        "content-type": PROTOBUF_MEDIA_TYPE,
+    }
+    body = ActivateNodeRequest(public_key=public, heartbeat_interval=30).SerializeToString()
+
+    async def post() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://link") as client:
+            return await client.post("/v1/fleet/activate-node", headers=headers, content=body)
+
+    return asyncio.run(post())
+
+
+def test_fleet_handlers_and_node_auth_run_on_the_event_loop_inside_the_block_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Flower's real SuperLink app, a real signed request: inside the block its handler
+    and the signature check run in the event loop's thread, outside in worker threads."""
+    import threading
+
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from flwr.superlink.main import create_app
+
+    handlers = _mod("flwr.superlink.servicer.fleet.fleet_handlers")
+    node_auth = _mod("flwr.superlink.routers.fleet.node_auth")
+    threads: list[tuple[str, str]] = []
+    stock_verify = node_auth.verify_signature
+
+    def activate_node(request: Any, state: Any) -> Any:
+        threads.append(("handler", threading.current_thread().name))
+        return ActivateNodeResponse(node_id=7)
+
+    def verify_signature(public_key: Any, message: bytes, signature: bytes) -> bool:
+        threads.append(("auth", threading.current_thread().name))
+        return bool(stock_verify(public_key, message, signature))
+
+    monkeypatch.setattr(handlers, "activate_node", activate_node)
+    monkeypatch.setattr(node_auth, "verify_signature", verify_signature)
+    app, key = create_app(), ec.generate_private_key(ec.SECP384R1())
+    loop_thread = threading.current_thread().name  # asyncio.run's loop runs here
+
+    assert _activate_over_http(app, key) == (200, 7)
+    assert threads and all(name != loop_thread for _, name in threads)  # stock: workers
+    threads.clear()
+    with handlers_inline() as on:
+        assert on
+        assert _activate_over_http(app, key) == (200, 7)  # the same answer
+    assert sorted(threads) == [("auth", loop_thread), ("handler", loop_thread)]
+    threads.clear()
+    assert _activate_over_http(app, key) == (200, 7)
+    assert all(name != loop_thread for _, name in threads)  # undone
+    assert not fc.active_patches()
+
+
+@pytest.mark.parametrize("outcome", ["ok", "bad signature", "flower error", "crash"])
+def test_buffered_middleware_answers_as_flowers_chain_without_its_task_groups(
+    monkeypatch: pytest.MonkeyPatch, outcome: str
+) -> None:
+    """Flower's real SuperLink app with the gated chain: a Fleet request's answer (status,
+    body, type) is the stock chain's, for a good request and three kinds of error, and no
+    layer runs Starlette's BaseHTTPMiddleware driver for it."""
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from flwr.supercore.error import ApiErrorCode, FlowerError
+    from flwr.superlink.main import create_app
+    from starlette.middleware.base import BaseHTTPMiddleware
+
+    from pollinate.flower_compat.link_middleware import gated_link_middleware
+
+    monkeypatch.delenv("POLLINATE_TASKGROUP_MIDDLEWARE", raising=False)
+    monkeypatch.delenv("POLLINATE_STOCK_MIDDLEWARE", raising=False)
+    handlers = _mod("flwr.superlink.servicer.fleet.fleet_handlers")
+
+    def activate_node(request: Any, state: Any) -> Any:
+        if outcome == "flower error":
+            raise FlowerError(ApiErrorCode.LINKSTATE_NOT_INITIALIZED, "no state")
+        if outcome == "crash":
+            raise ZeroDivisionError("a bug")
+        return ActivateNodeResponse(node_id=7)
+
+    monkeypatch.setattr(handlers, "activate_node", activate_node)
+    drives: list[str] = []
+    stock_call = BaseHTTPMiddleware.__call__
+
+    async def counted(self: Any, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            drives.append(type(self).__name__)
+        await stock_call(self, scope, receive, send)
+
+    monkeypatch.setattr(BaseHTTPMiddleware, "__call__", counted)
+    key = ec.generate_private_key(ec.SECP384R1())
+    answers = []
+    for gated in (False, True):
+        with gated_link_middleware() if gated else _nothing():
+            app = create_app()
+        drives.clear()
+        response = _post_activate(app, key, tamper=outcome == "bad signature")
+        answers.append(
+            (response.status_code, response.content, response.headers.get("content-type"))
+        )
+        assert (len(drives) >= 3) is not gated  # stock: a task-group driver per layer
+    assert answers[0] == answers[1]
+    expected = {"ok": 200, "bad signature": 401, "flower error": 503, "crash": 500}[outcome]
+    assert answers[0][0] == expected
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def test_only_the_fleet_and_runtime_handlers_and_their_dependencies_run_inline() -> None:
+    from flwr.supercore.dependencies.version import VersionDependency
+    from flwr.supercore.protobuf.translation import get_protobuf_request
+
+    fleet = _mod("flwr.superlink.routers.fleet.router")
+    runtime = _mod("flwr.supercore.routers.runtime.router")
+    control = _mod("flwr.superlink.routers.control.router")
+    assert runs_inline(fleet.fleet_pull_messages) and runs_inline(runtime.pull_messages)
+    assert runs_inline(get_protobuf_request)
+    assert runs_inline(VersionDependency(component_name="SuperLink", connection_name="x"))
+    # The Control API (its log streams sleep) and anything unlisted keep their threads.
+    control_handlers = [
+        fn for fn in vars(control).values() if getattr(fn, "__module__", "") == control.__name__
+    ]
+    assert control_handlers and not any(runs_inline(fn) for fn in control_handlers)
+    assert not runs_inline(time.sleep) and not runs_inline(_noop)
+
+
 class _LinkState:
     """The LinkState calls Flower's ``pull_messages`` handler and the advice make."""
 
@@ -559,6 +721,8 @@ FALLBACKS: list[tuple[str, str, Any, Callable[[], AbstractContextManager[Any]]]]
         _changed("request"),
         lambda: poll_advice_given(lambda n: 0, _noop),
     ),
+    ("flwr.supercore.protobuf.routing", "run_in_threadpool", _changed("fn"), handlers_inline),
+    ("fastapi.dependencies.utils", "run_in_threadpool", None, handlers_inline),
 ]
 
 
@@ -620,6 +784,10 @@ def test_the_launchers_put_the_request_savings_in_place() -> None:
         assert "flwr.superlink.routers.fleet.node_auth.bytes_to_public_key" in active
         assert "flwr.superlink.servicer.fleet.fleet_handlers.pull_messages" in active
         assert "flwr.superlink.servicer.fleet.fleet_handlers.push_messages" in active
+        assert not any("run_in_threadpool" in name for name in active)  # a database
+    with superlink.patched_flower(["--database", ":flwr-in-memory:"]):
+        inline = [name for name in fc.active_patches() if "run_in_threadpool" in name]
+        assert len(inline) == 3  # the handler call, FastAPI's dependencies, node auth
     with supernode.patched_flower():
         assert "FleetHttpClient.PullMessages" in fc.active_patches()
     assert not fc.active_patches()
