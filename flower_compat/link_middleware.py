@@ -33,7 +33,10 @@ from typing import Any
 
 import flwr.superlink.main as superlink_main
 from flwr.supercore.error.http import http_error_translator
-from flwr.supercore.protobuf.translation import PROTOBUF_REQUEST_TYPES
+from flwr.supercore.protobuf.translation import (
+    PROTOBUF_REQUEST_TYPES,
+    ProtobufTranslationMiddleware,
+)
 from flwr.superlink.routers.control.middlewares import (
     ControlAuthenticationMiddleware,
     ControlEventLogMiddleware,
@@ -201,7 +204,9 @@ def gated_middleware(chain: list[Middleware]) -> list[Middleware]:
     for m in chain:
         layer: Any = m.cls
         applies = GATES.get(layer)
-        if layer is BaseHTTPMiddleware and m.kwargs.get("dispatch") is http_error_translator:
+        if layer is ProtobufTranslationMiddleware or (
+            layer is BaseHTTPMiddleware and m.kwargs.get("dispatch") is http_error_translator
+        ):
             applies = _always  # every request; gated only to run it buffered
         if applies is None:
             out.append(m)

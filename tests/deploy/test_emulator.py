@@ -148,8 +148,9 @@ def test_gated_chain_keeps_every_layer_in_order(monkeypatch: pytest.MonkeyPatch)
     assert len(gated) == len(stock)
     for s, g in zip(stock, gated, strict=True):
         assert g.kwargs.get("layer", g.cls) is s.cls
-    # Each gated layer, and Flower's error translator (gated only to run buffered).
-    assert sum("layer" in g.kwargs for g in gated) == len(link_middleware.GATES) + 1
+    # Each gated layer, Flower's error translator and protobuf translation (gated only to
+    # run buffered).
+    assert sum("layer" in g.kwargs for g in gated) == len(link_middleware.GATES) + 2
 
 
 @pytest.mark.slow
