@@ -85,14 +85,8 @@ def _always(scope: dict[str, Any]) -> bool:
 def is_unary(scope: dict[str, Any]) -> bool:
     """A Fleet or Runtime API call: one protobuf request, answered by one response."""
     path = scope["path"]
-    return (
-        path.startswith((FLEET, RUNTIME))
-        and (
-            scope.get("method"),
-            path,
-        )
-        in PROTOBUF_REQUEST_TYPES
-    )
+    route = (scope.get("method"), path)
+    return path.startswith((FLEET, RUNTIME)) and route in PROTOBUF_REQUEST_TYPES
 
 
 def _replay(body: bytes, receive: Any) -> Any:
