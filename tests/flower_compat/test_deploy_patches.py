@@ -10,7 +10,7 @@ import ssl
 import sys
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -455,7 +455,7 @@ def test_buffered_middleware_answers_as_flowers_chain_without_its_task_groups(
     key = ec.generate_private_key(ec.SECP384R1())
     answers = []
     for gated in (False, True):
-        with gated_link_middleware() if gated else _nothing():
+        with gated_link_middleware() if gated else nullcontext():
             app = create_app()
         drives.clear()
         response = _post_activate(app, key, tamper=outcome == "bad signature")
@@ -468,14 +468,6 @@ def test_buffered_middleware_answers_as_flowers_chain_without_its_task_groups(
     assert answers[0] == answers[1]
     expected = {"ok": 200, "bad signature": 401, "flower error": 503, "crash": 500}[outcome]
     assert answers[0][0] == expected
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def test_only_the_fleet_and_runtime_handlers_and_their_dependencies_run_inline() -> None:
@@ -778,7 +770,7 @@ def test_the_flwr_cli_error_code_is_flowers_api_error_code() -> None:
 
 
 def test_the_launchers_put_the_request_savings_in_place() -> None:
-    from pollinate.deploy import superlink, supernode
+    from pollinate.deploy import server, superlink, supernode
 
     with superlink.patched_flower():
         active = fc.active_patches()
@@ -787,7 +779,7 @@ def test_the_launchers_put_the_request_savings_in_place() -> None:
         assert "flwr.superlink.servicer.fleet.fleet_handlers.pull_messages" in active
         assert "flwr.superlink.servicer.fleet.fleet_handlers.push_messages" in active
         assert not any("run_in_threadpool" in name for name in active)  # a database
-    with superlink.patched_flower(["--database", ":flwr-in-memory:"]):
+    with superlink.patched_flower(["--database", server.MEMORY_STATE]):  # what it is given
         inline = [name for name in fc.active_patches() if "run_in_threadpool" in name]
         assert len(inline) == 3  # the handler call, FastAPI's dependencies, node auth
     with supernode.patched_flower():
