@@ -3,6 +3,8 @@
     python benchmarks/bench_scale_deploy.py                          # 10 and 100 devices, 5 rounds
     python benchmarks/bench_scale_deploy.py --devices 10,100,1000 --rounds 5,5,2
     python benchmarks/bench_scale_deploy.py --devices 100 --paths tuned --profile out.svg
+    python benchmarks/bench_scale_deploy.py --devices 10,100,1000 --rounds 2 --paths tuned \
+        --repeat 3
 
 Devices are emulated (:mod:`pollinate.deploy.emulator`), split over
 ``--emulator-processes`` processes (:mod:`pollinate.deploy.emulator_pool`; default one per
@@ -28,6 +30,11 @@ requests (Fleet = devices, other = the ServerApp's Runtime API) and the wall tim
 "Device-round" = devices x rounds. Everything runs on this machine: the emulator's own CPU
 competes with the server's, so wall times are upper bounds; CPU times are per process.
 
+``--repeat N`` runs every scale N times, the scales in turn (10, 100, 1,000, 10, ...), so
+that a slow spell of a shared machine falls on all of them, and the flatness verdict
+compares each scale's median. At 10 devices the window is 1-3 s and one run's figure
+swings by a quarter; a verdict from one run per scale is mostly that noise.
+
 ``--profile FILE``: record the SuperLink with py-spy (``pip install py-spy``) during the
 tuned run (``--profile emulator=FILE``: the first emulator process instead) and write a
 flame graph (``.svg``), speedscope JSON (``.json``) or collapsed stacks
@@ -42,6 +49,7 @@ import os
 import re
 import signal
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -64,6 +72,7 @@ ENV = {
     "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
 }
 REQUESTS_LINE = re.compile(r"pollinate: requests total=(\d+)(.*)")
+HANDSHAKES_LINE = re.compile(r"pollinate: tls handshakes=(\d+)")
 
 
 def job_config(root: Path, name: str, rounds: int, devices: int) -> Path:
@@ -103,10 +112,12 @@ round-timeout = {900.0 + 1.5 * devices}
 
 @dataclass
 class Sampler:
-    """CPU time of the SuperLink and the ServerApp, sampled until stopped (they exit)."""
+    """CPU time of the SuperLink and the ServerApp, and the SuperLink's peak resident
+    memory, sampled until stopped (they exit)."""
 
     root_pid: int
     cpu: dict[str, float] = field(default_factory=dict)
+    superlink_rss: int = 0  # bytes, the peak seen
     pids: dict[str, int] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
 
@@ -141,6 +152,8 @@ class Sampler:
                     continue
                 t = proc.cpu_times()
                 self.cpu[role] = t.user + t.system
+                if role == "superlink":
+                    self.superlink_rss = max(self.superlink_rss, proc.memory_info().rss)
                 self.pids[role] = proc.pid
         return dict(self.cpu)
 
@@ -153,6 +166,12 @@ def request_counts(log: Path) -> tuple[int, int]:
     total, rest = lines[-1]
     fleet = sum(int(n) for path, n in re.findall(r"(\S+)=(\d+)", rest) if "/fleet/" in path)
     return fleet, int(total) - fleet
+
+
+def handshake_count(log: Path) -> int:
+    """TLS handshakes in the SuperLink's last count (-1: it prints none, as stock's)."""
+    lines = HANDSHAKES_LINE.findall(log.read_text(errors="replace")) if log.is_file() else []
+    return int(lines[-1]) if lines else -1
 
 
 def run_status(run_dir: Path) -> str:
@@ -184,6 +203,8 @@ class Result:
     by_rpc: dict[str, int]
     exchanges: int  # device-side ClientApp calls (query, train, evaluate) in the window
     emulator_cpu: float
+    handshakes: int  # new TLS connections the SuperLink accepted in the window (-1: unknown)
+    superlink_rss: int  # bytes, peak over the whole run
 
     @property
     def device_rounds(self) -> int:
@@ -342,7 +363,7 @@ def run_path(
         with emulator:
             wait_for(lambda: emulator.active == devices, 600, f"{devices} devices active")
             t0, cpu0 = time.monotonic(), sampler.sample()
-            req0 = request_counts(link_log)
+            req0, tls0 = request_counts(link_log), handshake_count(link_log)
             emu0 = emulator.stats.requests
             msg0, me0 = emulator.stats.messages, emulator.stats.cpu
             target, _, out = profile.rpartition("=") if "=" in profile else ("", "", profile)
@@ -362,7 +383,7 @@ def run_path(
             cpu1 = sampler.sample()
             wall = time.monotonic() - t0
             time.sleep(STATS_SETTLE)
-            req1 = request_counts(link_log)
+            req1, tls1 = request_counts(link_log), handshake_count(link_log)
             emu1 = emulator.stats.requests
             msg1, me1 = emulator.stats.messages, emulator.stats.cpu
             if spy is not None:
@@ -385,6 +406,8 @@ def run_path(
         by_rpc=dict(emu1 - emu0),
         exchanges=msg1 - msg0,
         emulator_cpu=me1 - me0,
+        handshakes=tls1 - tls0 if min(tls0, tls1) >= 0 else -1,
+        superlink_rss=sampler.superlink_rss,
     )
 
 
@@ -396,7 +419,7 @@ def report(results: list[Result]) -> None:
     print(
         f"\n{'path':<7}{'devices':>8}{'rounds':>7}{'wall s':>8}{'SL cpu s':>9}"
         f"{'SL ms/dr':>9}{'app ms/dr':>10}{'fleet/dr':>9}{'other/dr':>9}{'s/round':>8}"
-        f"{'SL ms/ex':>9}{'req/ex':>7}{'emu ms/ex':>10}"
+        f"{'SL ms/ex':>9}{'req/ex':>7}{'emu ms/ex':>10}{'TLS/ex':>7}{'SL MiB':>7}"
     )
     for r in results:
         dr, ex = r.device_rounds, max(1, r.exchanges)
@@ -407,6 +430,8 @@ def report(results: list[Result]) -> None:
             f"{r.other_requests / dr:>9.2f}{r.wall / r.rounds:>8.2f}"
             f"{1000 * r.superlink_cpu / ex:>9.2f}{(r.fleet_requests + r.other_requests) / ex:>7.1f}"
             f"{1000 * r.emulator_cpu / ex:>10.2f}"
+            f"{(f'{r.handshakes / ex:.2f}' if r.handshakes >= 0 else '-'):>7}"
+            f"{r.superlink_rss / 2**20:>7.0f}"
         )
     for r in results:
         rpcs = ", ".join(
@@ -416,14 +441,24 @@ def report(results: list[Result]) -> None:
     print(
         "dr = device-round (devices x rounds); ex = exchange (one message to a device and its "
         "reply: the user query, each round's train, the last evaluation); SL = SuperLink "
-        "process; app = ServerApp process; emu = the emulator (all devices' side)"
+        "process; app = ServerApp process; emu = the emulator (all devices' side); TLS = new TLS "
+        "connections the SuperLink accepted; SL MiB = its peak resident memory"
     )
     for path in ("stock", "tuned"):
-        per = [r.superlink_cpu / max(1, r.exchanges) for r in results if r.path == path]
-        if len(per) > 1:
-            spread = max(per) / min(per)
+        runs: dict[int, list[float]] = {}
+        for r in results:
+            if r.path == path:
+                runs.setdefault(r.devices, []).append(r.superlink_cpu / max(1, r.exchanges))
+        if len(runs) > 1:
+            medians = {n: statistics.median(per) for n, per in runs.items()}
+            for n, per in sorted(runs.items()):
+                listed = " / ".join(f"{1000 * x:.1f}" for x in per)
+                print(f"{path} {n}: SuperLink CPU ms per exchange {listed}, median "
+                      f"{1000 * medians[n]:.1f}")  # fmt: skip
+            spread = max(medians.values()) / min(medians.values())
             verdict = "flat (within 1.5x)" if spread <= 1.5 else "NOT flat (over 1.5x)"
-            print(f"{path}: SuperLink CPU per exchange max/min = {spread:.2f}x, {verdict}")
+            what = "max/min" if max(map(len, runs.values())) == 1 else "max/min of the medians"
+            print(f"{path}: SuperLink CPU per exchange {what} = {spread:.2f}x, {verdict}")
     by = {(r.path, r.devices): r for r in results}
     for (path, n), r in sorted(by.items()):
         if path == "tuned" and ("stock", n) in by:
@@ -485,6 +520,12 @@ def main() -> None:
         help="py-spy output for the tuned SuperLink (FILE), or its first emulator process "
         "(emulator=FILE)",
     )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="runs per scale and path, the scales in turn; the verdict compares medians",
+    )
     args = parser.parse_args()
     counts = [int(n) for n in args.devices.split(",")]
     rounds = [int(r) for r in args.rounds.split(",")]
@@ -494,20 +535,23 @@ def main() -> None:
     torch.set_num_threads(1)
     print(f"{os.cpu_count()} CPUs; devices {counts}, rounds {rounds}, paths {args.paths}")
     results = []
+    if args.repeat < 1:
+        parser.error(f"--repeat must be at least 1, got {args.repeat}")
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
-        for n, r in zip(counts, rounds, strict=True):
-            for path in args.paths.split(","):
-                res = run_path(
-                    path,
-                    Path(tmp) / f"{path}-{n}",
-                    n,
-                    r,
-                    args.threads,
-                    args.emulator_processes,
-                    args.profile,
-                )
-                results.append(res)
-                report([res])
+        for rep in range(args.repeat):
+            for n, r in zip(counts, rounds, strict=True):
+                for path in args.paths.split(","):
+                    res = run_path(
+                        path,
+                        Path(tmp) / f"{path}-{n}-{rep}",
+                        n,
+                        r,
+                        args.threads,
+                        args.emulator_processes,
+                        args.profile,
+                    )
+                    results.append(res)
+                    report([res])
     report(results)
 
 

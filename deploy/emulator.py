@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import heapq
 import logging
+import os
 import random
 import threading
 import time
@@ -46,6 +47,7 @@ from flwr.app.error import Error
 
 from pollinate import protocol
 from pollinate.flower_compat import fleet, poll_advice
+from pollinate.flower_compat.keep_alive import CLIENT_KEEP_ALIVE, clients_keep_connections
 
 log = logging.getLogger("pollinate.emulator")
 
@@ -70,6 +72,8 @@ class PollPolicy:
     wait; ``rhythm_heartbeat``: the heartbeat interval announced is that many last waits
     (within ``heartbeat`` .. ``heartbeat_max``; the SuperLink takes any interval of
     10 .. 1,800 s with every heartbeat, and marks a node offline after 2 missed ones).
+    ``keep_alive`` (None: httpx's 5 s, as a stock SuperNode): how long the device keeps an
+    idle connection to the SuperLink (Pollinate's SuperLink keeps one 75 s).
     """
 
     idle_min: float
@@ -83,6 +87,7 @@ class PollPolicy:
     rhythm_heartbeat: float = 0.0
     heartbeat_max: int = 600
     take_advice: bool = False
+    keep_alive: float | None = None
 
     def idle_sleep(self, idle: float, last_wait: float = 0.0) -> float:
         cap = max(self.idle_max, self.rhythm_poll * last_wait)
@@ -107,11 +112,13 @@ STOCK = PollPolicy(idle_min=3.0, idle_max=3.0, idle_share=0.0)
 # picked up within ~3% of a round late with a few polls per round. Where there is no
 # rhythm yet (after the user query, which comes once), polls start 0.25 s apart and grow
 # 15% each: a wait of 60 s costs ~30 polls (50 ms and 10%: ~74). The 4 s cap stays
-# under uvicorn's 5 s keep-alive: an idle device's poll reuses its TLS connection instead
-# of costing the server a new handshake. Rounds of minutes (hundreds of devices on one
-# server): polls up to 10% of the last wait apart (a new handshake each, but a few per
-# round instead of one per 4 s), and a heartbeat interval of 2 waits (a dead device is
-# still found within ~4 rounds), so requests per device-round do not grow with the round.
+# under a stock SuperLink's 5 s keep-alive (uvicorn's): an idle device's poll reuses its
+# TLS connection instead of costing the server a new handshake; Pollinate's SuperLink keeps
+# an idle connection 75 s and these devices 60 s. Rounds of minutes (hundreds of devices
+# on one server): polls up to 10% of the last wait apart (a few per round instead of one
+# per 4 s; over 60 s apart, a new handshake each), and a heartbeat interval of 2 waits (a
+# dead device is still found within ~4 rounds), so requests per device-round do not grow
+# with the round.
 TUNED = PollPolicy(
     idle_min=0.25,
     idle_max=4.0,
@@ -122,6 +129,7 @@ TUNED = PollPolicy(
     rhythm_poll=0.1,
     rhythm_heartbeat=2.0,
     take_advice=True,
+    keep_alive=CLIENT_KEEP_ALIVE,
 )
 POLICIES = {"stock": STOCK, "tuned": TUNED}
 
@@ -246,9 +254,17 @@ class Emulator:
         if spec.key is not None:
             private = load_private_key(spec.key)
             public = private.public_key()
-        client = fleet.fleet_client(
-            self.address, root_certificates, private, public, signature_reuse=self._signature_reuse
-        )
+        kept = self.policy.keep_alive
+        if os.environ.get("POLLINATE_SHORT_KEEPALIVE"):  # httpx's 5 s, for side-by-side runs
+            kept = None
+        with clients_keep_connections(kept) if kept is not None else contextlib.nullcontext():
+            client = fleet.fleet_client(
+                self.address,
+                root_certificates,
+                private,
+                public,
+                signature_reuse=self._signature_reuse,
+            )
         device = _Device(spec, _CountingClient(client, self.stats))
         if public is not None:
             device.public_key = fleet.public_key_to_bytes(public)

@@ -20,7 +20,11 @@ stop runs) and Runtime API (the ServerApp) on one port. This launcher runs Flowe
   verified once, not on every request that carries it (devices reuse a signature for a
   minute); and with the state in memory the Fleet and Runtime API handlers run on the
   event loop instead of hopping to a worker thread each (``POLLINATE_THREADED_HANDLERS=1``:
-  Flower's threads, for side-by-side runs);
+  Flower's threads, for side-by-side runs); an idle connection is kept 75 s, not 5 s, so
+  a device's next poll needs no new TLS handshake, and a stop waits at most 3 s for
+  in-flight requests (``POLLINATE_SHORT_KEEPALIVE=1``: uvicorn's 5 s); with the state in
+  memory a device's pull looks only at its own messages, not at every stored one
+  (``POLLINATE_FULL_SCAN_PULLS=1``: Flower's scan);
 - **idle devices are told when to poll again**: a pull that finds no message carries the
   expected wait's share in Flower's ``reconnect`` field (:mod:`pollinate.deploy.pacing`),
   which Pollinate's devices follow and stock ones ignore;
@@ -50,8 +54,10 @@ from pollinate.flower_compat.console import plain_console
 from pollinate.flower_compat.entry_points import flower_superlink
 from pollinate.flower_compat.fleet_activation import ActivationEvents, activation_observed
 from pollinate.flower_compat.inline_handlers import MEMORY_DATABASE, handlers_inline
+from pollinate.flower_compat.keep_alive import server_keeps_connections
 from pollinate.flower_compat.link_middleware import gated_link_middleware
 from pollinate.flower_compat.node_auth_cache import node_signatures_remembered
+from pollinate.flower_compat.own_messages import pulls_find_own_messages
 from pollinate.flower_compat.poll_advice import poll_advice_given
 from pollinate.flower_compat.superlink_app import wrapped_superlink_app
 from pollinate.flower_compat.tls_handshake import handshake_failures_reported
@@ -64,10 +70,18 @@ Scope = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]], Any]
 
 # ``POLLINATE_REQUEST_STATS=1``: count requests per path and print the counts every
-# STATS_EVERY s (benchmarks read the last line: the SuperLink's CPU is spent per request).
+# STATS_EVERY s (benchmarks read the last line: the SuperLink's CPU is spent per request),
+# and the TLS handshakes (new connections) so far.
 REQUESTS = "pollinate: requests"
+HANDSHAKES = "pollinate: tls handshakes"
 STATS_EVERY = 1.0
 _requests: dict[str, int] | None = None
+_handshakes = 0
+
+
+def _handshake_done() -> None:
+    global _handshakes
+    _handshakes += 1
 
 
 def _is_loopback(client: tuple[str, int] | None) -> bool:
@@ -143,6 +157,7 @@ def _print_request_stats() -> None:
             now = dict(_requests or {})
             if now != last:
                 counts = " ".join(f"{path}={n}" for path, n in sorted(now.items()))
+                print(f"{HANDSHAKES}={_handshakes}", flush=True)
                 print(f"{REQUESTS} total={sum(now.values())} {counts}", flush=True)
                 last = now
 
@@ -167,11 +182,13 @@ def patched_flower(argv: list[str] | None = None) -> Iterator[None]:
     on the event loop)."""
     with ExitStack() as stack:
         stack.enter_context(plain_console())  # log lines go to a file
-        stack.enter_context(handshake_failures_reported(_tls_refused))
+        stack.enter_context(handshake_failures_reported(_tls_refused, _handshake_done))
         stack.enter_context(wrapped_superlink_app(LoopbackAdmin))
         stack.enter_context(activation_observed(ACTIVATION))
         stack.enter_context(gated_link_middleware())  # fewer layers per device request
         stack.enter_context(node_signatures_remembered())  # one verification per signature
+        if not os.environ.get("POLLINATE_SHORT_KEEPALIVE"):  # for side-by-side benchmarks
+            stack.enter_context(server_keeps_connections())  # no handshake per idle poll
         if not os.environ.get("POLLINATE_NO_POLL_ADVICE"):  # for side-by-side benchmarks
             advisor = PollAdvisor()
             stack.enter_context(
@@ -179,6 +196,8 @@ def patched_flower(argv: list[str] | None = None) -> Iterator[None]:
             )
         if _memory_state(argv or []) and not os.environ.get("POLLINATE_THREADED_HANDLERS"):
             stack.enter_context(handlers_inline())  # no thread hop per handler
+        if _memory_state(argv or []) and not os.environ.get("POLLINATE_FULL_SCAN_PULLS"):
+            stack.enter_context(pulls_find_own_messages())  # a pull: O(own messages)
         if os.environ.get("POLLINATE_REQUEST_STATS"):
             _print_request_stats()
         yield

@@ -34,8 +34,12 @@ def _peer(protocol: Any) -> str:
 
 
 @contextmanager
-def handshake_failures_reported(report: Callable[[str, str], None]) -> Iterator[bool]:
-    """Inside the block, ``report(peer, reason)`` for each TLS handshake that fails.
+def handshake_failures_reported(
+    report: Callable[[str, str], None], completed: Callable[[], None] | None = None
+) -> Iterator[bool]:
+    """Inside the block, ``report(peer, reason)`` for each TLS handshake that fails, and
+    ``completed()`` (if given) for each that succeeds on the server side (a new TLS
+    connection accepted).
 
     Yields whether the hook is in place (False: stock asyncio, after one warning).
     """
@@ -43,6 +47,8 @@ def handshake_failures_reported(report: Callable[[str, str], None]) -> Iterator[
 
     def on_handshake_complete(self: Any, handshake_exc: BaseException | None) -> None:
         mark_engaged(NAME)
+        if handshake_exc is None and completed is not None and getattr(self, "_server_side", True):
+            completed()  # an accepted connection (this loop's own outgoing ones are not)
         # Port checks connect and hang up: asyncio then passes the ConnectionResetError
         # *class*; only real handshake failures are worth a report.
         if isinstance(handshake_exc, BaseException) and not isinstance(

@@ -138,13 +138,16 @@ def test_superlink_app_is_wrapped_in_the_middleware_inside_the_block_only() -> N
     assert main.create_app is stock and not wrapped  # nothing built: nothing wrapped
 
 
-def test_a_failed_tls_handshake_is_reported_with_peer_and_reason(tmp_path: Path) -> None:
+def test_a_failed_tls_handshake_is_reported_with_peer_and_reason_a_good_one_counted(
+    tmp_path: Path,
+) -> None:
     import asyncio.sslproto as sslproto
 
     certs, _ = create_certs(tmp_path / "certs", hosts=["127.0.0.1"])
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(certs.server_cert, certs.server_key)
     reports: list[tuple[str, str]] = []
+    completed: list[int] = []
     stock = sslproto.SSLProtocol._on_handshake_complete
 
     async def plain_http_to_tls_port() -> None:
@@ -159,11 +162,20 @@ def test_a_failed_tls_handshake_is_reported_with_peer_and_reason(tmp_path: Path)
             if reports:
                 break
             await asyncio.sleep(0.02)
+        trusting = ssl.create_default_context(cafile=certs.ca_cert)
+        _, good = await asyncio.open_connection("127.0.0.1", port, ssl=trusting)
+        for _ in range(50):
+            if completed:
+                break
+            await asyncio.sleep(0.02)
+        good.close()
         server.close()
         await server.wait_closed()
 
     uvloop_before = sys.modules.get("uvloop", "absent")
-    with handshake_failures_reported(lambda peer, reason: reports.append((peer, reason))) as on:
+    with handshake_failures_reported(
+        lambda peer, reason: reports.append((peer, reason)), lambda: completed.append(1)
+    ) as on:
         assert on
         if uvloop_before == "absent":  # not imported yet: kept out, uvicorn picks asyncio
             assert sys.modules["uvloop"] is None
@@ -171,6 +183,7 @@ def test_a_failed_tls_handshake_is_reported_with_peer_and_reason(tmp_path: Path)
         with asyncio.Runner(loop_factory=asyncio.SelectorEventLoop) as runner:
             runner.run(plain_http_to_tls_port())
     assert reports == [("127.0.0.1", "HTTP_REQUEST")]
+    assert completed == [1]  # the good connection only
     assert sslproto.SSLProtocol._on_handshake_complete is stock
     assert sys.modules.get("uvloop", "absent") == uvloop_before  # as it was
 
