@@ -5,7 +5,7 @@ device's PullMessages, walks every stored message and, before it looks at the me
 destination, re-checks each one's expiry and federation (``_check_stored_messages``: the
 clock, the run's federation). A pull therefore costs O(messages in flight): in a round of
 1,000 devices, 1,000 checks per pull. A py-spy profile of the SuperLink at 1,000 devices
-(``benchmarks/bench_scale_deploy.py --profile``, idle connections kept) put it at 13% of
+(``benchmarks/bench_scale_deploy.py --profile``, idle connections kept) put it at 11% of
 the busy time; at 10 devices it is nothing. It is the cost per request that grows most
 with the number of devices.
 
