@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import pytest
 from flwr.proto.fleet_pb2 import ActivateNodeResponse
+from linkstate_help import link_state
 
 import pollinate.flower_compat as fc
 from pollinate.deploy.certs import create_certs
@@ -73,24 +74,12 @@ def _pull_kwargs(receive: Callable[[], Any]) -> dict[str, Any]:
 # ------------------------------------------------------------------------ SuperLink
 
 
-def _link_state() -> Any:
-    from flwr.superlink.config_loader import (
-        get_federation_manager,
-        get_objectstore_linkstate_factories,
-    )
-
-    _, factory = get_objectstore_linkstate_factories(
-        ":flwr-in-memory:", get_federation_manager(is_simulation=False)
-    )
-    return factory.state()
-
-
 def test_activation_reports_join_refusal_and_leave_from_flowers_handlers() -> None:
     from flwr.proto.fleet_pb2 import ActivateNodeRequest, DeactivateNodeRequest
 
     handlers = _mod("flwr.superlink.servicer.fleet.fleet_handlers")
     stock = handlers.activate_node
-    state = _link_state()
+    state = link_state()
     seen: list[tuple[str, object]] = []
     events = ActivationEvents(
         joined=lambda n: seen.append(("joined", n)),

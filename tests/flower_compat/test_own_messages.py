@@ -4,11 +4,11 @@ and it gets exactly what Flower's own method gives."""
 from __future__ import annotations
 
 import logging
-import time
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import pytest
+from linkstate_help import link_state, train_message
 
 import pollinate.flower_compat as fc
 from pollinate.flower_compat import _names
@@ -36,39 +36,12 @@ def plain_store(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(STATE, "store_message_ins", store_message_ins)
 
 
-def _link_state() -> Any:
-    from flwr.superlink.config_loader import (
-        get_federation_manager,
-        get_objectstore_linkstate_factories,
-    )
-
-    _, factory = get_objectstore_linkstate_factories(
-        ":flwr-in-memory:", get_federation_manager(is_simulation=False)
-    )
-    return factory.state()
-
-
 def _store(state: Any, node_run: list[tuple[int, int]]) -> list[str]:
     """Messages to (node, run) pairs, stored through ``store_message_ins`` in that order."""
-    from flwr.app import Message, RecordDict
-    from flwr.app.metadata import Metadata
-
     ids = []
     for i, (node, run) in enumerate(node_run):
-        meta = Metadata(
-            run_id=run,
-            message_id=f"m{i}",
-            src_node_id=0,
-            dst_node_id=node,
-            reply_to_message_id="",
-            group_id="",
-            created_at=time.time(),
-            ttl=3600.0,
-            message_type="train",
-        )
-        made = Message(RecordDict(), metadata=meta)  # type: ignore[call-overload]
-        assert state.store_message_ins(made) == meta.message_id
-        ids.append(meta.message_id)
+        assert state.store_message_ins(train_message(run, node, f"m{i}")) == f"m{i}"
+        ids.append(f"m{i}")
     return ids
 
 
@@ -99,7 +72,7 @@ def test_a_pull_checks_only_the_nodes_own_messages_and_gets_what_flower_gives() 
         )
         with block as on:
             assert on
-            state = _link_state()
+            state = link_state()
             _store(state, LAYOUT)
             checked = _checked_by_stub(state, expired={"m5"})
             got = []
@@ -125,7 +98,7 @@ def test_a_pull_checks_only_the_nodes_own_messages_and_gets_what_flower_gives() 
 def test_messages_gone_elsewhere_are_dropped_and_the_list_empties() -> None:
     with om.pulls_find_own_messages() as on:
         assert on
-        state = _link_state()
+        state = link_state()
         _checked_by_stub(state, expired=set())
         ids = _store(state, [(1, 7), (1, 7), (1, 7), (2, 7)])
         state.delete_messages({ids[1]})  # e.g. its run was stopped
@@ -140,36 +113,18 @@ def test_flowers_real_store_and_check_inside_the_block() -> None:
     """Flower's own ``store_message_ins`` and ``_check_stored_messages`` (its run, node and
     federation checks included): a message it refuses is not listed, one it stores is
     pulled once, by its node only."""
-    from flwr.app import Message, RecordDict
-    from flwr.app.metadata import Metadata
-    from flwr.common.constant import SUPERLINK_NODE_ID
     from flwr.supercore.constant import NOOP_FEDERATION_ID
-
-    def message(run_id: int, node_id: int) -> Any:
-        meta = Metadata(
-            run_id=run_id,
-            message_id="",
-            src_node_id=SUPERLINK_NODE_ID,
-            dst_node_id=node_id,
-            reply_to_message_id="",
-            group_id="",
-            created_at=time.time(),
-            ttl=60.0,
-            message_type="train",
-        )
-        made = Message(RecordDict(), metadata=meta)  # type: ignore[call-overload]
-        made.metadata.__dict__["_message_id"] = made.object_id  # as Flower's Grid sets it
-        return made
 
     with om.pulls_find_own_messages() as on:
         assert on
-        state = _link_state()
+        state = link_state()
         run_id = state.create_run(None, None, None, {}, NOOP_FEDERATION_ID, None, None, "x")
         node, other = (state.create_node("aid", "n", key, 30.0) for key in (b"k1", b"k2"))
         assert state.activate_node(node, 30.0) and state.activate_node(other, 30.0)
-        assert state.store_message_ins(message(run_id + 1, node)) is None  # no such run
+        refused = train_message(run_id + 1, node, ttl=60.0)  # no such run
+        assert state.store_message_ins(refused) is None
         assert state.__dict__.get(om.INDEX, {}) == {}
-        stored = state.store_message_ins(message(run_id, node))
+        stored = state.store_message_ins(train_message(run_id, node, ttl=60.0))
         assert stored is not None
         assert state.get_message_ins(other, None) == []
         assert [m.metadata.message_id for m in state.get_message_ins(node, None)] == [stored]
