@@ -102,11 +102,9 @@ class StandInHttpx(ModuleType):
 
     def __init__(self, keep_alive: float) -> None:
         super().__init__("httpx")
-        default = httpx.Limits(max_connections=100, max_keepalive_connections=20)
+        # httpx's default limits, but for the expiry
         self._limits = httpx.Limits(
-            max_connections=default.max_connections,
-            max_keepalive_connections=default.max_keepalive_connections,
-            keepalive_expiry=keep_alive,
+            max_connections=100, max_keepalive_connections=20, keepalive_expiry=keep_alive
         )
 
     def __getattr__(self, name: str) -> Any:
