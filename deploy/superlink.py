@@ -194,9 +194,10 @@ def patched_flower(argv: list[str] | None = None) -> Iterator[None]:
             stack.enter_context(
                 poll_advice_given(advisor.advice, advisor.replied, advisor.delivered)
             )
-        if _memory_state(argv or []) and not os.environ.get("POLLINATE_THREADED_HANDLERS"):
+        in_memory = _memory_state(argv or [])
+        if in_memory and not os.environ.get("POLLINATE_THREADED_HANDLERS"):
             stack.enter_context(handlers_inline())  # no thread hop per handler
-        if _memory_state(argv or []) and not os.environ.get("POLLINATE_FULL_SCAN_PULLS"):
+        if in_memory and not os.environ.get("POLLINATE_FULL_SCAN_PULLS"):
             stack.enter_context(pulls_find_own_messages())  # a pull: O(own messages)
         if os.environ.get("POLLINATE_REQUEST_STATS"):
             _print_request_stats()
