@@ -22,7 +22,9 @@ stop runs) and Runtime API (the ServerApp) on one port. This launcher runs Flowe
   event loop instead of hopping to a worker thread each (``POLLINATE_THREADED_HANDLERS=1``:
   Flower's threads, for side-by-side runs); an idle connection is kept 75 s, not 5 s, so
   a device's next poll needs no new TLS handshake, and a stop waits at most 3 s for
-  in-flight requests (``POLLINATE_SHORT_KEEPALIVE=1``: uvicorn's 5 s); with the state in
+  in-flight requests (``POLLINATE_SHORT_KEEPALIVE=1``: uvicorn's 5 s); each TLS
+  connection reads into 64 KiB, not asyncio's 256 KiB, resident while it is open
+  (``POLLINATE_STOCK_TLS_BUFFER=1``: 256 KiB); with the state in
   memory a device's pull looks only at its own messages, not at every stored one
   (``POLLINATE_FULL_SCAN_PULLS=1``: Flower's scan);
 - **idle devices are told when to poll again**: a pull that finds no message carries the
@@ -60,6 +62,7 @@ from pollinate.flower_compat.node_auth_cache import node_signatures_remembered
 from pollinate.flower_compat.own_messages import pulls_find_own_messages
 from pollinate.flower_compat.poll_advice import poll_advice_given
 from pollinate.flower_compat.superlink_app import wrapped_superlink_app
+from pollinate.flower_compat.tls_buffer import tls_reads_into
 from pollinate.flower_compat.tls_handshake import handshake_failures_reported
 
 PUBLIC_PREFIXES = ("/v1/fleet/", "/health")
@@ -189,6 +192,8 @@ def patched_flower(argv: list[str] | None = None) -> Iterator[None]:
         stack.enter_context(node_signatures_remembered())  # one verification per signature
         if not os.environ.get("POLLINATE_SHORT_KEEPALIVE"):  # for side-by-side benchmarks
             stack.enter_context(server_keeps_connections())  # no handshake per idle poll
+        if not os.environ.get("POLLINATE_STOCK_TLS_BUFFER"):  # for side-by-side benchmarks
+            stack.enter_context(tls_reads_into())  # 64 KiB, not 256, held per connection
         if not os.environ.get("POLLINATE_NO_POLL_ADVICE"):  # for side-by-side benchmarks
             advisor = PollAdvisor()
             stack.enter_context(

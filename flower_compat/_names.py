@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import importlib
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import ModuleType
 from typing import Any
 
-from pollinate.flower_compat._core import SUPPORTED_RANGE, FlowerIncompatible, flower_version
+from pollinate.flower_compat._core import (
+    SUPPORTED_RANGE,
+    FlowerIncompatible,
+    flower_version,
+    swapped,
+)
 
 
 def flower_module(name: str) -> ModuleType:
@@ -49,3 +56,31 @@ def stock_instead(name: str, what_changed: str, why: str) -> None:
         why,
         SUPPORTED_RANGE,
     )
+
+
+class ModuleStandIn(ModuleType):
+    """Stands in for a module inside one Flower module: what a subclass defines differs,
+    every other name is the real module's (looked up when asked, so it is never stale)."""
+
+    def __init__(self, real: ModuleType) -> None:
+        super().__init__(real.__name__)
+        self._real = real
+
+    def __getattr__(self, name: str) -> Any:  # only names the subclass does not define
+        return getattr(self.__dict__["_real"], name)
+
+
+@contextmanager
+def module_stood_in(
+    module_name: str, attr: str, stand_in: ModuleStandIn, *, name: str, why: str
+) -> Iterator[bool]:
+    """Flower's ``module_name.attr`` is ``stand_in`` inside the block; yields whether it is
+    (False: that name is not the module ``stand_in`` stands in for, after one warning)."""
+    module = flower_module(module_name)
+    real = stand_in.__dict__["_real"]
+    if getattr(module, attr, None) is not real:
+        stock_instead(name, f"does not use the {real.__name__} module", why)
+        yield False
+        return
+    with swapped(module, attr, stand_in, why=why):
+        yield True

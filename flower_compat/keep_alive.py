@@ -42,14 +42,13 @@ import inspect
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from types import ModuleType
 from typing import Any
 
 import httpx
 import uvicorn
 
-from pollinate.flower_compat._core import mark_engaged, swapped
-from pollinate.flower_compat._names import flower_module, stock_instead
+from pollinate.flower_compat._core import mark_engaged
+from pollinate.flower_compat._names import ModuleStandIn, module_stood_in, stock_instead
 
 SERVER_MODULE = "flwr.superlink.cli.flower_superlink"
 CLIENT_MODULE = "flwr.supercore.protobuf.client"
@@ -73,18 +72,15 @@ class IdleGoodbyesUnlogged(logging.Filter):
         return not cancelled_none
 
 
-class StandInUvicorn(ModuleType):
+class StandInUvicorn(ModuleStandIn):
     """Stands in for ``uvicorn`` in Flower's SuperLink launcher: only ``run`` differs."""
 
     def __init__(self, keep_alive: int, shutdown_grace: int) -> None:
-        super().__init__("uvicorn")
+        super().__init__(uvicorn)
         self._options = {
             "timeout_keep_alive": keep_alive,
             "timeout_graceful_shutdown": shutdown_grace,
         }
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(uvicorn, name)
 
     def run(self, *args: Any, **kwargs: Any) -> None:
         mark_engaged(SERVER_NAME)
@@ -97,18 +93,15 @@ class StandInUvicorn(ModuleType):
             logger.removeFilter(quiet)
 
 
-class StandInHttpx(ModuleType):
+class StandInHttpx(ModuleStandIn):
     """Stands in for ``httpx`` in Flower's protobuf client: only ``Client`` differs."""
 
     def __init__(self, keep_alive: float) -> None:
-        super().__init__("httpx")
+        super().__init__(httpx)
         # httpx's default limits, but for the expiry
         self._limits = httpx.Limits(
             max_connections=100, max_keepalive_connections=20, keepalive_expiry=keep_alive
         )
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(httpx, name)
 
     def Client(self, *args: Any, **kwargs: Any) -> httpx.Client:  # httpx's name
         mark_engaged(CLIENT_NAME)
@@ -117,19 +110,6 @@ class StandInHttpx(ModuleType):
 
 
 WHY = "an idle device's next poll reuses its TLS connection instead of a new handshake"
-
-
-@contextmanager
-def _stand_in(
-    name: str, module_name: str, attr: str, real: ModuleType, stand_in: Any
-) -> Iterator[bool]:
-    module = flower_module(module_name)
-    if getattr(module, attr, None) is not real:
-        stock_instead(name, f"does not use the {attr} module", WHY)
-        yield False
-        return
-    with swapped(module, attr, stand_in, why=WHY):
-        yield True
 
 
 @contextmanager
@@ -145,7 +125,7 @@ def server_keeps_connections(
         yield False
         return
     stand_in = StandInUvicorn(keep_alive, shutdown_grace)
-    with _stand_in(SERVER_NAME, SERVER_MODULE, "uvicorn", uvicorn, stand_in) as on:
+    with module_stood_in(SERVER_MODULE, "uvicorn", stand_in, name=SERVER_NAME, why=WHY) as on:
         yield on
 
 
@@ -154,7 +134,8 @@ def clients_keep_connections(keep_alive: float = CLIENT_KEEP_ALIVE) -> Iterator[
     """Fleet API clients made inside the block keep an idle connection ``keep_alive`` s.
 
     Yields whether they do (False: httpx's 5 s, after one warning)."""
-    with _stand_in(CLIENT_NAME, CLIENT_MODULE, "httpx", httpx, StandInHttpx(keep_alive)) as on:
+    stand_in = StandInHttpx(keep_alive)
+    with module_stood_in(CLIENT_MODULE, "httpx", stand_in, name=CLIENT_NAME, why=WHY) as on:
         yield on
 
 

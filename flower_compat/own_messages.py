@@ -15,9 +15,13 @@ and answers a pull from that list: each message still in the store, undelivered 
 the run asked for gets Flower's own check (``_check_stored_messages``), in Flower's
 order, and the ones returned are marked delivered, as Flower does. What a node gets is
 unchanged. Ids of messages deleted elsewhere (run ended, expired, replied) fall out of the
-list at the node's next pull. What is no longer done on every pull: deleting other
-nodes' expired messages on the way. Those are still deleted when their node pulls, and
-when the ServerApp pulls replies (Flower checks the messages it asks about).
+list at the node's next pull. A node that never pulls again (a device gone for good)
+would keep its ids, so every so often a store sweeps out the ids no longer stored
+(:func:`_sweep_if_due`): the lists hold at most the messages in the store plus as many
+again (at least ``SWEEP_FLOOR``), for O(1) a store, amortized. What is no longer done on
+every pull: deleting other nodes' expired messages on the way. Those are still deleted
+when their node pulls, and when the ServerApp pulls replies (Flower checks the messages it
+asks about).
 
 Stock fallback (either method's parameters changed, or the state has no
 ``_check_stored_messages``): Flower's methods, with a one-line warning.
@@ -45,11 +49,33 @@ STORE = "InMemoryLinkState.store_message_ins"
 PULL_EXPECT = ("self", "node_id", "limit", "run_id")
 STORE_EXPECT = ("self", "message")
 INDEX = "_pollinate_undelivered"  # node id -> {message id: None}, in the order stored
+SINCE_SWEEP = "_pollinate_stored_since_sweep"
+SWEEP_FLOOR = 1024  # a sweep at most every this many stores, however few are in flight
 
 
 def _undelivered(state: Any) -> dict[int, dict[str, None]]:
     index: dict[int, dict[str, None]] = state.__dict__.setdefault(INDEX, {})
     return index
+
+
+def _sweep_if_due(state: Any) -> None:
+    """Drop the ids of messages no longer stored (deleted for a node that never pulls),
+    once as many messages have been stored since the last sweep as are stored now (and at
+    least ``SWEEP_FLOOR``): a sweep walks the lists, which by then hold at most the stored
+    messages plus those stored since, so each store pays for O(1) of it. Under the lock."""
+    since = state.__dict__.get(SINCE_SWEEP, 0) + 1
+    if since < max(SWEEP_FLOOR, len(state.message_ins_store)):
+        state.__dict__[SINCE_SWEEP] = since
+        return
+    state.__dict__[SINCE_SWEEP] = 0
+    index = _undelivered(state)
+    stored = state.message_ins_store
+    for node in list(index):
+        kept = {msg_id: None for msg_id in index[node] if msg_id in stored}
+        if kept:
+            index[node] = kept
+        else:
+            del index[node]
 
 
 def _stored_and_indexed(store: Any) -> Any:
@@ -61,6 +87,7 @@ def _stored_and_indexed(store: Any) -> Any:
                 if stored is not None:
                     node = stored.metadata.dst_node_id
                     _undelivered(self).setdefault(node, {})[message_id] = None
+                _sweep_if_due(self)
         return message_id
 
     return store_message_ins

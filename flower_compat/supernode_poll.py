@@ -19,11 +19,15 @@ import functools
 import time as _time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from types import ModuleType
 from typing import Any
 
 from pollinate.flower_compat._core import mark_engaged, swapped
-from pollinate.flower_compat._names import flower_module, stock_instead
+from pollinate.flower_compat._names import (
+    ModuleStandIn,
+    flower_module,
+    module_stood_in,
+    stock_instead,
+)
 
 MODULE = "flwr.supernode.start_client_internal"
 CLOCK = f"{MODULE}.time"
@@ -41,15 +45,12 @@ PULL_EXPECT = (
 )
 
 
-class StandInTime(ModuleType):
+class StandInTime(ModuleStandIn):
     """Stands in for ``time`` inside Flower's SuperNode loop: only ``sleep`` differs."""
 
     def __init__(self, sleep: Callable[[float], None]) -> None:
-        super().__init__("time")
+        super().__init__(_time)
         self._sleep = sleep
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(_time, name)
 
     def sleep(self, seconds: float) -> None:
         mark_engaged(CLOCK)
@@ -75,8 +76,8 @@ def supernode_sleeps(
         return run_id
 
     why = "Flower's fixed 3 s idle poll dominates a round that takes a second"
-    if getattr(loop, "time", None) is not _time:
-        stock_instead(CLOCK, "is not the time module", why)
+    if getattr(loop, "time", None) is not _time:  # checked before the pull is wrapped
+        stock_instead(CLOCK, "does not use the time module", why)
         yield False
         return
     with swapped(
@@ -90,5 +91,5 @@ def supernode_sleeps(
         if not on:
             yield False
             return
-        with swapped(loop, "time", StandInTime(sleep), why=why):
-            yield True
+        with module_stood_in(MODULE, "time", StandInTime(sleep), name=CLOCK, why=why) as on:
+            yield on

@@ -109,6 +109,35 @@ def test_messages_gone_elsewhere_are_dropped_and_the_list_empties() -> None:
         assert state.__dict__[om.INDEX] == {}  # nothing left behind for any node
 
 
+@pytest.mark.usefixtures("plain_store")
+def test_a_node_that_never_pulls_again_leaves_no_ids_behind() -> None:
+    """A device gone for good: the ServerApp's replies-read deletes its messages each round,
+    it never pulls, and the lists still stay within twice the store plus the floor."""
+    with om.pulls_find_own_messages() as on:
+        assert on
+        state = link_state()
+        _checked_by_stub(state, expired=set())
+        rounds, gone, live = 60, 50, 50  # node 1 is gone; nodes 2.. pull theirs each round
+        per_round = gone + live
+        largest = 0
+        for r in range(rounds):
+            layout = [(1, 7)] * gone + [(2 + i, 7) for i in range(live)]
+            ids = [
+                state.store_message_ins(train_message(7, node, f"r{r}m{i}"))
+                for i, (node, _) in enumerate(layout)
+            ]
+            for node in range(2, 2 + live):
+                assert len(state.get_message_ins(node, None)) == 1
+            state.delete_messages(set(ids))  # what reading the round's replies does
+            largest = max(largest, sum(len(v) for v in state.__dict__[om.INDEX].values()))
+        assert largest <= 2 * per_round + om.SWEEP_FLOOR
+        assert set(state.__dict__[om.INDEX]) <= {1}
+        assert rounds * gone > 2 * (2 * per_round + om.SWEEP_FLOOR)  # unswept, it would fail
+        # What node 1 would still get, were it to pull: nothing (all deleted), as in Flower.
+        assert state.get_message_ins(1, None) == []
+        assert state.__dict__[om.INDEX] == {}
+
+
 def test_flowers_real_store_and_check_inside_the_block() -> None:
     """Flower's own ``store_message_ins`` and ``_check_stored_messages`` (its run, node and
     federation checks included): a message it refuses is not listed, one it stores is
