@@ -82,6 +82,13 @@ def test_a_huge_finite_row_is_a_4xx_never_nan_json(store: Path, value: float) ->
 
 def test_the_overflow_case_really_overflows(store: Path) -> None:
     # Without the output check this row answered "probabilities": [[NaN, NaN, NaN]].
+    # First-layer weights of 1: any two of the row's products sum past float32's largest
+    # (3.4e38), so the row overflows whatever order the matmul kernel adds in (with the
+    # seeded weights the exact sums are finite, and only some CPUs' kernels overflowed).
+    model = create_model("mlp", in_features=F, num_classes=C, hidden=16, seed=0)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    weights["body.0.weight"].fill_(1.0)
+    ModelStore(store).save("alice", "personal", spec=model.spec, state_dict=weights, round=2)
     with TestClient(create_app(store), base_url=LOCAL) as client:
         r = client.post("/predict", json={"rows": [[3e38] * F]})
     assert_json_error(r.status_code, r.text, 400, "too large in magnitude")
