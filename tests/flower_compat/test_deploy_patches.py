@@ -21,7 +21,7 @@ from linkstate_help import link_state
 
 import pollinate.flower_compat as fc
 from pollinate.deploy.certs import create_certs
-from pollinate.flower_compat import _names
+from pollinate.flower_compat import _names, ended_runs
 from pollinate.flower_compat import runtime_api as runtime
 from pollinate.flower_compat.console import plain_console
 from pollinate.flower_compat.control_errors import api_error_code, flower_error_code
@@ -217,11 +217,92 @@ def test_an_ended_run_mid_download_becomes_an_exception_flower_cleans_up() -> No
     with pytest.raises(RunEnded) as err:
         failing_on_ended_run(download)(1, "x")
     assert isinstance(err.value, Exception)  # Flower's `except Exception` cleanup runs
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
+
     before = _engaged("ended_runs_dropped")
+    empty = InMemoryNodeState(ObjectStoreFactory().store())  # no reply waiting either
     with ended_runs_dropped():
-        assert loop._pull_and_store_message(**_pull_kwargs(lambda: None)) is None
+        assert (
+            loop._pull_and_store_message(**{**_pull_kwargs(lambda: None), "state": empty}) is None
+        )
     assert _engaged("ended_runs_dropped") == before + 1
     assert loop._pull_and_store_message is stock
+
+
+def _reply_in_node_state(state: Any, store: Any, run_id: int) -> str:
+    """A reply as the ClientApp leaves it: in the node's state, its objects in the store."""
+    from flwr.app import Message, RecordDict
+    from flwr.app.metadata import Metadata
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.inflatable.inflatable_object import (
+        get_all_nested_objects,
+        get_object_tree,
+    )
+
+    meta = Metadata(
+        run_id=run_id,
+        message_id="",
+        src_node_id=7,
+        dst_node_id=SUPERLINK_NODE_ID,
+        reply_to_message_id="a-message-whose-receive-failed",
+        group_id="",
+        created_at=time.time(),
+        ttl=3600.0,
+        message_type="train",
+    )
+    reply = Message(RecordDict(), metadata=meta)  # type: ignore[call-overload]
+    reply.metadata.__dict__["_message_id"] = reply.object_id
+    store.preregister(run_id, get_object_tree(reply))
+    for object_id, obj in get_all_nested_objects(reply).items():
+        store.put(object_id, obj.deflate())
+    assert state.store_message(reply) == reply.object_id
+    return str(reply.object_id)
+
+
+def test_a_reply_left_by_a_failed_receive_is_sent_by_flowers_own_push() -> None:
+    """The restart case: a receive failed after the ClientApp took the message, so its reply
+    sits in the node's state while the loop pulls nothing. Flower's own pull leaves it
+    there for good; the wrapped pull hands Flower's loop its run, and Flower's own
+    ``_push_messages`` sends it. In step (nothing waiting), a pull still says nothing."""
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
+
+    loop = _mod(SCI)
+    store = ObjectStoreFactory().store()
+    state = InMemoryNodeState(store)
+    reply_id = _reply_in_node_state(state, store, run_id=5)
+    kwargs = {**_pull_kwargs(lambda: None), "state": state, "object_store": store}
+    assert loop._pull_and_store_message(**kwargs) is None  # stock: the reply is stranded
+    sent: list[str] = []
+
+    def send(message: Any, tree: Any, runtime: float) -> tuple[set[str], str]:
+        sent.append(message.metadata.message_id)
+        return set(), "session"
+
+    before = _engaged(ended_runs.SENT_WAITING)
+    with ended_runs_dropped():
+        assert loop._pull_and_store_message(**kwargs) == 5  # the reply's run: push it
+        loop._push_messages(state=state, object_store=store, send=send, push_object=_noop)
+        assert sent == [reply_id]
+        assert loop._pull_and_store_message(**kwargs) is None  # sent and gone: in step
+        taken = _reply_in_node_state(state, store, run_id=6)
+        assert [m.metadata.message_id for m in state.get_messages_legacy(is_reply=True)] == [taken]
+        assert loop._pull_and_store_message(**kwargs) is None  # one being sent: not again
+    assert _engaged(ended_runs.SENT_WAITING) == before + 1
+    assert not fc.active_patches()
+
+
+def test_a_node_state_that_keeps_messages_differently_is_an_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from flwr.supernode.nodestate import in_memory_nodestate
+
+    monkeypatch.delattr(in_memory_nodestate, "MessageEntry")
+    with pytest.raises(fc.FlowerIncompatible) as err, ended_runs_dropped():
+        pass
+    assert "\n" not in str(err.value) and "msg_store" in str(err.value)
+    assert not fc.active_patches()
 
 
 def test_a_missing_object_is_retried_within_tens_of_ms() -> None:
