@@ -33,7 +33,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from pollinate.flower_compat._core import FlowerIncompatible, mark_engaged, swapped
+from pollinate.flower_compat._core import (
+    SUPPORTED_RANGE,
+    FlowerIncompatible,
+    flower_version,
+    mark_engaged,
+    swapped,
+)
 from pollinate.flower_compat._names import flower_attribute, flower_module
 from pollinate.flower_compat.supernode_poll import MODULE, PULL_EXPECT
 
@@ -88,8 +94,10 @@ def _require_message_entries() -> None:
         and {"message", "is_retrieved"} <= fields
     ):
         raise FlowerIncompatible(
-            f"{STATE_MODULE}.InMemoryNodeState keeps no msg_store of MessageEntry(message, "
-            "is_retrieved) (a reply left by a failed receive would leave the device stuck)"
+            f"flwr {flower_version()}: {STATE_MODULE}.InMemoryNodeState keeps no msg_store "
+            "of MessageEntry(message, is_retrieved), which Pollinate reads so that a reply "
+            f"left by a failed receive cannot leave the device stuck; Pollinate supports "
+            f"flwr{SUPPORTED_RANGE}"
         )
 
 
