@@ -19,19 +19,16 @@ def link_state() -> Any:
     return factory.state()
 
 
-def train_message(run_id: int, node_id: int, message_id: str = "", ttl: float = 3600.0) -> Any:
-    """An instruction from the SuperLink to ``node_id``; ``message_id`` "" (the default):
-    its content's id, as Flower's Grid sets it."""
+def _message(run_id: int, src: int, dst: int, reply_to: str, message_id: str, ttl: float) -> Any:
     from flwr.app import Message, RecordDict
     from flwr.app.metadata import Metadata
-    from flwr.common.constant import SUPERLINK_NODE_ID
 
     meta = Metadata(
         run_id=run_id,
         message_id=message_id,
-        src_node_id=SUPERLINK_NODE_ID,
-        dst_node_id=node_id,
-        reply_to_message_id="",
+        src_node_id=src,
+        dst_node_id=dst,
+        reply_to_message_id=reply_to,
         group_id="",
         created_at=time.time(),
         ttl=ttl,
@@ -41,3 +38,18 @@ def train_message(run_id: int, node_id: int, message_id: str = "", ttl: float = 
     if not message_id:
         made.metadata.__dict__["_message_id"] = made.object_id
     return made
+
+
+def train_message(run_id: int, node_id: int, message_id: str = "", ttl: float = 3600.0) -> Any:
+    """An instruction from the SuperLink to ``node_id``; ``message_id`` "" (the default):
+    its content's id, as Flower's Grid sets it."""
+    from flwr.common.constant import SUPERLINK_NODE_ID
+
+    return _message(run_id, SUPERLINK_NODE_ID, node_id, "", message_id, ttl)
+
+
+def reply_message(run_id: int, node_id: int, reply_to: str) -> Any:
+    """``node_id``'s train reply to the message ``reply_to``, its id its content's."""
+    from flwr.common.constant import SUPERLINK_NODE_ID
+
+    return _message(run_id, node_id, SUPERLINK_NODE_ID, reply_to, "", 3600.0)

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 from flwr.proto.fleet_pb2 import ActivateNodeResponse
-from linkstate_help import link_state
+from linkstate_help import link_state, reply_message
 
 import pollinate.flower_compat as fc
 from pollinate.deploy.certs import create_certs
@@ -232,27 +232,12 @@ def test_an_ended_run_mid_download_becomes_an_exception_flower_cleans_up() -> No
 
 def _reply_in_node_state(state: Any, store: Any, run_id: int) -> str:
     """A reply as the ClientApp leaves it: in the node's state, its objects in the store."""
-    from flwr.app import Message, RecordDict
-    from flwr.app.metadata import Metadata
-    from flwr.common.constant import SUPERLINK_NODE_ID
     from flwr.supercore.inflatable.inflatable_object import (
         get_all_nested_objects,
         get_object_tree,
     )
 
-    meta = Metadata(
-        run_id=run_id,
-        message_id="",
-        src_node_id=7,
-        dst_node_id=SUPERLINK_NODE_ID,
-        reply_to_message_id="a-message-whose-receive-failed",
-        group_id="",
-        created_at=time.time(),
-        ttl=3600.0,
-        message_type="train",
-    )
-    reply = Message(RecordDict(), metadata=meta)  # type: ignore[call-overload]
-    reply.metadata.__dict__["_message_id"] = reply.object_id
+    reply = reply_message(run_id, 7, reply_to="a-message-whose-receive-failed")
     store.preregister(run_id, get_object_tree(reply))
     for object_id, obj in get_all_nested_objects(reply).items():
         store.put(object_id, obj.deflate())
